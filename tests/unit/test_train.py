@@ -1,0 +1,191 @@
+"""The training loop on tiny random BERTs: resume, schedules, early stopping, keep_best, autotune."""
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+from slimtune.autotune import find_batch_size, find_lr
+from slimtune.batching import EncodedDataset, collate
+from slimtune.checkpoint import CheckpointStore
+from slimtune.recipe import EarlyStopping, FinetuneStage
+from slimtune.train import TrainContext, cross_entropy_loss, train
+
+CFG = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                 intermediate_size=64, num_labels=2)
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(CFG)
+
+
+@pytest.fixture(scope="module")
+def ds():
+    g = torch.Generator().manual_seed(1)
+    ids = [torch.randint(1, 100, (int(torch.randint(3, 20, (1,), generator=g)),), generator=g).tolist()
+           for _ in range(120)]
+    return EncodedDataset(ids, [int(x[0] > 50) for x in ids])
+
+
+def stage(**kw):
+    base = dict(stage="finetune", epochs=2, lr=1e-3, batch_size=8)
+    return FinetuneStage(**(base | kw))
+
+
+def same_weights(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+
+def test_seeded_runs_are_identical_and_seed_matters(ds):
+    a, b, c = tiny_model(), tiny_model(), tiny_model()
+    ctx = TrainContext(progress=False)
+    train(a, ds, None, stage(seed=1), ctx)
+    train(b, ds, None, stage(seed=1), ctx)
+    train(c, ds, None, stage(seed=2), ctx)
+    assert same_weights(a, b)
+    assert not same_weights(a, c)
+
+
+@pytest.mark.parametrize("kw", [dict(grad_accum=1, schedule="linear"), dict(grad_accum=2, schedule="cosine"),
+                                dict(grad_accum=1, schedule="plateau", eval_every=3)])
+def test_resume_after_a_crash_ends_with_identical_weights(ds, tmp_path, kw):
+    cfg = stage(checkpoint_every=4, epochs=3, **kw)
+    eval_ds = ds.subset(range(20))
+    ref = tiny_model()
+    ref_res = train(ref, ds, eval_ds, cfg, TrainContext(progress=False, checkpoints=CheckpointStore(tmp_path / "a")))
+
+    store = CheckpointStore(tmp_path / "b")
+    calls = {"n": 0}
+
+    def crashing_loss(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 23:
+            raise KeyboardInterrupt  # a kill between two checkpoints
+        return cross_entropy_loss(model, batch)
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_model(), ds, eval_ds, cfg, TrainContext(progress=False, checkpoints=store), loss_fn=crashing_loss)
+    assert store.latest() is not None
+    resumed = tiny_model(seed=99)  # different init: everything must come from the checkpoint
+    res = train(resumed, ds, eval_ds, cfg, TrainContext(progress=False, checkpoints=store, resume=store.latest()))
+    assert same_weights(ref, resumed)
+    assert res.steps == ref_res.steps
+    assert [h["accuracy"] for h in res.history] == [h["accuracy"] for h in ref_res.history]
+
+
+def test_resume_of_a_finished_loop_returns_its_final_weights(ds, tmp_path):
+    store = CheckpointStore(tmp_path)
+    ref = tiny_model()
+    train(ref, ds, ds.subset(range(20)), stage(), TrainContext(progress=False, checkpoints=store))
+    again = tiny_model(seed=5)
+    res = train(again, ds, ds.subset(range(20)), stage(), TrainContext(progress=False, checkpoints=store,
+                                                                        resume=store.latest()))
+    assert same_weights(ref, again) and res.steps == 30
+
+
+def test_checkpoints_are_complete_or_absent(ds, tmp_path):
+    store = CheckpointStore(tmp_path)
+    train(tiny_model(), ds, None, stage(checkpoint_every=2), TrainContext(progress=False, checkpoints=store))
+    done = store.complete()
+    assert 1 <= len(done) <= 2
+    for ck in done:
+        assert {p.name for p in ck.iterdir()} == {"model.safetensors", "trainer.pt", "state.json"}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
+
+
+def scripted_eval(values):
+    it = iter(values)
+    return lambda model: {"accuracy": next(it), "loss": 0.0, "f1_macro": 0.0}
+
+
+def test_early_stopping_and_keep_best(ds):
+    cfg = stage(epochs=10, early_stopping=EarlyStopping(patience=1), keep_best=True)
+    model = tiny_model()
+    snapshots = []
+    values = [0.5, 0.9, 0.8, 0.7, 0.95, 0.99]
+
+    def eval_fn(m):
+        snapshots.append({k: v.clone() for k, v in m.state_dict().items()})
+        return scripted_eval(values[len(snapshots) - 1:])(m)
+
+    res = train(model, ds, None, cfg, TrainContext(progress=False), eval_fn=eval_fn)
+    assert len(res.history) == 4 and res.stopped_early  # best at eval 2, then two evals without gain
+    assert res.best_metric == 0.9
+    assert all(torch.equal(v, snapshots[1][k]) for k, v in model.state_dict().items())
+
+
+def test_min_delta_counts_small_gains_as_no_gain(ds):
+    cfg = stage(epochs=10, early_stopping=EarlyStopping(patience=0, min_delta=0.05))
+    res = train(tiny_model(), ds, None, cfg, TrainContext(progress=False),
+                eval_fn=scripted_eval([0.5, 0.52, 0.9, 0.9]))
+    assert len(res.history) == 2
+
+
+@pytest.fixture
+def lr_log(monkeypatch):
+    """The lr of every optimizer step."""
+    lrs = []
+    orig_step = torch.optim.AdamW.step
+
+    def spy(self, *a, **k):
+        lrs.append(self.param_groups[0]["lr"])
+        return orig_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    return lrs
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "constant"])
+def test_schedules_warm_up_and_decay(ds, schedule, lr_log):
+    train(tiny_model(), ds, None, stage(schedule=schedule, warmup_ratio=0.2, epochs=2), TrainContext(progress=False))
+    assert lr_log[0] < lr_log[5] <= 1e-3 + 1e-12  # warm-up ramps up
+    if schedule == "constant":
+        assert lr_log[-1] == pytest.approx(1e-3)
+    else:
+        assert lr_log[-1] < 0.2e-3  # decays towards 0
+
+
+def test_plateau_halves_lr_when_the_metric_stalls(ds, lr_log):
+    cfg = stage(schedule="plateau", warmup_ratio=0.0, epochs=4, plateau_factor=0.5, plateau_patience=0)
+    res = train(tiny_model(), ds, None, cfg, TrainContext(progress=False), eval_fn=scripted_eval([0.5, 0.4, 0.4, 0.4]))
+    assert len(res.history) == 4
+    per_epoch = len(lr_log) // 4
+    # epochs 1-2 at the full lr; evals 2 and 3 stall, each halving the lr for the epoch after it
+    assert lr_log[0] == pytest.approx(1e-3) and lr_log[2 * per_epoch - 1] == pytest.approx(1e-3)
+    assert lr_log[2 * per_epoch] == pytest.approx(5e-4)
+    assert lr_log[-1] == pytest.approx(2.5e-4)
+
+
+def test_injected_loss_is_the_one_used(ds):
+    seen = []
+
+    def loss_fn(model, batch):
+        seen.append(batch["input_ids"].shape[0])
+        return cross_entropy_loss(model, batch) * 0.0
+
+    model, before = tiny_model(), tiny_model()
+    train(model, ds, None, stage(epochs=1, weight_decay=0.0), TrainContext(progress=False), loss_fn=loss_fn)
+    assert sum(seen) == len(ds)
+    assert same_weights(model, before)  # zero loss, no decay: AdamW leaves weights unchanged
+
+
+def test_bucketing_reduces_padding(ds):
+    from slimtune.batching import batch_indices
+
+    lengths = ds.lengths
+    padded = lambda batches: sum(len(b) * max(lengths[i] for i in b) for b in batches)  # noqa: E731
+    bucketed = batch_indices(lengths, 8, shuffle=True, seed=0, bucket=True)
+    plain = batch_indices(lengths, 8, shuffle=True, seed=0, bucket=False)
+    assert sorted(i for b in bucketed for i in b) == list(range(len(ds)))
+    assert padded(bucketed) < 0.8 * padded(plain)
+
+
+def test_autotune_leaves_the_model_untouched(ds):
+    model, ref = tiny_model(), tiny_model()
+    make_batch = lambda d, idx: collate(d, idx, 0)  # noqa: E731
+    lr, curve = find_lr(model, ds, cross_entropy_loss, make_batch, batch_size=8, steps=30)
+    assert 1e-6 <= lr <= 1e-2 and len(curve) >= 10
+    bs, speeds = find_batch_size(model, ds, cross_entropy_loss, make_batch, candidates=(4, 8, 16))
+    assert bs in speeds and all(v > 0 for v in speeds.values())
+    assert same_weights(model, ref)
+    assert all(p.grad is None for p in model.parameters())
