@@ -56,6 +56,7 @@ def _is_tied(model: nn.Module, key: str) -> bool:
 class CheckpointStore:
     def __init__(self, root: Path):
         self.root = Path(root)
+        self.pinned: Path | None = None  # the checkpoint a resume started from: read again by later phases
 
     def complete(self) -> list[Path]:
         if not self.root.is_dir():
@@ -84,7 +85,8 @@ class CheckpointStore:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         for old in self.complete()[:-KEEP_LAST]:
-            shutil.rmtree(old, ignore_errors=True)
+            if old != self.pinned:
+                shutil.rmtree(old, ignore_errors=True)
         return final
 
     def save_best(self, model: nn.Module, info: dict) -> None:

@@ -150,7 +150,7 @@ def _read_json(path: Path, lines: list[str]) -> _Table:
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
-        row = _parse_json(path, line, lineno)
+        row = _parse_json(path, line.strip(), lineno)  # a trailing newline would shift e.lineno
         if not isinstance(row, dict):
             raise SlimtuneError(f"{path}:{lineno}: expected one JSON object per line, found {_json_kind(row)}")
         rows.append(row)

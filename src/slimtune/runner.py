@@ -34,9 +34,9 @@ from slimtune.models import (
 )
 from slimtune.recipe import EvaluateStage, Recipe, load_recipe, parse_recipe, recipe_to_yaml
 from slimtune.report import model_card, report_markdown
-from slimtune.train import TrainContext
+from slimtune.train import TrainContext, seed_everything
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # messages stay one line (greppable logs)
 FINAL_KEYS = ("accuracy", "f1_macro", "precision_macro", "recall_macro", "params", "trainable_params",
               "size_mb", "latency_ms_b1", "throughput_eps")
 
@@ -177,11 +177,12 @@ def _prepare(recipe: Recipe, progress: bool) -> RunState:
     # Labels first (cheap), so the classifier is built with the right size before data prep,
     # which needs the model's embeddings for synonym augmentation.
     _, id2label = label_map_of(recipe.data)
+    # The new classification head is initialised randomly at load: seed it (with the first stage's
+    # seed) so two runs of one recipe, or a killed run and its resume, start from the same weights.
+    seed_everything(next((s.seed for s in recipe.stages if hasattr(s, "seed")), 42))
     model = load_for_classification(model_path, id2label)
     emb = model.get_input_embeddings().weight.detach() if recipe.data.augment else None
     data = prepare_data(recipe.data, tokenizer, embedding_weight=emb)
-    if data.id2label != id2label:  # cannot differ, but the head size depends on it
-        model = load_for_classification(model_path, data.id2label)
     return RunState(model=model, tokenizer=tokenizer, data=data, base_model=recipe.model, progress=progress)
 
 
@@ -196,6 +197,7 @@ def _execute(recipe: Recipe, run: RunState, out: Path, store: CheckpointStore, c
         first = run.runner_state["stage"]
         stage_metrics = list(run.runner_state["done"])
     run.checkpoints, run.resume, run.out = store, checkpoint, out
+    store.pinned = checkpoint
     run.tb = SummaryWriter(str(out / "tb"))
     try:
         for i in range(first, len(recipe.stages)):
@@ -234,6 +236,7 @@ def _write_outputs(recipe: Recipe, run: RunState, out: Path, store: CheckpointSt
     atomic_write_text(out / "recipe.yaml", recipe_to_yaml(recipe))
     atomic_write_text(out / "report.md", report_markdown(recipe, metrics))
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))  # last: marks the run finished
+    store.pinned = None
     for old in store.complete()[:-1]:  # keep one checkpoint; the rest only served resumes
         shutil.rmtree(old, ignore_errors=True)
     store.clear_best()

@@ -1,0 +1,108 @@
+"""Adaptation methods end to end through `slimtune.run`, on a tiny random BERT."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import slimtune
+
+TINY_STAGE = {"stage": "finetune", "epochs": 1, "lr": 1e-3, "batch_size": 16}
+EVAL = {"stage": "evaluate", "speed": False}
+
+
+def run_method(tmp_path, tiny_model_dir, sst2_small, name, **stage):
+    recipe = {"model": str(tiny_model_dir), "data": {"train": str(sst2_small[0]), "eval": str(sst2_small[1]),
+                                                     "max_length": 48},
+              "stages": [TINY_STAGE | stage, EVAL]}
+    out = tmp_path / name
+    metrics = slimtune.run(recipe, out, progress=False)
+    return out, metrics
+
+
+def changed(base_dir, out_dir):
+    """Names of base-model tensors whose values changed in the trained model."""
+    base = load_file(str(base_dir / "model.safetensors"))
+    trained = load_file(str(out_dir / "model" / "model.safetensors"))
+    return {k for k, v in base.items() if not torch.equal(v, trained["bert." + k.removeprefix("bert.")])}
+
+
+def test_full_trains_everything(tmp_path, tiny_model_dir, sst2_small):
+    out, m = run_method(tmp_path, tiny_model_dir, sst2_small, "full", method="full")
+    assert m["final"]["trainable_params"] == m["final"]["params"]
+    assert m["stages"][0]["trainable_pct"] == 100.0
+    diff = changed(tiny_model_dir, out)
+    assert any("embeddings" in k for k in diff) and any("layer.0." in k for k in diff)
+
+
+def test_freeze_keeps_embeddings_and_lower_layers(tmp_path, tiny_model_dir, sst2_small):
+    out, m = run_method(tmp_path, tiny_model_dir, sst2_small, "freeze", method="freeze", freeze_layers=1)
+    diff = changed(tiny_model_dir, out)
+    assert not any("embeddings" in k or "layer.0." in k for k in diff)
+    assert any("layer.1." in k for k in diff)
+    assert 0 < m["final"]["trainable_params"] < m["final"]["params"]
+
+
+def test_head_only_trains_pooler_and_classifier(tmp_path, tiny_model_dir, sst2_small):
+    out, m = run_method(tmp_path, tiny_model_dir, sst2_small, "head", method="head")
+    diff = changed(tiny_model_dir, out)
+    assert diff and all("pooler" in k for k in diff)
+    assert m["final"]["trainable_params"] == 32 * 32 + 32 + 32 * 2 + 2  # pooler + classifier
+
+
+def test_freeze_more_layers_than_the_model_has_is_an_error(tmp_path, tiny_model_dir, sst2_small):
+    with pytest.raises(slimtune.SlimtuneError, match="freeze_layers: 5 is more than the model's 2"):
+        run_method(tmp_path, tiny_model_dir, sst2_small, "f", method="freeze", freeze_layers=5)
+    assert not (tmp_path / "f").exists()
+
+
+def test_lora_merges_into_a_plain_model(tmp_path, tiny_model_dir, sst2_small):
+    out, m = run_method(tmp_path, tiny_model_dir, sst2_small, "lora", method="lora",
+                        lora={"r": 4, "alpha": 8, "target_modules": ["query", "value"]})
+    keys = load_file(str(out / "model" / "model.safetensors")).keys()
+    assert not any("lora" in k for k in keys)
+    assert m["stages"][0]["trainable_pct"] < 20
+    diff = changed(tiny_model_dir, out)
+    assert any("query.weight" in k for k in diff) and not any("key.weight" in k for k in diff)
+
+
+def test_lora_adapter_only_save_loads_with_slimtune(tmp_path, tiny_model_dir, sst2_small):
+    from transformers import AutoTokenizer
+
+    out, m = run_method(tmp_path, tiny_model_dir, sst2_small, "adapter", method="lora",
+                        lora={"r": 4, "save_adapter_only": True})
+    files = {p.name for p in (out / "model").iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "config.json"} <= files
+    assert "model.safetensors" not in files
+    model = slimtune.load_model(out / "model")
+    tok = AutoTokenizer.from_pretrained(out / "model")
+    from slimtune.batching import encode
+    from slimtune.evaluate import predict_logits
+
+    dev = [json.loads(line) for line in sst2_small[1].read_text().splitlines()]
+    ds = encode(tok, [r["text"] for r in dev], [r["label"] for r in dev], max_length=48)
+    acc = float((predict_logits(model, ds).argmax(-1) == torch.tensor(ds.labels).numpy()).mean())
+    assert acc == pytest.approx(m["final"]["accuracy"])
+
+
+def test_lora_unknown_target_module_is_a_clear_error(tmp_path, tiny_model_dir, sst2_small):
+    with pytest.raises(slimtune.SlimtuneError, match=r"lora.target_modules: \['q_proj'\] match no linear layer"):
+        run_method(tmp_path, tiny_model_dir, sst2_small, "x", method="lora", lora={"target_modules": ["q_proj"]})
+
+
+def test_iterative_unfreezes_top_down_in_phases(tmp_path, tiny_model_dir, sst2_small):
+    out, m = run_method(tmp_path, tiny_model_dir, sst2_small, "iter", method="iterative",
+                        iterative={"group_size": 1, "max_epochs_per_phase": 2, "patience": 0})
+    phases = m["stages"][0]["phases"]
+    assert [p["trainable"] for p in phases] == [["head"], ["head", "layers 1-1"], ["head", "layers 0-1"]]
+    assert [p["trainable_params"] for p in phases] == sorted(p["trainable_params"] for p in phases)
+    assert all(1 <= len(p["history"]) <= 2 for p in phases)
+    assert not any("embeddings" in k for k in changed(tiny_model_dir, out))
+
+
+def test_auto_lr_and_batch_size(tmp_path, tiny_model_dir, sst2_small):
+    _, m = run_method(tmp_path, tiny_model_dir, sst2_small, "auto", lr="auto", batch_size="auto")
+    stage = m["stages"][0]
+    assert 1e-6 <= stage["lr"] <= 1e-2
+    assert stage["batch_size"] in (8, 16, 32, 64, 128)
