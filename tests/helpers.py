@@ -5,6 +5,27 @@ import subprocess
 import sys
 from pathlib import Path
 
+# The recipe of issue 3, which must work as written.
+ISSUE_RECIPE = """\
+task: text-classification
+model: minilm
+data:
+  train: data/train.jsonl
+  eval: data/dev.jsonl
+  text_field: text
+  label_field: label
+  max_length: 128
+stages:
+  - stage: finetune
+    method: lora
+    epochs: 1
+    lr: 5.0e-4
+    batch_size: 32
+    lora: {r: 8, alpha: 16}
+  - stage: evaluate
+"""
+
+
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
 

@@ -4,26 +4,7 @@ import json
 import shutil
 
 import pytest
-from helpers import slimtune
-
-ISSUE_RECIPE = """\
-task: text-classification
-model: minilm
-data:
-  train: data/train.jsonl
-  eval: data/dev.jsonl
-  text_field: text
-  label_field: label
-  max_length: 128
-stages:
-  - stage: finetune
-    method: lora
-    epochs: 1
-    lr: 5.0e-4
-    batch_size: 32
-    lora: {r: 8, alpha: 16}
-  - stage: evaluate
-"""
+from helpers import ISSUE_RECIPE, slimtune
 
 
 @pytest.fixture(scope="module")

@@ -106,3 +106,26 @@ def test_auto_lr_and_batch_size(tmp_path, tiny_model_dir, sst2_small):
     stage = m["stages"][0]
     assert 1e-6 <= stage["lr"] <= 1e-2
     assert stage["batch_size"] in (8, 16, 32, 64, 128)
+
+
+def test_chinese_text_is_segmented_with_jieba_for_training_and_prediction(tmp_path, tiny_model_dir):
+    """No Chinese set ships with the project: a handful of sentences written for this test."""
+    from slimtune.predict import Predictor
+
+    rows = [("这部电影非常好看，演员的表演很精彩", "好评"), ("剧情太无聊了，浪费时间", "差评"),
+            ("我很喜欢这个故事", "好评"), ("画面粗糙，对白生硬", "差评"),
+            ("音乐动人，值得推荐", "好评"), ("看完很失望，不推荐", "差评")] * 5
+    train = tmp_path / "zh.csv"
+    train.write_text("句子,标签\n" + "\n".join(f"{t},{label}" for t, label in rows) + "\n", encoding="utf-8")
+    recipe = {"model": str(tiny_model_dir),
+              "data": {"train": str(train), "text_field": "句子", "label_field": "标签", "segment_chinese": True,
+                       "eval_fraction": 0.2},
+              "stages": [TINY_STAGE, EVAL]}
+    metrics = slimtune.run(recipe, tmp_path / "zh", progress=False)
+    assert metrics["data"]["eval_source"] == "split" and metrics["data"]["eval_rows"] == 6
+    config = json.loads((tmp_path / "zh" / "model" / "config.json").read_text())
+    assert sorted(config["label2id"]) == ["好评", "差评"]
+    assert config["slimtune_preprocessing"]["segment_chinese"] is True
+    predictor = Predictor(str(tmp_path / "zh" / "model"))
+    assert predictor.preprocess("我很喜欢这个故事") == "我 很 喜欢 这个 故事"
+    assert predictor(["我很喜欢这个故事"])[0]["label"] in ("好评", "差评")

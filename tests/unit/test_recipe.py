@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+from helpers import ISSUE_RECIPE
 
 from slimtune.errors import SlimtuneError
 from slimtune.recipe import FinetuneStage, apply_overrides, load_recipe, parse_recipe, recipe_to_yaml
@@ -15,24 +16,7 @@ def error_of(raw) -> str:
 
 
 def test_issue_recipe_parses_with_paths_relative_to_the_file(tmp_path):
-    (tmp_path / "recipe.yaml").write_text("""
-task: text-classification
-model: minilm
-data:
-  train: data/train.jsonl
-  eval: data/dev.jsonl
-  text_field: text
-  label_field: label
-  max_length: 128
-stages:
-  - stage: finetune
-    method: lora
-    epochs: 1
-    lr: 5.0e-4
-    batch_size: 32
-    lora: {r: 8, alpha: 16}
-  - stage: evaluate
-""")
+    (tmp_path / "recipe.yaml").write_text(ISSUE_RECIPE)
     r = load_recipe(tmp_path / "recipe.yaml")
     assert r.data.train == tmp_path / "data" / "train.jsonl"
     assert r.data.eval == tmp_path / "data" / "dev.jsonl"
