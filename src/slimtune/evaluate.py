@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +76,14 @@ def save_confusion_matrix(cm: dict, out_dir: Path) -> None:
     top = matrix.max() if matrix.size else 0
     for (i, j), v in np.ndenumerate(matrix):
         ax.text(j, i, str(v), ha="center", va="center", color="white" if v > top / 2 else "black")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fig.canvas.draw()
+    if any("missing from font" in str(w.message) for w in caught):
+        # e.g. Chinese label names without a CJK font: numbered ticks beat rows of empty boxes
+        ax.set_xticks(range(len(names)), labels=[str(i) for i in range(len(names))], rotation=0, ha="center")
+        ax.set_yticks(range(len(names)), labels=[str(i) for i in range(len(names))])
+        ax.set_title("Confusion matrix (class ids as in config.json)")
     fig.tight_layout()
     tmp = out_dir / ".confusion_matrix.tmp.png"
     fig.savefig(tmp, dpi=110)
