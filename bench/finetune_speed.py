@@ -60,8 +60,14 @@ def dev_accuracy(model, tokenizer, dev: tuple[list[str], list[int]]) -> float:
 
 def run_trainer(model_dir: Path, train, dev, seed: int, epochs: float, grouped: bool) -> dict:
     from datasets import Dataset
-    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
-                              TrainingArguments, set_seed)
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainingArguments,
+        set_seed,
+    )
 
     t0 = time.perf_counter()
     set_seed(seed)
@@ -124,7 +130,7 @@ def main() -> None:
     train, dev = read_jsonl(train_path, args.train_limit), read_jsonl(dev_path)
     if args.train_limit:  # slimtune samples train_limit rows stratified; give both the very same rows
         tmp_train = Path(tempfile.mkdtemp()) / "train.jsonl"
-        tmp_train.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in zip(*train)))
+        tmp_train.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in zip(*train, strict=True)))
         train_path = tmp_train
 
     results: dict[str, list[dict]] = {c: [] for c in args.contenders}
@@ -151,7 +157,8 @@ def main() -> None:
     for name in args.contenders:
         accs = [r["accuracy"] for r in results[name]]
         acc_txt = f"{statistics.mean(accs):.4f}" + (f" ± {statistics.stdev(accs):.4f}" if len(accs) > 1 else "")
-        lines.append(f"| {name} | {mean(name, 'train_eps'):.1f} | {mean(name, 'train_eps') / mean(base, 'train_eps'):.2f}x "
+        speedup = mean(name, "train_eps") / mean(base, "train_eps")
+        lines.append(f"| {name} | {mean(name, 'train_eps'):.1f} | {speedup:.2f}x "
                      f"| {mean(name, 'train_s'):.0f} | {mean(name, 'wall_s'):.0f} | {acc_txt} "
                      f"| {100 * (mean(name, 'accuracy') - mean(base, 'accuracy')):+.2f} |")
     if "slimtune" in results and "trainer" in results:

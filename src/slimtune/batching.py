@@ -22,6 +22,7 @@ class EncodedDataset:
     labels: list[int]
     token_type_ids: list[list[int]] | None = None
     texts: list[str] = field(default_factory=list)  # the cleaned texts, for reports and augmentation
+    pairs: list[str] | None = None  # the cleaned second texts of pair tasks (re-encoding for a new tokenizer)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -37,6 +38,7 @@ class EncodedDataset:
             labels=[self.labels[i] for i in idx],
             token_type_ids=None if self.token_type_ids is None else [self.token_type_ids[i] for i in idx],
             texts=[self.texts[i] for i in idx] if self.texts else [],
+            pairs=None if self.pairs is None else [self.pairs[i] for i in idx],
         )
 
 
@@ -49,7 +51,7 @@ def encode(tokenizer, texts: list[str], labels: list[int], pairs: list[str] | No
     if tti is not None and pairs is None:
         tti = None
     return EncodedDataset(input_ids=list(enc["input_ids"]), labels=list(labels), token_type_ids=tti,
-                          texts=list(texts))
+                          texts=list(texts), pairs=None if pairs is None else list(pairs))
 
 
 def batch_indices(lengths: np.ndarray, batch_size: int, *, shuffle: bool, seed: int = 0,

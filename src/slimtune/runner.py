@@ -57,6 +57,7 @@ class RunState:
     runner_state: dict = field(default_factory=dict)
     progress: bool = True
     out: Path | None = None
+    data_cfg: object = None  # slimtune.recipe.DataConfig (max_length etc., for stages that re-encode)
 
     @property
     def pad_id(self) -> int:
@@ -68,7 +69,8 @@ class RunState:
         return TrainContext(checkpoints=self.checkpoints, tb=self.tb, tag=tag, resume=self.resume,
                             runner_state=self.runner_state, progress=self.progress, pad_id=self.pad_id)
 
-    def resolve_auto(self, cfg, model: nn.Module, loss_fn) -> tuple[float, int]:
+    def resolve_auto(self, cfg, model: nn.Module, loss_fn, train_ds: EncodedDataset | None = None,
+                     make_batch=None) -> tuple[float, int]:
         """`lr: auto` / `batch_size: auto`, computed once and kept in checkpoints for resumes."""
         from slimtune.autotune import find_batch_size, find_lr
         from slimtune.batching import collate
@@ -76,14 +78,15 @@ class RunState:
         saved = self.runner_state.setdefault("auto", {}).get(str(self.stage_index))
         if saved:
             return saved["lr"], saved["batch_size"]
-        make_batch = lambda ds, idx: collate(ds, idx, self.pad_id)  # noqa: E731
+        make_batch = make_batch or (lambda ds, idx: collate(ds, idx, self.pad_id))
+        train_ds = train_ds or self.data.train
         bs, lr = cfg.batch_size, cfg.lr
         if bs == "auto":
-            bs, speeds = find_batch_size(model, self.data.train, loss_fn, make_batch, seed=cfg.seed)
+            bs, speeds = find_batch_size(model, train_ds, loss_fn, make_batch, seed=cfg.seed)
             console.print(f"batch_size auto: {bs} (examples/s by batch size: "
                           f"{ {k: round(v, 1) for k, v in speeds.items()} })")
         if lr == "auto":
-            lr, _ = find_lr(model, self.data.train, loss_fn, make_batch, bs, cfg.weight_decay, seed=cfg.seed)
+            lr, _ = find_lr(model, train_ds, loss_fn, make_batch, bs, cfg.weight_decay, seed=cfg.seed)
             console.print(f"lr auto (LR range test): {lr:.2e}")
         self.runner_state["auto"][str(self.stage_index)] = {"lr": float(lr), "batch_size": int(bs)}
         return float(lr), int(bs)
@@ -105,8 +108,24 @@ def _finetune(run: RunState, cfg) -> dict:
     return run_finetune(run, cfg)
 
 
-# stage name -> handler(run, cfg) -> metrics; later stages (distill, prune, quantize...) register here.
-STAGE_HANDLERS: dict[str, Callable[[RunState, object], dict]] = {"finetune": _finetune, "evaluate": run_evaluate}
+def _distill(run: RunState, cfg) -> dict:
+    from slimtune.distill.stage import run_distill
+
+    return run_distill(run, cfg)
+
+
+def _rebuild_distill(run: RunState, cfg) -> None:
+    from slimtune.distill.stage import rebuild_distill
+
+    rebuild_distill(run, cfg)
+
+
+# stage name -> handler(run, cfg) -> metrics; later stages (prune, quantize...) register here.
+STAGE_HANDLERS: dict[str, Callable[[RunState, object], dict]] = {
+    "finetune": _finetune, "distill": _distill, "evaluate": run_evaluate}
+# Stages that change the model's structure (or tokenizer): on --resume past them, the runner rebuilds
+# that structure (without training) so the checkpoint's weights fit.
+STAGE_REBUILDERS: dict[str, Callable[[RunState, object], None]] = {"distill": _rebuild_distill}
 
 
 # ------------------------------------------------------------------------------------------- run
@@ -183,7 +202,8 @@ def _prepare(recipe: Recipe, progress: bool) -> RunState:
     model = load_for_classification(model_path, id2label)
     emb = model.get_input_embeddings().weight.detach() if recipe.data.augment else None
     data = prepare_data(recipe.data, tokenizer, embedding_weight=emb)
-    return RunState(model=model, tokenizer=tokenizer, data=data, base_model=recipe.model, progress=progress)
+    return RunState(model=model, tokenizer=tokenizer, data=data, base_model=recipe.model, progress=progress,
+                    data_cfg=recipe.data)
 
 
 def _execute(recipe: Recipe, run: RunState, out: Path, store: CheckpointStore, checkpoint: Path | None) -> dict:
@@ -199,6 +219,11 @@ def _execute(recipe: Recipe, run: RunState, out: Path, store: CheckpointStore, c
     run.checkpoints, run.resume, run.out = store, checkpoint, out
     store.pinned = checkpoint
     run.tb = SummaryWriter(str(out / "tb"))
+    for i in range(first):  # finished before the resume: rebuild structure changes only
+        cfg = recipe.stages[i]
+        if cfg.stage in STAGE_REBUILDERS:
+            console.print(f"stage {i}: {cfg.stage} (finished; rebuilding its model structure)")
+            STAGE_REBUILDERS[cfg.stage](run, cfg)
     try:
         for i in range(first, len(recipe.stages)):
             cfg = recipe.stages[i]

@@ -1,0 +1,1 @@
+"""Knowledge distillation: teachers, students, losses and the `distill` stage."""

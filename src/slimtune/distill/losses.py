@@ -1,0 +1,107 @@
+"""Distillation losses, injected into the one training loop.
+
+soft targets   KL(teacher_T || student_T) * T^2 (Hinton et al. 2015; the T^2 keeps gradient size
+               independent of T), mixed with hard-label cross-entropy: alpha * soft + (1 - alpha) * hard
+hidden states  MSE between mapped student and teacher layers through a learned projection when the
+               widths differ (TinyBERT), per token when both share a tokenizer, else on mean-pooled states
+attention      KL between the teachers' and the student's attention distributions (TinyBERT), per
+               head, when head counts match
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slimtune.errors import SlimtuneError
+from slimtune.train import model_inputs
+
+
+def soft_target_loss(student_logits: torch.Tensor, soft_targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    log_p = F.log_softmax(student_logits / temperature, dim=-1)
+    return F.kl_div(log_p, soft_targets, reduction="batchmean") * temperature**2
+
+
+def layer_mapping(rule, n_student: int, n_teacher: int) -> list[tuple[int, int]]:
+    """(student, teacher) hidden-state indices; 0 is the embedding output, i the output of layer i."""
+    if rule == "uniform":  # student layer s learns from teacher layer s * Lt / Ls (TinyBERT's g(m))
+        return [(s, round(s * n_teacher / n_student)) for s in range(1, n_student + 1)]
+    if rule == "last":
+        return [(n_student, n_teacher)]
+    pairs = [(int(s), int(t)) for s, t in rule]
+    for s, t in pairs:
+        if not 0 <= s <= n_student:
+            raise SlimtuneError(f"intermediate.mapping: student layer {s} out of range (0-{n_student}; 0 = embeddings)")
+        if not 0 <= t <= n_teacher:
+            raise SlimtuneError(f"intermediate.mapping: teacher layer {t} out of range (0-{n_teacher}; 0 = embeddings)")
+    return pairs
+
+
+class DistillModel(nn.Module):
+    """The student plus the projections the hidden-state loss learns; only the student is kept."""
+
+    def __init__(self, student: nn.Module, mapping: list[tuple[int, int]], student_width: int, teacher_width: int):
+        super().__init__()
+        self.student = student
+        # Identity when widths match: a projection would let the student's states drift from the teacher's.
+        self.projections = nn.ModuleDict({
+            f"{s}_{t}": nn.Linear(student_width, teacher_width) if student_width != teacher_width else nn.Identity()
+            for s, t in mapping})
+
+    def forward(self, **inputs):
+        return self.student(**inputs)
+
+
+def _pooled(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+def _attention_kl(teacher_att: torch.Tensor, student_att: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """KL over keys for every real query position, averaged over heads and positions."""
+    eps = 1e-8
+    kl = (teacher_att * ((teacher_att + eps).log() - (student_att + eps).log())).sum(-1)  # [B, H, L]
+    q = mask.unsqueeze(1).to(kl.dtype)
+    return (kl * q).sum() / (q.sum() * kl.shape[1]).clamp(min=1)
+
+
+def make_distill_loss(*, temperature: float, alpha: float, mapping: list[tuple[int, int]] | None = None,
+                      granularity: str = "pooled", use_mse: bool = False, use_attention: bool = False,
+                      weight: float = 1.0, online_teacher: nn.Module | None = None):
+    """loss_fn(model: DistillModel, batch) for `train`. The batch carries `soft_targets` [B, C],
+    `labelled` [B] (hard loss only on examples with a trusted label) and, for pooled matching,
+    `pooled{t}` [B, Ht] teacher states; token-level matching runs `online_teacher` on the batch."""
+    mapping = mapping or []
+    need_hidden = bool(mapping) and use_mse
+
+    def loss_fn(model: DistillModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        inputs = model_inputs(batch)
+        out = model.student(**inputs, **({"output_hidden_states": True} if need_hidden else {}),
+                            **({"output_attentions": True} if use_attention else {}))
+        logits = out.logits
+        loss = alpha * soft_target_loss(logits, batch["soft_targets"], temperature) if alpha > 0 else 0.0
+        labelled = batch["labelled"]
+        if alpha < 1 and bool(labelled.any()):
+            loss = loss + (1 - alpha) * F.cross_entropy(logits[labelled], batch["labels"][labelled])
+        if not mapping:
+            return loss
+        mask = inputs["attention_mask"]
+        teacher_out = None
+        if granularity == "token":
+            with torch.no_grad():
+                teacher_out = online_teacher(**inputs, output_hidden_states=use_mse, output_attentions=use_attention)
+        for s, t in mapping:
+            if use_mse:
+                proj = model.projections[f"{s}_{t}"]
+                if granularity == "pooled":
+                    loss = loss + weight * F.mse_loss(proj(_pooled(out.hidden_states[s], mask)), batch[f"pooled{t}"])
+                else:
+                    diff = (proj(out.hidden_states[s]) - teacher_out.hidden_states[t]) ** 2
+                    m = mask.unsqueeze(-1).to(diff.dtype)
+                    loss = loss + weight * (diff * m).sum() / (m.sum() * diff.shape[-1]).clamp(min=1)
+            if use_attention and s > 0 and t > 0:  # attentions[i - 1] belongs to layer i's output
+                loss = loss + weight * _attention_kl(teacher_out.attentions[t - 1], out.attentions[s - 1], mask)
+        return loss
+
+    return loss_fn

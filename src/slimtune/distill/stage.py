@@ -1,0 +1,179 @@
+"""`stage: distill` — teacher(s) -> student on the one training loop; only the loss differs.
+
+Order of work: load and check the teachers; build the transfer set (the train texts, plus
+teacher-labelled EDA copies if `transfer_augment`); build the student and encode the texts with its
+tokenizer; label the transfer set with every teacher once (cached on disk); train the student with
+the distillation loss; the student (and its tokenizer) becomes the run's model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from slimtune.batching import EncodedDataset, collate, encode
+from slimtune.data import TaskData
+from slimtune.distill.losses import DistillModel, layer_mapping, make_distill_loss
+from slimtune.distill.students import Student, build_student, encoder_shape
+from slimtune.distill.teachers import Teacher, cached_teacher_outputs, combine_teachers, load_teachers
+from slimtune.errors import SlimtuneError
+from slimtune.recipe import DistillStage
+from slimtune.train import seed_everything
+
+if TYPE_CHECKING:
+    from slimtune.runner import RunState
+
+
+@dataclass
+class DistillSetup:
+    teachers: list[Teacher]
+    student: Student
+    texts: list[str]
+    pairs: list[str] | None
+    labels: list[int]
+    labelled: list[bool]  # False for teacher-only (augmented transfer) examples
+    mapping: list[tuple[int, int]]
+    granularity: str
+
+
+def _same_tokenizer(a, b) -> bool:
+    get = lambda t: t.get_vocab() if hasattr(t, "get_vocab") else None  # noqa: E731
+    return type(a) is type(b) and get(a) is not None and get(a) == get(b)
+
+
+def _transfer_set(run: RunState, cfg: DistillStage, teacher: Teacher):
+    train = run.data.train
+    texts, labels, pairs = list(train.texts), list(train.labels), train.pairs
+    n = len(texts)
+    if cfg.transfer_augment is not None and cfg.transfer_augment.copies > 0:
+        from slimtune.augment import EmbeddingSynonyms, augment_texts
+
+        aug = cfg.transfer_augment
+        synonyms = None
+        if aug.p_synonym > 0 or aug.p_insert > 0:  # neighbours in the teacher's own embedding table
+            synonyms = EmbeddingSynonyms(teacher.tokenizer, teacher.model.get_input_embeddings().weight.detach(),
+                                         k=aug.neighbours, min_similarity=aug.min_similarity)
+        texts, labels, pairs = augment_texts(texts, labels, aug, synonyms, pairs)
+    return texts, pairs, labels, [i < n for i in range(len(texts))]
+
+
+def _intermediate_plan(cfg: DistillStage, student: Student, teacher: Teacher) -> tuple[list, str]:
+    inter = cfg.intermediate
+    if inter is None:
+        return [], "none"
+    s_shape, t_shape = encoder_shape(student.model), encoder_shape(teacher.model)
+    if s_shape is None:
+        raise SlimtuneError(f"intermediate: the {student.kind} student has no transformer layers to match "
+                            "(remove 'intermediate' or use a transformer student)")
+    if t_shape is None:
+        raise SlimtuneError(f"intermediate: teacher '{teacher.name}' has no transformer layers to match")
+    same_tok = _same_tokenizer(student.tokenizer, teacher.tokenizer)
+    granularity = inter.granularity if inter.granularity != "auto" else ("token" if same_tok else "pooled")
+    if granularity == "token" and not same_tok:
+        raise SlimtuneError("intermediate.granularity: token-level matching needs the student and the teacher to "
+                            "share a tokenizer; use granularity: pooled")
+    if "attention" in inter.loss:
+        if granularity != "token":
+            raise SlimtuneError("intermediate.loss: attention maps can only be matched token by token "
+                                "(same tokenizer for student and teacher)")
+        if s_shape[2] != t_shape[2]:
+            raise SlimtuneError(f"intermediate.loss: attention maps need equal head counts (student {s_shape[2]}, "
+                                f"teacher {t_shape[2]}); use loss: mse")
+    return layer_mapping(inter.mapping, s_shape[0], t_shape[0]), granularity
+
+
+def setup_distill(run: RunState, cfg: DistillStage) -> DistillSetup:
+    teachers = load_teachers(cfg.teachers(), run.data.id2label)
+    first = teachers[0]
+    texts, pairs, labels, labelled = _transfer_set(run, cfg, first)
+    seed_everything(cfg.seed)  # new heads / word students start from the same weights in every run
+    student = build_student(cfg.student, current=run.model, current_tokenizer=run.tokenizer,
+                            teacher_model=first.model, teacher_tokenizer=first.tokenizer,
+                            id2label=run.data.id2label, texts=texts)
+    student.model.requires_grad_(True)  # a layer selection copies the (frozen) teacher
+    mapping, granularity = _intermediate_plan(cfg, student, first)
+    if cfg.intermediate is not None and "attention" in cfg.intermediate.loss:
+        for m in (student.model, first.model):  # sdpa kernels do not return attention maps
+            m.set_attn_implementation("eager")
+    return DistillSetup(teachers, student, texts, pairs, labels, labelled, mapping, granularity)
+
+
+def _adopt_student(run: RunState, setup: DistillSetup) -> None:
+    """The student (and its tokenizer) become the run's model; the data is re-encoded for it."""
+    max_length = run.data_cfg.max_length
+    tok = setup.student.tokenizer
+    reencode = lambda ds: encode(tok, ds.texts, ds.labels, ds.pairs, max_length)  # noqa: E731
+    run.data = TaskData(train=reencode(run.data.train), eval=reencode(run.data.eval), label2id=run.data.label2id,
+                        id2label=run.data.id2label, info=run.data.info)
+    run.model, run.tokenizer = setup.student.model, tok
+    for p in run.model.parameters():
+        p.requires_grad_(True)
+
+
+def rebuild_distill(run: RunState, cfg: DistillStage) -> None:
+    """On --resume past this stage: rebuild the student's structure (weights come from the checkpoint)."""
+    _adopt_student(run, setup_distill(run, cfg))
+
+
+def run_distill(run: RunState, cfg: DistillStage) -> dict:
+    from slimtune.evaluate import predict_logits
+    from slimtune.runner import console
+    from slimtune.train import train
+
+    setup = setup_distill(run, cfg)
+    max_length = run.data_cfg.max_length
+    pooled_layers = sorted({t for _, t in setup.mapping}) if setup.granularity == "pooled" else []
+    outputs = cached_teacher_outputs(setup.teachers, setup.texts, setup.pairs, max_length, pooled_layers, cfg.cache,
+                                     log=console.print)
+    labels = torch.tensor(setup.labels)
+    labelled = torch.tensor(setup.labelled)
+    soft = combine_teachers([o["logits"] for o in outputs], [t.weight for t in setup.teachers], cfg.temperature,
+                            cfg.combine, labels, labelled)
+    teacher_acc = {}
+    for t in setup.teachers:  # the teachers' own dev accuracy, for "% of teacher" in the report
+        dev = encode(t.tokenizer, run.data.eval.texts, run.data.eval.labels, run.data.eval.pairs, max_length)
+        pred = predict_logits(t.model, dev, pad_id=t.pad_id).argmax(-1)
+        teacher_acc[t.name] = float((torch.from_numpy(pred) == torch.tensor(dev.labels)).float().mean())
+
+    student = setup.student
+    train_ds = encode(student.tokenizer, setup.texts, setup.labels, setup.pairs, max_length)
+    eval_ds = encode(student.tokenizer, run.data.eval.texts, run.data.eval.labels, run.data.eval.pairs, max_length)
+    pad = int(getattr(student.tokenizer, "pad_token_id", 0) or 0)
+    s_shape, t_shape = encoder_shape(student.model), encoder_shape(setup.teachers[0].model)
+    model = DistillModel(student.model, setup.mapping if "mse" in _losses(cfg) else [],
+                         s_shape[1] if s_shape else 0, t_shape[1] if t_shape else 0)
+    pooled = {t: outputs[0][f"pooled{t}"] for t in pooled_layers}
+
+    def make_batch(ds: EncodedDataset, idx: list[int]) -> dict[str, torch.Tensor]:
+        batch = collate(ds, idx, pad)
+        rows = torch.tensor(idx)
+        batch["soft_targets"], batch["labelled"] = soft[rows], labelled[rows]
+        for t, values in pooled.items():
+            batch[f"pooled{t}"] = values[rows]
+        return batch
+
+    loss_fn = make_distill_loss(temperature=cfg.temperature, alpha=cfg.alpha, mapping=setup.mapping,
+                                granularity=setup.granularity, use_mse="mse" in _losses(cfg),
+                                use_attention="attention" in _losses(cfg),
+                                weight=cfg.intermediate.weight if cfg.intermediate else 0.0,
+                                online_teacher=setup.teachers[0].model if setup.granularity == "token" else None)
+    ctx = run.train_context()
+    ctx.pad_id = pad
+    lr, bs = run.resolve_auto(cfg, model, loss_fn, train_ds=train_ds, make_batch=make_batch)
+    res = train(model, train_ds, eval_ds, cfg, ctx, loss_fn=loss_fn, make_batch=make_batch, lr=lr, batch_size=bs)
+    _adopt_student(run, setup)
+    params = sum(p.numel() for p in student.model.parameters())
+    return {"stage": "distill", "student": student.kind, "student_source": student.source,
+            "teachers": [{"model": t.name, "weight": t.weight, "params": sum(p.numel() for p in t.model.parameters()),
+                          "dev_accuracy": teacher_acc[t.name]} for t in setup.teachers],
+            "combine": cfg.combine, "temperature": cfg.temperature, "alpha": cfg.alpha,
+            "intermediate": {"mapping": [list(p) for p in setup.mapping], "granularity": setup.granularity,
+                             "loss": cfg.intermediate.loss} if cfg.intermediate else None,
+            "transfer_rows": len(setup.texts), "augmented_transfer_rows": len(setup.texts) - sum(setup.labelled),
+            "trainable_params": params, "trainable_pct": 100.0, **res.summary()}
+
+
+def _losses(cfg: DistillStage) -> str:
+    return cfg.intermediate.loss if cfg.intermediate else ""

@@ -1,0 +1,92 @@
+"""Students: the run's model, another local model, a layer selection of a model, or a word-level net.
+
+A student brings its own tokenizer; the distill stage re-encodes the texts with it, so a student
+never has to share the teacher's vocabulary (only the logits, and pooled hidden states, are matched).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+from torch import nn
+
+from slimtune.adapt.layers import anatomy
+from slimtune.errors import SlimtuneError
+from slimtune.models import load_for_classification, load_tokenizer, resolve_model_path
+from slimtune.recipe import StudentSpec
+
+
+@dataclass
+class Student:
+    model: nn.Module
+    tokenizer: object
+    kind: str  # "current" | "model" | "layers" | "bilstm" | "cnn"
+    source: str  # where it came from, for the report
+
+
+def select_layers(model: nn.Module, layers: list[int]) -> nn.Module:
+    """A copy of `model` keeping only encoder layers `layers` (in that order), same width.
+
+    This is the DistilBERT initialisation (every other layer of the teacher). The copy stays a plain
+    HF model: `num_hidden_layers` is updated, so it saves and loads with transformers alone.
+    """
+    an = anatomy(model)
+    bad = [i for i in layers if not 0 <= i < an.num_layers]
+    if bad:
+        raise SlimtuneError(f"student.layers: index {bad[0]} out of range (the model has {an.num_layers} "
+                            f"encoder layers: 0-{an.num_layers - 1})")
+    if len(set(layers)) != len(layers) or not layers:
+        raise SlimtuneError(f"student.layers: {layers} must be a non-empty list of distinct layer indices")
+    student = copy.deepcopy(model)
+    parent_name, attr = an.layers.rsplit(".", 1)
+    parent = student.get_submodule(parent_name)
+    old = getattr(parent, attr)
+    setattr(parent, attr, nn.ModuleList([old[i] for i in layers]))
+    student.config.num_hidden_layers = len(layers)
+    for new_index, layer in enumerate(getattr(parent, attr)):  # layer_idx is used by caches/masks in HF 5
+        for module in layer.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = new_index
+    return student
+
+
+def build_student(spec: StudentSpec, *, current: nn.Module, current_tokenizer, teacher_model: nn.Module,
+                  teacher_tokenizer, id2label: dict[int, str], texts: list[str]) -> Student:
+    """The student a `student:` spec asks for (see StudentSpec)."""
+    if spec.arch is not None:
+        if spec.layers is not None:
+            raise SlimtuneError(f"student: 'layers' and 'arch: {spec.arch}' cannot be combined")
+        return _word_student(spec, teacher_model, teacher_tokenizer, id2label, texts)
+    if spec.layers is not None:
+        if spec.from_:
+            source_path = resolve_model_path(spec.from_)
+            base, tokenizer, source = load_for_classification(source_path, id2label), load_tokenizer(source_path), \
+                spec.from_
+        else:
+            base, tokenizer, source = teacher_model, teacher_tokenizer, "teacher"
+        return Student(select_layers(base, spec.layers), tokenizer, "layers", f"{source} layers {spec.layers}")
+    if spec.from_:
+        path = resolve_model_path(spec.from_)
+        return Student(load_for_classification(path, id2label), load_tokenizer(path), "model", spec.from_)
+    return Student(current, current_tokenizer, "current", "the run's model")
+
+
+def _word_student(spec: StudentSpec, teacher_model, teacher_tokenizer, id2label, texts) -> Student:
+    from slimtune.distill.wordlevel import build_word_student
+
+    label2id = {name: i for i, name in id2label.items()}
+    model, tokenizer = build_word_student(
+        spec.arch, texts, id2label, label2id, hidden=spec.hidden, embed_dim=spec.embed_dim,
+        max_vocab=spec.max_vocab, dropout=spec.dropout, teacher=teacher_model, teacher_tokenizer=teacher_tokenizer,
+        init_from_teacher=spec.init_embeddings)
+    return Student(model, tokenizer, spec.arch, f"{spec.arch} (vocabulary of {len(tokenizer)} words)")
+
+
+def encoder_shape(model: nn.Module) -> tuple[int, int, int] | None:
+    """(layers, hidden size, attention heads) of a transformer, None for models without layers."""
+    cfg = getattr(model, "config", None)
+    layers = getattr(cfg, "num_hidden_layers", None)
+    if not layers or getattr(cfg, "slimtune_format", None) == "word-classifier":
+        return None
+    return int(layers), int(cfg.hidden_size), int(cfg.num_attention_heads)

@@ -1,0 +1,296 @@
+"""Word-level students for distillation: a vocabulary built from the task texts, and a BiLSTM or CNN on it.
+
+Tang et al. 2019 ("Distilling task-specific knowledge from BERT into simple neural networks"): a
+one-layer BiLSTM over word embeddings, trained on the teacher's logits, keeps most of BERT's accuracy
+at a fraction of its latency. The tokenizer and models mimic the HF surface slimtune uses (tokenizer
+call -> input_ids, `model(**batch).logits`, `config.id2label`, `save_pretrained`), so encoding,
+training, evaluation and prediction work on them unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from transformers import PretrainedConfig
+from transformers.modeling_outputs import SequenceClassifierOutput
+
+from slimtune.errors import SlimtuneError
+
+FORMAT = "word-classifier"
+VOCAB_FILE = "word_vocab.json"
+WEIGHTS_FILE = "model.safetensors"
+SPECIALS = ("[PAD]", "[UNK]", "[SEP]")
+PAD_ID, UNK_ID, SEP_ID = 0, 1, 2
+_WORD_RE = re.compile(r"\w+|[^\w\s]")  # words, and each punctuation mark on its own
+
+
+# ---------------------------------------------------------------------------------------- tokenizer
+class WordTokenizer:
+    """Whole words -> ids. Unknown words map to [UNK]; an empty text still gives one id ([UNK])."""
+
+    pad_token, unk_token, sep_token = SPECIALS
+    pad_token_id, unk_token_id, sep_token_id = PAD_ID, UNK_ID, SEP_ID
+    all_special_tokens = list(SPECIALS)
+
+    def __init__(self, words: Sequence[str], lowercase: bool = True, chinese: bool = False):
+        if tuple(words[: len(SPECIALS)]) != SPECIALS:
+            raise SlimtuneError(f"word vocabulary must start with {', '.join(SPECIALS)}")
+        self.words = list(words)  # index = id
+        self.vocab = {w: i for i, w in enumerate(self.words)}
+        self.lowercase, self.chinese = lowercase, chinese
+
+    @classmethod
+    def build(cls, texts: Iterable[str], max_vocab: int = 30000, min_freq: int = 1, lowercase: bool = True,
+              chinese: bool = False) -> WordTokenizer:
+        """The `max_vocab` (specials included) most frequent words; ties alphabetical, so it is deterministic."""
+        tok = cls(SPECIALS, lowercase, chinese)
+        counts = Counter(w for text in texts for w in tok.tokenize(text))
+        ranked = sorted((w for w, n in counts.items() if n >= min_freq and w not in tok.vocab),
+                        key=lambda w: (-counts[w], w))
+        return cls([*SPECIALS, *ranked[: max(0, max_vocab - len(SPECIALS))]], lowercase, chinese)
+
+    def tokenize(self, text: str) -> list[str]:
+        if self.lowercase:
+            text = text.lower()
+        if self.chinese:
+            from slimtune.data import _jieba  # cached import that also silences jieba's startup log
+
+            return [w for piece in _jieba().lcut(text) for w in _WORD_RE.findall(piece)]
+        return _WORD_RE.findall(text)
+
+    def _ids(self, text: str) -> list[int]:
+        return [self.vocab.get(w, UNK_ID) for w in self.tokenize(text)] or [UNK_ID]
+
+    def encode_one(self, text: str, pair: str | None = None, max_length: int | None = None) -> list[int]:
+        ids = self._ids(text)
+        if pair is not None:
+            second = self._ids(pair)
+            if max_length:  # HF's "longest_first": trim the longer side, keep one word of each
+                while len(ids) + len(second) > max_length - 1 and max(len(ids), len(second)) > 1:
+                    (ids if len(ids) >= len(second) else second).pop()
+            ids = [*ids, SEP_ID, *second]
+        return ids[: max(1, max_length)] if max_length else ids
+
+    def __call__(self, texts: str | Sequence[str], pairs: str | Sequence[str] | None = None, truncation=True,
+                 max_length: int | None = None, padding=False, return_tensors: str | None = None, **_) -> dict:
+        single = isinstance(texts, str)
+        texts = [texts] if single else list(texts)
+        pairs = [pairs] if isinstance(pairs, str) else pairs
+        limit = max_length if truncation else None
+        ids = [self.encode_one(t, None if pairs is None else pairs[i], limit) for i, t in enumerate(texts)]
+        if padding and padding != "do_not_pad":  # True / "longest": pad to the longest in this call
+            width = max(map(len, ids))
+            mask = [[1] * len(x) + [0] * (width - len(x)) for x in ids]
+            ids = [x + [PAD_ID] * (width - len(x)) for x in ids]
+        else:
+            mask = [[1] * len(x) for x in ids]
+        if return_tensors == "pt":
+            return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask)}
+        if single:
+            return {"input_ids": ids[0], "attention_mask": mask[0]}
+        return {"input_ids": ids, "attention_mask": mask}
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.words)
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+    def get_vocab(self) -> dict[str, int]:
+        return dict(self.vocab)
+
+    @property
+    def init_kwargs(self) -> dict:
+        return {"do_lower_case": self.lowercase}  # what augment.is_uncased reads on HF tokenizers
+
+    def convert_ids_to_tokens(self, ids: Iterable[int]) -> list[str]:
+        return [self.words[i] for i in ids]
+
+    def save_pretrained(self, out_dir: str | Path, **_) -> tuple[str]:
+        path = Path(out_dir) / VOCAB_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = {"lowercase": self.lowercase, "chinese": self.chinese, "words": self.words}
+        path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+        return (str(path),)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **_) -> WordTokenizer:
+        file = Path(path) / VOCAB_FILE
+        try:
+            data = json.loads(file.read_text(encoding="utf-8"))
+            return cls(data["words"], bool(data["lowercase"]), bool(data["chinese"]))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SlimtuneError(f"{file}: not a valid word vocabulary ({e})") from None
+
+
+# ------------------------------------------------------------------------------------------- models
+def word_config(arch: str, vocab_size: int, id2label: dict[int, str], label2id: dict[str, int] | None = None, *,
+                embed_dim: int = 300, hidden: int = 256, num_layers: int = 1,
+                kernel_sizes: Sequence[int] = (3, 4, 5), dropout: float = 0.2) -> PretrainedConfig:
+    if arch not in WORD_ARCHS:
+        raise SlimtuneError(f"word student arch '{arch}': expected one of {', '.join(WORD_ARCHS)}")
+    id2label = {int(i): str(name) for i, name in id2label.items()}
+    label2id = label2id or {name: i for i, name in id2label.items()}
+    return PretrainedConfig(arch=arch, vocab_size=vocab_size, embed_dim=embed_dim, hidden=hidden,
+                            num_layers=num_layers, kernel_sizes=list(kernel_sizes), dropout=dropout,
+                            id2label=id2label, label2id=label2id, slimtune_format=FORMAT)
+
+
+class _WordClassifierParts:
+    """What both archs share (embedding -> features -> dropout -> linear, saving). A mixin, not a base module."""
+
+    config: PretrainedConfig
+
+    def _init_parts(self, config: PretrainedConfig, n_features: int) -> None:
+        self.config = config
+        self.embeddings = nn.Embedding(config.vocab_size, config.embed_dim, padding_idx=PAD_ID)
+        self.dropout = nn.Dropout(config.dropout)
+        self.classifier = nn.Linear(n_features, config.num_labels)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                **_) -> SequenceClassifierOutput:
+        mask = (input_ids != PAD_ID) if attention_mask is None else attention_mask.bool()
+        mask = mask.clone()
+        mask[:, 0] = True  # an all-padding row still pools over one position instead of none
+        # Zeroed padding: what a sentence sees is the same alone or inside a padded batch.
+        emb = self.embeddings(input_ids) * mask.unsqueeze(-1)
+        logits = self.classifier(self.dropout(self.features(emb, mask)))
+        loss = F.cross_entropy(logits, labels) if labels is not None else None
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embeddings
+
+    def save_pretrained(self, out_dir: str | Path, safe_serialization: bool = True, **_) -> None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.config.slimtune_format = FORMAT
+        self.config.to_json_file(out / "config.json")
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+
+
+class WordBiLSTMClassifier(_WordClassifierParts, nn.Module):
+    """Embedding -> BiLSTM (packed, so padding never enters it) -> [max-pool; mean-pool] -> linear."""
+
+    def __init__(self, config: PretrainedConfig):
+        super().__init__()
+        self._init_parts(config, 4 * config.hidden)
+        self.lstm = nn.LSTM(config.embed_dim, config.hidden, num_layers=config.num_layers, batch_first=True,
+                            bidirectional=True, dropout=config.dropout if config.num_layers > 1 else 0.0)
+
+    def features(self, emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        lengths = mask.sum(1)
+        packed = pack_padded_sequence(emb, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        out, _ = pad_packed_sequence(self.lstm(packed)[0], batch_first=True, total_length=emb.size(1))
+        keep = mask.unsqueeze(-1)
+        max_pool = out.masked_fill(~keep, float("-inf")).amax(1)
+        mean_pool = (out * keep).sum(1) / lengths.unsqueeze(-1).to(out.dtype)
+        return torch.cat([max_pool, mean_pool], dim=-1)
+
+
+class WordCNNClassifier(_WordClassifierParts, nn.Module):
+    """Embedding -> Conv1d per kernel size -> ReLU -> max-pool over the windows inside the text -> linear."""
+
+    def __init__(self, config: PretrainedConfig):
+        super().__init__()
+        self._init_parts(config, config.hidden * len(config.kernel_sizes))
+        self.convs = nn.ModuleList(nn.Conv1d(config.embed_dim, config.hidden, k) for k in config.kernel_sizes)
+
+    def features(self, emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = emb.transpose(1, 2)  # (batch, embed, time)
+        widest = max(self.config.kernel_sizes)
+        if x.size(2) < widest:  # texts shorter than a kernel: zero-pad (zero = a padding embedding)
+            x = F.pad(x, (0, widest - x.size(2)))
+        lengths = mask.sum(1, keepdim=True)
+        pooled = []
+        for conv in self.convs:
+            k = conv.kernel_size[0]
+            h = torch.relu(conv(x))
+            # Only windows starting inside the text (at least the first one) are pooled.
+            starts = torch.arange(h.size(2), device=h.device).unsqueeze(0)
+            inside = starts < (lengths - k + 1).clamp(min=1)
+            pooled.append(h.masked_fill(~inside.unsqueeze(1), float("-inf")).amax(2))
+        return torch.cat(pooled, dim=-1)
+
+
+WORD_ARCHS: dict[str, type[nn.Module]] = {"bilstm": WordBiLSTMClassifier, "cnn": WordCNNClassifier}
+
+
+def load_word_classifier(path: str | Path) -> nn.Module:
+    """A saved word classifier (config.json + model.safetensors; never pickle)."""
+    from slimtune.models import read_config
+
+    path = Path(path)
+    config = PretrainedConfig.from_dict(read_config(path))
+    arch = getattr(config, "arch", None)
+    if arch not in WORD_ARCHS:
+        raise SlimtuneError(f"{path / 'config.json'}: unknown word classifier arch '{arch}'")
+    if not (path / WEIGHTS_FILE).is_file():
+        raise SlimtuneError(f"{path}: no {WEIGHTS_FILE}")
+    model = WORD_ARCHS[arch](config)
+    model.load_state_dict(load_file(str(path / WEIGHTS_FILE)))
+    return model
+
+
+# ------------------------------------------------------------------------------- teacher init, build
+@torch.no_grad()
+def init_embeddings_from_teacher(model: nn.Module, word_tokenizer: WordTokenizer, teacher_model: nn.Module,
+                                 teacher_tokenizer) -> int:
+    """Each word's row = mean of the teacher's input embeddings of its sub-tokens; returns words set.
+
+    The specials keep their own init ([PAD] stays zero).
+    """
+    source = teacher_model.get_input_embeddings().weight.detach()
+    target = model.get_input_embeddings().weight
+    if source.shape[1] != target.shape[1]:
+        raise SlimtuneError(f"word student embed_dim {target.shape[1]} != teacher embedding size {source.shape[1]}: "
+                            f"build the student with embed_dim={source.shape[1]} to initialise it from the teacher")
+    words = word_tokenizer.words[len(SPECIALS):]
+    if not words:
+        return 0
+    pieces = teacher_tokenizer(words, add_special_tokens=False)["input_ids"]
+    done = 0
+    for row, ids in enumerate(pieces, start=len(SPECIALS)):
+        ids = [i for i in ids if i < source.shape[0]]
+        if ids:
+            target[row] = source[ids].mean(0).to(target.dtype)
+            done += 1
+    return done
+
+
+def build_word_student(arch: str, texts: Iterable[str], id2label: dict[int, str],
+                       label2id: dict[str, int] | None = None, *, hidden: int = 256, embed_dim: int = 300,
+                       chinese: bool = False, lowercase: bool = True, max_vocab: int = 30000, min_freq: int = 1,
+                       teacher: nn.Module | None = None, teacher_tokenizer=None, init_from_teacher: bool = True,
+                       dropout: float = 0.2, num_layers: int = 1,
+                       kernel_sizes: Sequence[int] = (3, 4, 5)) -> tuple[nn.Module, WordTokenizer]:
+    """Vocabulary from `texts` + a fresh word classifier (random init from the caller's torch seed).
+
+    With a teacher and `init_from_teacher`, embed_dim becomes the teacher's embedding size and the
+    word embeddings start as the teacher's (mean of each word's sub-token rows).
+    """
+    use_teacher = teacher is not None and init_from_teacher
+    if use_teacher and teacher_tokenizer is None:
+        raise SlimtuneError("initialising word embeddings from the teacher needs the teacher's tokenizer")
+    tokenizer = WordTokenizer.build(texts, max_vocab=max_vocab, min_freq=min_freq, lowercase=lowercase,
+                                    chinese=chinese)
+    if use_teacher:
+        embed_dim = teacher.get_input_embeddings().weight.shape[1]
+    config = word_config(arch, tokenizer.vocab_size, id2label, label2id, embed_dim=embed_dim, hidden=hidden,
+                         num_layers=num_layers, kernel_sizes=kernel_sizes, dropout=dropout)
+    model = WORD_ARCHS[arch](config)
+    if use_teacher:
+        init_embeddings_from_teacher(model, tokenizer, teacher, teacher_tokenizer)
+    return model, tokenizer

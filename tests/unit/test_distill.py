@@ -1,0 +1,224 @@
+"""Distillation through `slimtune.run` on tiny random BERTs: students, losses, cache, multi-teacher, errors."""
+
+import json
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import slimtune
+import slimtune.predict
+from slimtune.distill.losses import layer_mapping, soft_target_loss
+from slimtune.distill.teachers import combine_teachers
+
+EVAL = {"stage": "evaluate", "speed": False}
+DISTILL = {"stage": "distill", "epochs": 1, "lr": 1e-3, "batch_size": 16}
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLIMTUNE_HOME", str(tmp_path / "home"))
+
+
+def recipe(model, sst2_small, *stages, **data):
+    return {"model": str(model), "data": {"train": str(sst2_small[0]), "eval": str(sst2_small[1]), "max_length": 48,
+                                          **data},
+            "stages": list(stages)}
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory, tiny_model_dir, sst2_small):
+    """A tiny BERT classifier fine-tuned by slimtune on the 300 SST-2 rows: the teacher."""
+    out = tmp_path_factory.mktemp("teacher") / "run"
+    slimtune.run(recipe(tiny_model_dir, sst2_small,
+                        {"stage": "finetune", "epochs": 2, "lr": 2e-3, "batch_size": 16}, EVAL), out, progress=False)
+    return out / "model"
+
+
+@pytest.fixture(scope="module")
+def wide_model_dir(tmp_path_factory, minilm_path):
+    """A different student: hidden 48, 3 heads, 1 layer, and its own smaller tokenizer vocabulary."""
+    from transformers import AutoTokenizer, BertConfig, BertModel, BertTokenizerFast
+
+    torch.manual_seed(1)
+    big = AutoTokenizer.from_pretrained(minilm_path)
+    path = tmp_path_factory.mktemp("wide")
+    vocab = [tok for tok, _ in sorted(big.get_vocab().items(), key=lambda kv: kv[1])][:8000]
+    vocab = vocab[:999] + vocab[999:][::-1]  # same specials, other ids for every word piece
+    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
+    tok.save_pretrained(path)
+    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=48, num_hidden_layers=1, num_attention_heads=3,
+                         intermediate_size=96, max_position_embeddings=128)).save_pretrained(path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------- losses
+def test_soft_target_loss_is_zero_for_the_teachers_own_distribution_and_scales_with_t_squared():
+    logits = torch.randn(8, 3)
+    for t in (1.0, 4.0):
+        assert soft_target_loss(logits, torch.softmax(logits / t, -1), t).abs() < 1e-6
+    other = torch.randn(8, 3)
+    kl = F.kl_div(F.log_softmax(other / 4, -1), torch.softmax(logits / 4, -1), reduction="batchmean")
+    assert torch.allclose(soft_target_loss(other, torch.softmax(logits / 4, -1), 4.0), kl * 16)
+
+
+def test_uniform_mapping_follows_tinybert_and_explicit_pairs_are_checked():
+    assert layer_mapping("uniform", 3, 12) == [(1, 4), (2, 8), (3, 12)]
+    assert layer_mapping("last", 6, 12) == [(6, 12)]
+    with pytest.raises(slimtune.SlimtuneError, match="teacher layer 13 out of range"):
+        layer_mapping([[1, 13]], 3, 12)
+
+
+def test_multi_teacher_weighted_average_and_best_correct_teacher():
+    labels = torch.tensor([0, 1, 1])
+    right = torch.tensor([[4.0, 0.0], [0.0, 4.0], [3.0, 0.0]])  # wrong on example 2
+    wrong = torch.tensor([[0.0, 1.0], [0.0, 1.0], [0.0, 3.0]])
+    labelled = torch.tensor([True, True, True])
+    avg = combine_teachers([right, wrong], [3.0, 1.0], 1.0, "weighted", labels, labelled)
+    expected = (3 * torch.softmax(right, -1) + torch.softmax(wrong, -1)) / 4
+    assert torch.allclose(avg, expected)
+    best = combine_teachers([right, wrong], [1.0, 1.0], 1.0, "best", labels, labelled)
+    assert torch.allclose(best[0], torch.softmax(right[0], -1))  # both right: the more confident
+    assert torch.allclose(best[1], torch.softmax(right[1], -1))
+    assert torch.allclose(best[2], torch.softmax(wrong[2], -1))  # only the second teacher is right
+    unlabelled = combine_teachers([right, wrong], [1.0, 1.0], 1.0, "best", labels, torch.tensor([False] * 3))
+    assert torch.allclose(unlabelled, (torch.softmax(right, -1) + torch.softmax(wrong, -1)) / 2)
+
+
+# -------------------------------------------------------------------------------------- students
+def test_layer_selected_student_with_hidden_and_attention_losses_saves_as_plain_hf(tmp_path, teacher_dir,
+                                                                                    sst2_small):
+    from transformers import AutoModelForSequenceClassification
+
+    stage = DISTILL | {"teacher": str(teacher_dir), "student": {"layers": [1]},
+                       "intermediate": {"loss": "mse+attention", "mapping": "uniform"}}
+    m = slimtune.run(recipe(teacher_dir, sst2_small, stage, EVAL), tmp_path / "out", progress=False)
+    s = m["stages"][0]
+    assert s["intermediate"] == {"mapping": [[1, 2]], "granularity": "token", "loss": "mse+attention"}
+    assert 0.0 <= s["teachers"][0]["dev_accuracy"] <= 1.0
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out" / "model")
+    assert model.config.num_hidden_layers == 1
+    assert m["final"]["params"] == sum(p.numel() for p in model.parameters())
+    teacher = AutoModelForSequenceClassification.from_pretrained(teacher_dir)
+    assert m["final"]["params"] < sum(p.numel() for p in teacher.parameters())
+
+
+def test_student_with_other_width_and_tokenizer_learns_through_pooled_projection(tmp_path, teacher_dir,
+                                                                                 wide_model_dir, sst2_small):
+    from transformers import AutoTokenizer
+
+    stage = DISTILL | {"teacher": str(teacher_dir), "student": {"from": str(wide_model_dir)}, "alpha": 0.9,
+                       "intermediate": {"loss": "mse"}}
+    m = slimtune.run(recipe(teacher_dir, sst2_small, stage, EVAL), tmp_path / "out", progress=False)
+    assert m["stages"][0]["intermediate"]["granularity"] == "pooled"  # tokenizers differ
+    saved = AutoTokenizer.from_pretrained(tmp_path / "out" / "model")
+    assert len(saved) == 8000  # the student's own tokenizer is shipped with it
+    pred = slimtune.predict.Predictor(str(tmp_path / "out" / "model"))(["a fine film"])
+    assert pred[0]["label"] in {"0", "1"}
+
+
+def test_attention_loss_needs_matching_heads(tmp_path, teacher_dir, wide_model_dir, sst2_small):
+    stage = DISTILL | {"teacher": str(teacher_dir), "student": {"from": str(wide_model_dir)},
+                       "intermediate": {"loss": "attention"}}
+    with pytest.raises(slimtune.SlimtuneError, match="attention maps can only be matched token by token"):
+        slimtune.run(recipe(teacher_dir, sst2_small, stage), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_student_defaults_to_the_runs_model_and_distillation_beats_a_copy_of_nothing(tmp_path, teacher_dir,
+                                                                                      tiny_model_dir, sst2_small):
+    """alpha=1: only the teacher's soft targets teach; the student must end up agreeing with it."""
+    stage = DISTILL | {"teacher": str(teacher_dir), "alpha": 1.0, "epochs": 3, "temperature": 1.0}
+    slimtune.run(recipe(tiny_model_dir, sst2_small, stage, EVAL), tmp_path / "out", progress=False)
+    texts = [json.loads(line)["text"] for line in sst2_small[1].read_text().splitlines()]
+    student = slimtune.predict.Predictor(str(tmp_path / "out" / "model"))(texts)
+    teacher = slimtune.predict.Predictor(str(teacher_dir))(texts)
+    agree = sum(a["label"] == b["label"] for a, b in zip(student, teacher, strict=True)) / len(texts)
+    assert agree > 0.8
+
+
+# ------------------------------------------------------------------------------ cache and transfer
+def test_teacher_outputs_are_cached_and_a_cache_for_other_data_is_refused(tmp_path, teacher_dir, sst2_small, capsys):
+    cache = tmp_path / "teacher.safetensors"
+    stage = DISTILL | {"teacher": str(teacher_dir), "student": {"layers": [0]}, "cache": str(cache), "max_steps": 2}
+    slimtune.run(recipe(teacher_dir, sst2_small, stage), tmp_path / "a", progress=False)
+    assert cache.is_file()
+    stamp = cache.stat().st_mtime_ns
+    slimtune.run(recipe(teacher_dir, sst2_small, stage), tmp_path / "b", progress=False)
+    assert cache.stat().st_mtime_ns == stamp and "teacher outputs: cached" in capsys.readouterr().err
+    with pytest.raises(slimtune.SlimtuneError, match="teacher cache was written for different data"):
+        slimtune.run(recipe(teacher_dir, sst2_small, stage, train_limit=100), tmp_path / "c", progress=False)
+    assert not (tmp_path / "c").exists()
+
+
+def test_augmented_transfer_set_is_labelled_by_the_teacher_only(tmp_path, teacher_dir, sst2_small):
+    stage = DISTILL | {"teacher": str(teacher_dir), "student": {"layers": [0]}, "max_steps": 2,
+                       "transfer_augment": {"copies": 2, "seed": 0}}
+    m = slimtune.run(recipe(teacher_dir, sst2_small, stage), tmp_path / "out", progress=False)
+    assert m["stages"][0]["transfer_rows"] == 900 and m["stages"][0]["augmented_transfer_rows"] == 600
+
+
+def test_two_teachers_with_weights(tmp_path, teacher_dir, sst2_small):
+    second = tmp_path / "second"
+    shutil.copytree(teacher_dir, second)
+    stage = DISTILL | {"teacher": [str(teacher_dir), {"path": str(second), "weight": 2.0}], "combine": "best",
+                       "student": {"layers": [0]}, "max_steps": 2}
+    m = slimtune.run(recipe(teacher_dir, sst2_small, stage), tmp_path / "out", progress=False)
+    assert [t["weight"] for t in m["stages"][0]["teachers"]] == [1.0, 2.0]
+
+
+# ---------------------------------------------------------------------------------------- errors
+def test_teacher_with_other_labels_is_refused(tmp_path, teacher_dir, sst2_small):
+    other = tmp_path / "other"
+    shutil.copytree(teacher_dir, other)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["id2label"], cfg["label2id"] = {"0": "neg", "1": "pos"}, {"neg": 0, "pos": 1}
+    (other / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(slimtune.SlimtuneError, match="labels .* differ from the data's"):
+        slimtune.run(recipe(teacher_dir, sst2_small, DISTILL | {"teacher": str(other)}), tmp_path / "o",
+                     progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(("stage", "message"), [
+    ({"teacher": "/nonexistent/teacher"}, "model '/nonexistent/teacher': path not found"),
+    ({"student": {"layers": [0, 5]}}, r"student.layers: index 5 out of range \(the model has 2"),
+])
+def test_bad_teacher_or_student(tmp_path, teacher_dir, sst2_small, stage, message):
+    stage = DISTILL | {"teacher": str(teacher_dir)} | stage
+    with pytest.raises(slimtune.SlimtuneError, match=message):
+        slimtune.run(recipe(teacher_dir, sst2_small, stage), tmp_path / "o", progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+def test_resume_after_a_distill_stage_rebuilds_the_student(tmp_path, teacher_dir, sst2_small):
+    """Killed after distill + finetune finished but before the outputs: --resume rebuilds the 1-layer student."""
+    stages = [DISTILL | {"teacher": str(teacher_dir), "student": {"layers": [0]}},
+              {"stage": "finetune", "epochs": 1, "lr": 1e-4, "batch_size": 16}, EVAL]
+    out = tmp_path / "out"
+    first = slimtune.run(recipe(teacher_dir, sst2_small, *stages), out, progress=False)
+    (out / "metrics.json").unlink()
+    shutil.rmtree(out / "model")
+    again = slimtune.run(recipe(teacher_dir, sst2_small, *stages), out, resume=True, progress=False)
+    assert again["final"]["accuracy"] == first["final"]["accuracy"]
+    assert again["final"]["params"] == first["final"]["params"]
+
+
+@pytest.mark.parametrize("arch", ["bilstm", "cnn"])
+def test_word_level_student_distilled_saves_and_predicts(tmp_path, teacher_dir, sst2_small, arch):
+    stage = DISTILL | {"teacher": str(teacher_dir), "student": {"arch": arch, "hidden": 16}, "epochs": 2,
+                       "lr": 3e-3}
+    m = slimtune.run(recipe(teacher_dir, sst2_small, stage, EVAL), tmp_path / "out", progress=False)
+    assert m["stages"][0]["student"] == arch
+    model = slimtune.load_model(tmp_path / "out" / "model")
+    assert model.get_input_embeddings().weight.shape[1] == 32  # initialised from the teacher's embeddings
+    pred = slimtune.predict.Predictor(str(tmp_path / "out" / "model"))(["a fine film", "dull"])
+    assert len(pred) == 2 and set(pred[0]["probabilities"]) == {"0", "1"}
+
+
+def test_intermediate_loss_with_a_word_student_is_refused(tmp_path, teacher_dir, sst2_small):
+    stage = DISTILL | {"teacher": str(teacher_dir), "student": {"arch": "bilstm"}, "intermediate": {"loss": "mse"}}
+    with pytest.raises(slimtune.SlimtuneError, match="the bilstm student has no transformer layers"):
+        slimtune.run(recipe(teacher_dir, sst2_small, stage), tmp_path / "o", progress=False)
+    assert not (tmp_path / "o").exists()

@@ -1,0 +1,145 @@
+"""Word-level distillation students: the word tokenizer, BiLSTM/CNN classifiers, teacher-embedding init."""
+
+import pytest
+import torch
+
+import slimtune
+from slimtune.batching import collate, encode
+from slimtune.distill.wordlevel import (
+    UNK_ID,
+    WordBiLSTMClassifier,
+    WordCNNClassifier,
+    WordTokenizer,
+    build_word_student,
+    init_embeddings_from_teacher,
+)
+from slimtune.errors import SlimtuneError
+from slimtune.models import load_tokenizer, save_hf_model
+from slimtune.predict import Predictor
+from slimtune.recipe import FinetuneStage
+from slimtune.train import TrainContext, cross_entropy_loss, train
+
+ID2LABEL = {0: "neg", 1: "pos"}
+POS = ["good movie", "great film , good acting", "a fine and great story", "good fun", "great !", "fine good work"]
+NEG = ["bad movie", "awful film , bad acting", "a poor and awful story", "bad idea", "awful .", "poor bad work"]
+TEXTS, LABELS = POS + NEG, [1] * len(POS) + [0] * len(NEG)
+ARCHS = ["bilstm", "cnn"]
+
+
+def student(arch, seed=0, **kw):
+    torch.manual_seed(seed)
+    return build_word_student(arch, TEXTS, ID2LABEL, embed_dim=16, hidden=8, kernel_sizes=(2, 3), **kw)
+
+
+def test_vocab_is_deterministic_frequency_ordered_with_specials_first():
+    a = WordTokenizer.build(TEXTS)
+    b = WordTokenizer.build(list(reversed(TEXTS)))
+    assert a.words == b.words
+    assert a.words[:3] == ["[PAD]", "[UNK]", "[SEP]"]
+    # most frequent first, ties alphabetical
+    assert a.words[3:7] == ["bad", "good", "awful", "great"]
+    assert len(WordTokenizer.build(TEXTS, max_vocab=5)) == 5
+    assert "fun" not in WordTokenizer.build(TEXTS, min_freq=2).vocab
+
+
+def test_tokenizer_call_unknown_words_truncation_pairs_and_empty_text():
+    tok = WordTokenizer.build(TEXTS)
+    assert tok.tokenize("Good, movie!") == ["good", ",", "movie", "!"]
+    ids = tok(["good zebra", ""])["input_ids"]
+    assert ids[0] == [tok.vocab["good"], UNK_ID]
+    assert ids[1] == [UNK_ID]  # never an empty sequence
+    assert tok(["a b c d e f"], max_length=3)["input_ids"][0] == [tok.vocab["a"], UNK_ID, UNK_ID]
+    pair = tok(["good movie great film"], ["bad"], max_length=4)["input_ids"][0]
+    assert pair == [tok.vocab["good"], tok.vocab["movie"], tok.sep_token_id, tok.vocab["bad"]]
+    enc = encode(tok, ["good movie", "bad"], [1, 0], max_length=8)
+    assert enc.input_ids == [[tok.vocab["good"], tok.vocab["movie"]], [tok.vocab["bad"]]]
+    assert enc.token_type_ids is None
+
+
+def test_tokenizer_save_load_round_trip(tmp_path):
+    tok = WordTokenizer.build(TEXTS, lowercase=False)
+    tok.save_pretrained(tmp_path)
+    back = load_tokenizer(tmp_path)
+    assert isinstance(back, WordTokenizer)
+    assert back.words == tok.words and back.lowercase is False and back.chinese is False
+    assert back(TEXTS)["input_ids"] == tok(TEXTS)["input_ids"]
+
+
+def test_chinese_texts_are_segmented_into_words():
+    tok = WordTokenizer.build(["这部电影非常好看", "这部电影很无聊"], chinese=True)
+    words = tok.tokenize("这部电影非常好看")
+    assert 1 < len(words) < len("这部电影非常好看")  # words, not one token and not single characters
+    assert "电影" in words
+    assert UNK_ID not in tok("这部电影非常好看")["input_ids"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_logits_alone_equal_logits_inside_a_padded_batch(arch):
+    model, tok = student(arch)
+    model.eval()
+    texts = ["good", "a fine and great story , good acting", "bad movie"]
+    ds = encode(tok, texts, [0, 0, 0])
+    with torch.no_grad():
+        batch = model(**collate(ds, [0, 1, 2], with_labels=False)).logits
+        for i in range(len(texts)):
+            alone = model(**collate(ds, [i], with_labels=False)).logits
+            torch.testing.assert_close(alone[0], batch[i], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_save_load_round_trip_and_predictor(arch, tmp_path):
+    model, tok = student(arch)
+    model.eval()
+    save_hf_model(model, tok, tmp_path / "m", {"clean": True, "lowercase": True, "max_length": 32})
+    loaded = slimtune.load_model(tmp_path / "m")
+    assert type(loaded) is type(model) and not loaded.training
+    assert isinstance(loaded, WordBiLSTMClassifier if arch == "bilstm" else WordCNNClassifier)
+    assert loaded.config.id2label == ID2LABEL and loaded.config.label2id == {"neg": 0, "pos": 1}
+    ds = encode(tok, TEXTS, LABELS)
+    batch = collate(ds, list(range(len(ds))), with_labels=False)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, atol=0, rtol=0)
+    out = Predictor(str(tmp_path / "m"))(["Good movie!", ""])
+    assert [set(r["probabilities"]) for r in out] == [{"neg", "pos"}] * 2
+    assert all(r["label"] in ("neg", "pos") for r in out)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_few_training_steps_reduce_the_loss(arch):
+    model, tok = student(arch, dropout=0.0)
+    ds = encode(tok, TEXTS, LABELS)
+    batch = collate(ds, list(range(len(ds))))
+
+    def loss():
+        model.eval()
+        with torch.no_grad():
+            return cross_entropy_loss(model, batch).item()
+
+    before = loss()
+    cfg = FinetuneStage(stage="finetune", epochs=10, lr=1e-2, batch_size=4, warmup_ratio=0.0, keep_best=False)
+    train(model, ds, None, cfg, TrainContext(progress=False))
+    assert loss() < 0.5 * before
+    assert model(**collate(ds, [0, 1], with_labels=True)).loss is not None
+
+
+def test_init_embeddings_from_teacher_uses_the_mean_of_sub_token_rows(tiny_model_dir):
+    from transformers import AutoModel, AutoTokenizer
+
+    teacher = AutoModel.from_pretrained(tiny_model_dir, local_files_only=True)
+    teacher_tok = AutoTokenizer.from_pretrained(tiny_model_dir, local_files_only=True)
+    texts = [*TEXTS, "unbelievably distillation"]
+    torch.manual_seed(0)
+    model, tok = build_word_student("bilstm", texts, ID2LABEL, hidden=8, teacher=teacher, teacher_tokenizer=teacher_tok)
+    assert model.config.embed_dim == teacher.config.hidden_size == 32
+    rows = model.get_input_embeddings().weight.detach()
+    teacher_rows = teacher.get_input_embeddings().weight.detach()
+    for word in ("distillation", "good"):
+        pieces = teacher_tok(word, add_special_tokens=False)["input_ids"]
+        assert len(pieces) > 1 or word == "good"
+        torch.testing.assert_close(rows[tok.vocab[word]], teacher_rows[pieces].mean(0))
+    assert torch.count_nonzero(rows[0]) == 0  # [PAD] stays zero
+    assert init_embeddings_from_teacher(model, tok, teacher, teacher_tok) == len(tok) - 3
+
+    small, small_tok = student("cnn")
+    with pytest.raises(SlimtuneError, match="embed_dim 16 != teacher embedding size 32"):
+        init_embeddings_from_teacher(small, small_tok, teacher, teacher_tok)
