@@ -26,12 +26,12 @@ stages:
 """
 
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def slimtune(*args, cwd: Path | None = None, input: str | None = None, timeout: int = 900):
     """`slimtune ARGS...` as a user types it; returns the CompletedProcess (text mode)."""
-    return subprocess.run([sys.executable, "-m", "slimtune", *map(str, args)], cwd=cwd, env=ENV, input=input,
+    return subprocess.run([sys.executable, "-m", "slimtune", *map(str, args)], cwd=cwd, env={**os.environ, **OFFLINE}, input=input,
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -123,6 +123,14 @@ def _rebuild_distill(run: RunState, cfg) -> None:
 # stage name -> handler(run, cfg) -> metrics; later stages (prune, quantize...) register here.
 STAGE_HANDLERS: dict[str, Callable[[RunState, object], dict]] = {
     "finetune": _finetune, "distill": _distill, "evaluate": run_evaluate}
+def _validate_distill(run: RunState, cfg) -> None:
+    from slimtune.distill.stage import validate_distill
+
+    validate_distill(run, cfg)
+
+
+# Input checks a stage can make from configs alone, run before OUT is touched (bad input leaves nothing).
+STAGE_VALIDATORS: dict[str, Callable[[RunState, object], None]] = {"distill": _validate_distill}
 # Stages that change the model's structure (or tokenizer): on --resume past them, the runner rebuilds
 # that structure (without training) so the checkpoint's weights fit.
 STAGE_REBUILDERS: dict[str, Callable[[RunState, object], None]] = {"distill": _rebuild_distill}
@@ -202,8 +210,12 @@ def _prepare(recipe: Recipe, progress: bool) -> RunState:
     model = load_for_classification(model_path, id2label)
     emb = model.get_input_embeddings().weight.detach() if recipe.data.augment else None
     data = prepare_data(recipe.data, tokenizer, embedding_weight=emb)
-    return RunState(model=model, tokenizer=tokenizer, data=data, base_model=recipe.model, progress=progress,
-                    data_cfg=recipe.data)
+    run = RunState(model=model, tokenizer=tokenizer, data=data, base_model=recipe.model, progress=progress,
+                   data_cfg=recipe.data)
+    for cfg in recipe.stages:
+        if cfg.stage in STAGE_VALIDATORS:
+            STAGE_VALIDATORS[cfg.stage](run, cfg)
+    return run
 
 
 def _execute(recipe: Recipe, run: RunState, out: Path, store: CheckpointStore, checkpoint: Path | None) -> dict:

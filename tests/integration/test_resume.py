@@ -1,12 +1,13 @@
 """`--resume` after a real SIGKILL ends with the same metrics as an uninterrupted run."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
 import time
 
-from helpers import ENV, slimtune, write_recipe
+from helpers import OFFLINE, slimtune, write_recipe
 
 STAGES = [{"stage": "finetune", "method": "full", "epochs": 3, "lr": 1e-3, "batch_size": 8, "checkpoint_every": 3},
           {"stage": "finetune", "method": "iterative", "lr": 1e-3, "batch_size": 8, "checkpoint_every": 4,
@@ -36,7 +37,7 @@ def test_killed_run_resumes_to_identical_metrics(tmp_path, tiny_model_dir, sst2_
     assert ref.returncode == 0, ref.stderr[-2000:]
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "slimtune", "run", str(recipe), "--out", str(out)], env=ENV,
+    proc = subprocess.Popen([sys.executable, "-m", "slimtune", "run", str(recipe), "--out", str(out)], env={**os.environ, **OFFLINE},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     # kill inside the second stage, once a few of its checkpoints exist

@@ -16,9 +16,10 @@ import torch
 from slimtune.batching import EncodedDataset, collate, encode
 from slimtune.data import TaskData
 from slimtune.distill.losses import DistillModel, layer_mapping, make_distill_loss
-from slimtune.distill.students import Student, build_student, encoder_shape
-from slimtune.distill.teachers import Teacher, cached_teacher_outputs, combine_teachers, load_teachers
+from slimtune.distill.students import Student, build_student, encoder_shape, student_blueprint
+from slimtune.distill.teachers import Teacher, cached_teacher_outputs, check_teacher, combine_teachers, load_teachers
 from slimtune.errors import SlimtuneError
+from slimtune.models import load_tokenizer
 from slimtune.recipe import DistillStage
 from slimtune.train import seed_everything
 
@@ -59,19 +60,19 @@ def _transfer_set(run: RunState, cfg: DistillStage, teacher: Teacher):
     return texts, pairs, labels, [i < n for i in range(len(texts))]
 
 
-def _intermediate_plan(cfg: DistillStage, student: Student, teacher: Teacher) -> tuple[list, str]:
+def _intermediate_plan(cfg: DistillStage, kind: str, student_config, teacher_config, same_tokenizer: bool
+                       ) -> tuple[list, str]:
     inter = cfg.intermediate
     if inter is None:
         return [], "none"
-    s_shape, t_shape = encoder_shape(student.model), encoder_shape(teacher.model)
+    s_shape, t_shape = encoder_shape(student_config), encoder_shape(teacher_config)
     if s_shape is None:
-        raise SlimtuneError(f"intermediate: the {student.kind} student has no transformer layers to match "
+        raise SlimtuneError(f"intermediate: the {kind} student has no transformer layers to match "
                             "(remove 'intermediate' or use a transformer student)")
     if t_shape is None:
-        raise SlimtuneError(f"intermediate: teacher '{teacher.name}' has no transformer layers to match")
-    same_tok = _same_tokenizer(student.tokenizer, teacher.tokenizer)
-    granularity = inter.granularity if inter.granularity != "auto" else ("token" if same_tok else "pooled")
-    if granularity == "token" and not same_tok:
+        raise SlimtuneError("intermediate: the teacher has no transformer layers to match")
+    granularity = inter.granularity if inter.granularity != "auto" else ("token" if same_tokenizer else "pooled")
+    if granularity == "token" and not same_tokenizer:
         raise SlimtuneError("intermediate.granularity: token-level matching needs the student and the teacher to "
                             "share a tokenizer; use granularity: pooled")
     if "attention" in inter.loss:
@@ -84,6 +85,20 @@ def _intermediate_plan(cfg: DistillStage, student: Student, teacher: Teacher) ->
     return layer_mapping(inter.mapping, s_shape[0], t_shape[0]), granularity
 
 
+def validate_distill(run: RunState, cfg: DistillStage) -> None:
+    """Every input error of this stage, found from configs and tokenizers before the run starts."""
+    from transformers import AutoConfig
+
+    paths = [check_teacher(spec, run.data.id2label) for spec in cfg.teachers()]
+    teacher_config = AutoConfig.from_pretrained(paths[0], local_files_only=True)
+    teacher_tokenizer = load_tokenizer(paths[0])
+    kind, config, tokenizer = student_blueprint(cfg.student, current_config=run.model.config,
+                                                current_tokenizer=run.tokenizer, teacher_path=paths[0],
+                                                teacher_tokenizer=teacher_tokenizer)
+    same = tokenizer is not None and _same_tokenizer(tokenizer, teacher_tokenizer)
+    _intermediate_plan(cfg, kind, config, teacher_config, same)
+
+
 def setup_distill(run: RunState, cfg: DistillStage) -> DistillSetup:
     teachers = load_teachers(cfg.teachers(), run.data.id2label)
     first = teachers[0]
@@ -93,7 +108,8 @@ def setup_distill(run: RunState, cfg: DistillStage) -> DistillSetup:
                             teacher_model=first.model, teacher_tokenizer=first.tokenizer,
                             id2label=run.data.id2label, texts=texts)
     student.model.requires_grad_(True)  # a layer selection copies the (frozen) teacher
-    mapping, granularity = _intermediate_plan(cfg, student, first)
+    mapping, granularity = _intermediate_plan(cfg, student.kind, student.model.config, first.model.config,
+                                              _same_tokenizer(student.tokenizer, first.tokenizer))
     if cfg.intermediate is not None and "attention" in cfg.intermediate.loss:
         for m in (student.model, first.model):  # sdpa kernels do not return attention maps
             m.set_attn_implementation("eager")
@@ -141,7 +157,7 @@ def run_distill(run: RunState, cfg: DistillStage) -> dict:
     train_ds = encode(student.tokenizer, setup.texts, setup.labels, setup.pairs, max_length)
     eval_ds = encode(student.tokenizer, run.data.eval.texts, run.data.eval.labels, run.data.eval.pairs, max_length)
     pad = int(getattr(student.tokenizer, "pad_token_id", 0) or 0)
-    s_shape, t_shape = encoder_shape(student.model), encoder_shape(setup.teachers[0].model)
+    s_shape, t_shape = encoder_shape(student.model.config), encoder_shape(setup.teachers[0].model.config)
     model = DistillModel(student.model, setup.mapping if "mse" in _losses(cfg) else [],
                          s_shape[1] if s_shape else 0, t_shape[1] if t_shape else 0)
     pooled = {t: outputs[0][f"pooled{t}"] for t in pooled_layers}

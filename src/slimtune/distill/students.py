@@ -32,12 +32,7 @@ def select_layers(model: nn.Module, layers: list[int]) -> nn.Module:
     HF model: `num_hidden_layers` is updated, so it saves and loads with transformers alone.
     """
     an = anatomy(model)
-    bad = [i for i in layers if not 0 <= i < an.num_layers]
-    if bad:
-        raise SlimtuneError(f"student.layers: index {bad[0]} out of range (the model has {an.num_layers} "
-                            f"encoder layers: 0-{an.num_layers - 1})")
-    if len(set(layers)) != len(layers) or not layers:
-        raise SlimtuneError(f"student.layers: {layers} must be a non-empty list of distinct layer indices")
+    check_layers(layers, an.num_layers)
     student = copy.deepcopy(model)
     parent_name, attr = an.layers.rsplit(".", 1)
     parent = student.get_submodule(parent_name)
@@ -51,12 +46,43 @@ def select_layers(model: nn.Module, layers: list[int]) -> nn.Module:
     return student
 
 
+def check_layers(layers: list[int], num_layers: int) -> None:
+    bad = [i for i in layers if not 0 <= i < num_layers]
+    if bad:
+        raise SlimtuneError(f"student.layers: index {bad[0]} out of range (the model has {num_layers} "
+                            f"encoder layers: 0-{num_layers - 1})")
+    if len(set(layers)) != len(layers) or not layers:
+        raise SlimtuneError(f"student.layers: {layers} must be a non-empty list of distinct layer indices")
+
+
+def student_blueprint(spec: StudentSpec, *, current_config, current_tokenizer, teacher_path, teacher_tokenizer):
+    """(kind, config, tokenizer) of the student a spec asks for, from configs only: cheap enough to check
+    every stage's input before a run starts. `config` is None for word-level students."""
+    from transformers import AutoConfig
+
+    if spec.arch is not None:
+        if spec.layers is not None:
+            raise SlimtuneError(f"student: 'layers' and 'arch: {spec.arch}' cannot be combined")
+        return spec.arch, None, None
+    if spec.from_:
+        path = resolve_model_path(spec.from_)
+        config, tokenizer = AutoConfig.from_pretrained(path, local_files_only=True), load_tokenizer(path)
+    elif spec.layers is not None:
+        config, tokenizer = AutoConfig.from_pretrained(teacher_path, local_files_only=True), teacher_tokenizer
+    else:
+        return "current", current_config, current_tokenizer
+    if spec.layers is None:
+        return "model", config, tokenizer
+    check_layers(spec.layers, int(getattr(config, "num_hidden_layers", 0) or 0))
+    config = copy.deepcopy(config)
+    config.num_hidden_layers = len(spec.layers)
+    return "layers", config, tokenizer
+
+
 def build_student(spec: StudentSpec, *, current: nn.Module, current_tokenizer, teacher_model: nn.Module,
                   teacher_tokenizer, id2label: dict[int, str], texts: list[str]) -> Student:
     """The student a `student:` spec asks for (see StudentSpec)."""
     if spec.arch is not None:
-        if spec.layers is not None:
-            raise SlimtuneError(f"student: 'layers' and 'arch: {spec.arch}' cannot be combined")
         return _word_student(spec, teacher_model, teacher_tokenizer, id2label, texts)
     if spec.layers is not None:
         if spec.from_:
@@ -83,9 +109,8 @@ def _word_student(spec: StudentSpec, teacher_model, teacher_tokenizer, id2label,
     return Student(model, tokenizer, spec.arch, f"{spec.arch} (vocabulary of {len(tokenizer)} words)")
 
 
-def encoder_shape(model: nn.Module) -> tuple[int, int, int] | None:
-    """(layers, hidden size, attention heads) of a transformer, None for models without layers."""
-    cfg = getattr(model, "config", None)
+def encoder_shape(cfg) -> tuple[int, int, int] | None:
+    """(layers, hidden size, attention heads) of a transformer config, None for models without layers."""
     layers = getattr(cfg, "num_hidden_layers", None)
     if not layers or getattr(cfg, "slimtune_format", None) == "word-classifier":
         return None

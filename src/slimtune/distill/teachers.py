@@ -21,7 +21,7 @@ from torch import nn
 from slimtune.assets import slimtune_home
 from slimtune.batching import EncodedDataset, batch_indices, collate, encode
 from slimtune.errors import SlimtuneError
-from slimtune.models import load_model, load_tokenizer, resolve_model_path
+from slimtune.models import load_model, load_tokenizer, read_config, resolve_model_path
 from slimtune.train import model_inputs
 
 CACHE_VERSION = "1"  # bump when what is cached changes
@@ -48,16 +48,21 @@ class Teacher:
         return int(getattr(self.model.config, "hidden_size", 0) or 0)
 
 
+def check_teacher(spec, id2label: dict[int, str]) -> Path:
+    """A teacher must be a classifier over exactly the data's labels (same ids, same names)."""
+    path = resolve_model_path(spec.path)
+    theirs = {int(k): str(v) for k, v in (read_config(path).get("id2label") or {}).items()}
+    if theirs != id2label:
+        raise SlimtuneError(f"teacher '{spec.path}': its labels {theirs} differ from the data's {id2label} "
+                            "(fine-tune the teacher on this task's labels first)")
+    return path
+
+
 def load_teachers(specs, id2label: dict[int, str]) -> list[Teacher]:
-    """Each teacher must be a classifier over exactly the data's labels (same ids, same names)."""
     teachers = []
     for spec in specs:
-        path = resolve_model_path(spec.path)
+        path = check_teacher(spec, id2label)
         model = load_model(path)
-        theirs = {int(k): str(v) for k, v in getattr(model.config, "id2label", {}).items()}
-        if theirs != id2label:
-            raise SlimtuneError(f"teacher '{spec.path}': its labels {theirs} differ from the data's {id2label} "
-                                "(fine-tune the teacher on this task's labels first)")
         model.requires_grad_(False)
         teachers.append(Teacher(spec.path, path, model.eval(), load_tokenizer(path), spec.weight))
     return teachers

@@ -1,0 +1,144 @@
+"""Distillation on SST-2: the MPNet teacher against the students, measured side by side in one run.
+
+    python bench/distill_sst2.py --teacher runs/teacher/model [--runs-dir bench/runs] [--out-md F]
+
+Trains (or reuses, when RUNS_DIR/NAME/metrics.json exists) with `slimtune.run`:
+  minilm-alone      the bundled MiniLM fine-tuned on SST-2 train alone (3 epochs)
+  minilm-distilled  the same MiniLM distilled from the teacher (soft targets T=2, alpha 0.5, 3 epochs)
+  minilm-3layer     layers 0, 2, 4 of MiniLM, distilled (DistilBERT-style initialisation)
+  bilstm            a word-level BiLSTM, embeddings initialised from the teacher's, distilled on the
+                    train set plus teacher-labelled EDA copies (Tang et al. 2019)
+then loads every model and measures, in this process with one thread count: SST-2 dev accuracy,
+parameters, size on disk, batch-1 latency (median), batch-32 throughput, speed-ups over the teacher.
+Speed rounds are interleaved across models and the median of `--rounds` is reported.
+The teacher comes from `bench/recipes/teacher_mpnet_sst2.yaml` (`slimtune assets teacher` first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+SHARED = HERE.parents[1] / "shared" / "data" / "sst2"
+BUNDLED = HERE.parent / "src" / "slimtune" / "demo_data"
+MAX_LEN = 64
+
+
+def data_file(split: str) -> str:
+    shared = SHARED / f"{split}.jsonl"
+    return str(shared if shared.is_file() else BUNDLED / f"{split}.jsonl")
+
+
+def student_runs(teacher: str, bilstm_copies: int) -> dict[str, dict]:
+    distill = {"stage": "distill", "teacher": teacher, "temperature": 2.0, "alpha": 0.5, "batch_size": 32,
+               "seed": 42}
+    return {
+        "minilm-alone": {"stage": "finetune", "method": "full", "epochs": 3, "lr": 5e-5, "batch_size": 32, "seed": 42},
+        "minilm-distilled": distill | {"epochs": 3, "lr": 5e-5},
+        "minilm-3layer": distill | {"student": {"from": "minilm", "layers": [0, 2, 4]}, "epochs": 3, "lr": 1e-4},
+        "bilstm": distill | {"student": {"arch": "bilstm", "hidden": 300}, "epochs": 6, "lr": 2e-3, "batch_size": 64,
+                             "alpha": 0.0 if bilstm_copies else 0.5,
+                             "transfer_augment": {"copies": bilstm_copies, "seed": 0} if bilstm_copies else None},
+    }
+
+
+def train_missing(teacher: str, runs_dir: Path, names: list[str], train_limit: int | None, bilstm_copies: int) -> None:
+    import slimtune
+
+    for name, stage in student_runs(teacher, bilstm_copies).items():
+        out = runs_dir / name
+        if name not in names or (out / "metrics.json").is_file():
+            continue
+        stage = {k: v for k, v in stage.items() if v is not None}
+        recipe = {"model": "minilm", "data": {"train": data_file("train"), "eval": data_file("dev"),
+                                              "max_length": MAX_LEN, "train_limit": train_limit},
+                  "stages": [stage, {"stage": "evaluate", "speed": False}]}
+        print(f"training {name} -> {out}", flush=True)
+        slimtune.run(recipe, out, overwrite=True, progress=False)
+
+
+def measure(models: dict[str, Path], threads: int, rounds: int) -> dict[str, dict]:
+    from slimtune.evaluate import classification_metrics, count_parameters, dir_size_mb, measure_speed, predict_logits
+    from slimtune.models import load_model, load_tokenizer, preprocessing_of
+    from slimtune.runner import eval_dataset_for
+
+    loaded, rows = {}, {}
+    for name, path in models.items():
+        model, tok = load_model(path), load_tokenizer(path)
+        label2id = {str(k): int(v) for k, v in model.config.label2id.items()}
+        ds = eval_dataset_for(path, Path(data_file("dev")), tok, label2id, "text", "label")
+        pad = int(tok.pad_token_id or 0)
+        pred = predict_logits(model, ds, pad_id=pad).argmax(-1)
+        acc = classification_metrics(ds.labels, pred.tolist(), {i: str(i) for i in range(2)})["accuracy"]
+        loaded[name] = (model, ds, pad)
+        rows[name] = {"accuracy": acc, "params": count_parameters(model)[0], "size_mb": dir_size_mb(path),
+                      "max_length": preprocessing_of(path).get("max_length"), "lat": [], "eps": []}
+    for _ in range(rounds):  # interleaved, so drifts of the machine hit every model alike
+        for name, (model, ds, pad) in loaded.items():
+            speed = measure_speed(model, ds, pad_id=pad, threads=threads, latency_runs=60, throughput_batches=12)
+            rows[name]["lat"].append(speed["latency_ms_b1"])
+            rows[name]["eps"].append(speed["throughput_eps"])
+    for row in rows.values():
+        row["latency_ms_b1"] = statistics.median(row.pop("lat"))
+        row["throughput_eps"] = statistics.median(row.pop("eps"))
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--teacher", required=True, help="fine-tuned teacher model directory")
+    ap.add_argument("--runs-dir", type=Path, default=HERE / "runs")
+    ap.add_argument("--students", nargs="+", default=list(student_runs("", 0)))
+    ap.add_argument("--bilstm-copies", type=int, default=4, help="EDA copies per example for the BiLSTM transfer set")
+    ap.add_argument("--train-limit", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--out-md", type=Path, default=None)
+    ap.add_argument("--out-json", type=Path, default=None)
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    teacher = str(Path(args.teacher).resolve())
+    train_missing(teacher, args.runs_dir, args.students, args.train_limit, args.bilstm_copies)
+
+    from slimtune.evaluate import cpu_description
+
+    models = {"teacher (MPNet)": Path(teacher)} | {n: args.runs_dir / n / "model" for n in args.students}
+    rows = measure(models, args.threads, args.rounds)
+    t = rows["teacher (MPNet)"]
+    lines = [f"CPU: {cpu_description()}; torch {torch.__version__}, {args.threads} threads; SST-2 dev (872), "
+             f"max_length {MAX_LEN}; speed: median of {args.rounds} interleaved rounds", "",
+             "| model | dev accuracy | % of teacher | params (M) | size MB | ms (b=1) | speed-up b=1 "
+             "| ex/s (b=32) | speed-up b=32 |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {r['accuracy']:.4f} | {100 * r['accuracy'] / t['accuracy']:.1f} "
+                     f"| {r['params'] / 1e6:.2f} | {r['size_mb']:.1f} | {r['latency_ms_b1']:.2f} "
+                     f"| {t['latency_ms_b1'] / r['latency_ms_b1']:.1f}x | {r['throughput_eps']:.0f} "
+                     f"| {r['throughput_eps'] / t['throughput_eps']:.1f}x |")
+    checks = []
+    if {"minilm-distilled", "minilm-alone"} <= rows.keys():
+        d, a = rows["minilm-distilled"], rows["minilm-alone"]
+        ok = d["accuracy"] >= a["accuracy"] and d["accuracy"] >= 0.985 * t["accuracy"]
+        checks.append(f"distilled MiniLM >= MiniLM alone ({d['accuracy']:.4f} vs {a['accuracy']:.4f}) and >= 98.5% "
+                      f"of teacher ({100 * d['accuracy'] / t['accuracy']:.1f}%): {'PASS' if ok else 'FAIL'}")
+    if "bilstm" in rows:
+        b = rows["bilstm"]
+        speed = min(t["latency_ms_b1"] / b["latency_ms_b1"], b["throughput_eps"] / t["throughput_eps"])
+        ok = speed >= 20 and b["accuracy"] >= 0.95 * t["accuracy"]
+        checks.append(f"BiLSTM >= 20x faster (min of b=1, b=32: {speed:.1f}x) at >= 95% of teacher "
+                      f"({100 * b['accuracy'] / t['accuracy']:.1f}%): {'PASS' if ok else 'FAIL'}")
+    table = "\n".join(lines + [""] + [f"- {c}" for c in checks])
+    print(table)
+    if args.out_md:
+        args.out_md.write_text(table + "\n")
+    if args.out_json:
+        args.out_json.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
