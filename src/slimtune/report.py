@@ -28,7 +28,25 @@ def _methods(metrics: dict) -> list[str]:
     return [m.get("method", m["stage"]) for m in metrics["stages"] if m["stage"] != "evaluate"]
 
 
-def model_card(recipe: Recipe, metrics: dict, data) -> str:
+def _distill_lines(metrics: dict) -> list[str]:
+    """One line per distill stage: which teachers taught which student, and how."""
+    lines = []
+    for s in metrics["stages"]:
+        if s["stage"] != "distill":
+            continue
+        teachers = ", ".join(f"`{t['model']}` (dev accuracy {fmt(t['dev_accuracy'])}, {t['params'] / 1e6:.1f}M params"
+                             f"{', weight ' + fmt(t['weight']) if len(s['teachers']) > 1 else ''})"
+                             for t in s["teachers"])
+        inter = s.get("intermediate")
+        lines.append(f"Distilled from {teachers} into {s['student_source']}: T = {fmt(s['temperature'])}, "
+                     f"alpha = {fmt(s['alpha'])}, {s['transfer_rows']:,} transfer examples "
+                     f"({s['augmented_transfer_rows']:,} augmented)"
+                     + (f", intermediate {inter['loss']} ({inter['granularity']}) on layers {inter['mapping']}"
+                        if inter else "") + ".")
+    return lines
+
+
+def model_card(recipe: Recipe, metrics: dict, data, plain_hf: bool = True) -> str:
     final = metrics["final"]
     eval_name = Path(str(data.info.get("eval_file") or data.info.get("train_file"))).name
     meta = {
@@ -54,11 +72,15 @@ def model_card(recipe: Recipe, metrics: dict, data) -> str:
         "---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "",
         "# Text classifier made with slimtune", "",
         f"Base model: `{recipe.model}`. Stages: {' → '.join(s.stage for s in recipe.stages)}. Labels: {labels}.",
-        "", "Load it with `transformers` (or `slimtune.load_model`):", "",
-        "```python", "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
-        "model = AutoModelForSequenceClassification.from_pretrained(PATH)",
-        "tokenizer = AutoTokenizer.from_pretrained(PATH)", "```", "",
-        "## Evaluation", "", metrics_table(final),
+        *(["", *_distill_lines(metrics)] if _distill_lines(metrics) else []),
+        *(["", "Load it with `transformers` (or `slimtune.load_model`):", "",
+           "```python", "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
+           "model = AutoModelForSequenceClassification.from_pretrained(PATH)",
+           "tokenizer = AutoTokenizer.from_pretrained(PATH)", "```"] if plain_hf else
+          ["", "Load it with slimtune (a slimtune architecture, not a transformers one):", "",
+           "```python", "import slimtune", "model = slimtune.load_model(PATH)",
+           "from slimtune.models import load_tokenizer", "tokenizer = load_tokenizer(PATH)", "```"]),
+        "", "## Evaluation", "", metrics_table(final),
     ]
     return "\n".join(lines) + "\n"
 
@@ -87,13 +109,16 @@ def report_markdown(recipe: Recipe, metrics: dict) -> str:
         if s["stage"] == "evaluate":
             out.append(f"| {i} | evaluate | | | | | | | | accuracy {fmt(s.get('accuracy'))} |")
             continue
-        out.append(f"| {i} | {s['stage']} | {s.get('method', '')} | {fmt(s.get('lr'))} | {s.get('batch_size')} "
+        method = s.get("method", s.get("student", ""))
+        out.append(f"| {i} | {s['stage']} | {method} | {fmt(s.get('lr'))} | {s.get('batch_size')} "
                    f"| {s.get('steps', '')} | {s.get('epochs_run', '')} | {fmt(s.get('trainable_pct'))} "
                    f"| {fmt(s.get('examples_per_s'))} | {fmt(s.get('best_metric'))} |")
         for p in s.get("phases", []):
             out.append(f"|  | phase {p['phase']} | {', '.join(p['trainable'])} | {fmt(p.get('lr'))} | | "
                        f"{p['steps']} | {p['epochs_run']} | | {fmt(p.get('examples_per_s'))} "
                        f"| {fmt(p.get('best_metric'))} |")
+    if _distill_lines(metrics):
+        out += ["", "## Distillation", "", *_distill_lines(metrics)]
     evals = [s for s in metrics["stages"] if s["stage"] == "evaluate"]
     per_class = (evals[-1] if evals else {}).get("per_class") or {}
     if per_class:

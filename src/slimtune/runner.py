@@ -268,7 +268,8 @@ def _write_outputs(recipe: Recipe, run: RunState, out: Path, store: CheckpointSt
         final["size_mb"] = dir_size_mb(tmp)
         metrics = {"final": {k: final.get(k) for k in FINAL_KEYS} | _extras(final),
                    "stages": stage_metrics, "data": run.data.info, "base_model": recipe.model}
-        atomic_write_text(tmp / "README.md", model_card(recipe, metrics, run.data))
+        plain_hf = not getattr(getattr(run.model, "config", None), "slimtune_format", None)
+        atomic_write_text(tmp / "README.md", model_card(recipe, metrics, run.data, plain_hf=plain_hf))
     save_confusion_matrix(final["confusion_matrix"], out)
     atomic_write_text(out / "recipe.yaml", recipe_to_yaml(recipe))
     atomic_write_text(out / "report.md", report_markdown(recipe, metrics))
