@@ -102,11 +102,18 @@ def _word_student(spec: StudentSpec, teacher_model, teacher_tokenizer, id2label,
     from slimtune.distill.wordlevel import build_word_student
 
     label2id = {name: i for i, name in id2label.items()}
+    # Chinese has no spaces between words: the vocabulary is built from jieba words (segmenting text that
+    # data.segment_chinese already segmented is harmless: it only splits at the spaces it finds).
+    chinese = any(_is_cjk(ch) for text in texts[:2000] for ch in text)
     model, tokenizer = build_word_student(
-        spec.arch, texts, id2label, label2id, hidden=spec.hidden, embed_dim=spec.embed_dim,
+        spec.arch, texts, id2label, label2id, hidden=spec.hidden, embed_dim=spec.embed_dim, chinese=chinese,
         max_vocab=spec.max_vocab, dropout=spec.dropout, teacher=teacher_model, teacher_tokenizer=teacher_tokenizer,
         init_from_teacher=spec.init_embeddings)
     return Student(model, tokenizer, spec.arch, f"{spec.arch} (vocabulary of {len(tokenizer)} words)")
+
+
+def _is_cjk(ch: str) -> bool:
+    return "\u4e00" <= ch <= "\u9fff" or "\u3400" <= ch <= "\u4dbf"
 
 
 def encoder_shape(cfg) -> tuple[int, int, int] | None:
