@@ -140,11 +140,15 @@ def train(model: nn.Module, train_ds: EncodedDataset, eval_ds: EncodedDataset | 
           ctx: TrainContext, loss_fn: LossFn = cross_entropy_loss, make_batch: BatchFn | None = None,
           eval_fn: EvalFn | None = None, phase: int = 0, lr: float | None = None,
           batch_size: int | None = None, max_epochs: float | None = None,
-          on_eval: Callable[[dict], bool] | None = None) -> TrainResult:
+          on_eval: Callable[[dict], bool] | None = None,
+          on_step: Callable[[int], None] | None = None) -> TrainResult:
     """Train `model` in place on `train_ds`; evaluate on `eval_ds` each epoch (or `eval_every`).
 
     `lr`/`batch_size` override cfg (resolved `auto` values, or a phase's lr). `on_eval(record)`
-    may return True to stop (the iterative method's phase criterion).
+    may return True to stop (the iterative method's phase criterion). `on_step(step)` runs after
+    every optimizer step, before that step's eval and checkpoint (gradual pruning updates its masks
+    there). A resumed run does not replay the steps it skips: the hook's state must live in the model
+    (saved with the checkpoint) or follow from the step number alone.
     """
     pad = ctx.pad_id
     make_batch = make_batch or (lambda ds, idx: collate(ds, idx, pad))
@@ -262,6 +266,8 @@ def train(model: nn.Module, train_ds: EncodedDataset, eval_ds: EncodedDataset | 
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
+                if on_step is not None:
+                    on_step(step)
                 elapsed = time.perf_counter() - t0
                 res.train_seconds += elapsed
                 res.examples_seen += seen

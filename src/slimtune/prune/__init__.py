@@ -1,0 +1,1 @@
+"""Pruning that makes models really smaller and faster: unstructured masks and structured removal."""
