@@ -7,7 +7,7 @@ Trains (or reuses, when RUNS_DIR/NAME/metrics.json exists) with `slimtune.run`:
   minilm-distilled  the same MiniLM distilled from the teacher (soft targets T=2, alpha 0.5, 3 epochs)
   minilm-3layer     layers 0, 2, 4 of MiniLM, distilled (DistilBERT-style initialisation)
   bilstm            a word-level BiLSTM, embeddings initialised from the teacher's, distilled on the
-                    train set plus teacher-labelled EDA copies (Tang et al. 2019)
+                    train set plus teacher-labelled EDA copies (Tang et al. 2019; 2 copies by default)
 then loads every model and measures, in this process with one thread count: SST-2 dev accuracy,
 parameters, size on disk, batch-1 latency (median), batch-32 throughput, speed-ups over the teacher.
 Speed rounds are interleaved across models and the median of `--rounds` is reported.
@@ -42,7 +42,7 @@ def student_runs(teacher: str, bilstm_copies: int) -> dict[str, dict]:
         "minilm-alone": {"stage": "finetune", "method": "full", "epochs": 3, "lr": 5e-5, "batch_size": 32, "seed": 42},
         "minilm-distilled": distill | {"epochs": 3, "lr": 5e-5},
         "minilm-3layer": distill | {"student": {"from": "minilm", "layers": [0, 2, 4]}, "epochs": 3, "lr": 1e-4},
-        "bilstm": distill | {"student": {"arch": "bilstm", "hidden": 300}, "epochs": 6, "lr": 2e-3, "batch_size": 64,
+        "bilstm": distill | {"student": {"arch": "bilstm", "hidden": 256}, "epochs": 6, "lr": 2e-3, "batch_size": 64,
                              "alpha": 0.0 if bilstm_copies else 0.5,
                              "transfer_augment": {"copies": bilstm_copies, "seed": 0} if bilstm_copies else None},
     }
@@ -95,16 +95,19 @@ def main() -> None:
     ap.add_argument("--teacher", required=True, help="fine-tuned teacher model directory")
     ap.add_argument("--runs-dir", type=Path, default=HERE / "runs")
     ap.add_argument("--students", nargs="+", default=list(student_runs("", 0)))
-    ap.add_argument("--bilstm-copies", type=int, default=4, help="EDA copies per example for the BiLSTM transfer set")
+    ap.add_argument("--bilstm-copies", type=int, default=2, help="EDA copies per example for the BiLSTM transfer set")
     ap.add_argument("--train-limit", type=int, default=None)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--train-only", action="store_true", help="train missing runs, measure nothing")
     ap.add_argument("--out-md", type=Path, default=None)
     ap.add_argument("--out-json", type=Path, default=None)
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     teacher = str(Path(args.teacher).resolve())
     train_missing(teacher, args.runs_dir, args.students, args.train_limit, args.bilstm_copies)
+    if args.train_only:
+        return
 
     from slimtune.evaluate import cpu_description
 

@@ -188,8 +188,54 @@ class DistillStage(LoopConfig):
         return [t if isinstance(t, TeacherSpec) else TeacherSpec(path=t) for t in items]
 
 
-Stage = Annotated[FinetuneStage | DistillStage | EvaluateStage, Field(discriminator="stage")]
-STAGE_TYPES: dict[str, type[Strict]] = {"finetune": FinetuneStage, "distill": DistillStage,
+class RecoverConfig(LoopConfig):
+    """Fine-tuning after pruning, on the one loop; optionally distilled from the unpruned model."""
+
+    epochs: float = Field(1, gt=0)
+    distill_from_unpruned: bool = False
+    temperature: float = Field(2.0, gt=0)
+    alpha: float = Field(0.5, ge=0, le=1, description="weight of the unpruned model's soft targets")
+
+
+class IterativePruneConfig(Strict):
+    """N rounds of prune -> recover -> evaluate; each round moves 1/N of the way to the final amounts."""
+
+    rounds: int = Field(3, ge=1)
+    method: Literal["magnitude", "activation", "structured"] = "magnitude"
+    max_drop: float = Field(0.01, ge=0, description="stop when dev accuracy falls this far below the start")
+    rewind: bool = Field(False, description="magnitude/activation: reset survivors to the stage-start weights "
+                                            "before each recovery (lottery-ticket style)")
+
+
+class PruneStage(Strict):
+    stage: Literal["prune"]
+    method: Literal["magnitude", "activation", "structured", "iterative"] = "magnitude"
+    # magnitude / activation
+    sparsity: float | None = Field(None, ge=0, lt=1, description="fraction of the target weights set to zero")
+    threshold: float | None = Field(None, ge=0, description="magnitude: zero every |w| below this instead")
+    scope: Literal["per_layer", "global"] = "per_layer"
+    norm: Literal["l1", "l2", "none"] = "l1"
+    schedule: Literal["oneshot", "gradual"] = Field(
+        "oneshot", description="magnitude: gradual = cubic schedule (Zhu & Gupta) during recovery")
+    n_m: tuple[int, int] | None = Field(None, description="activation: N:M sparsity, e.g. [2, 4]")
+    targets: list[str] | None = Field(None, description="module-name patterns (default: encoder Linears)")
+    ignore: list[str] | None = None
+    calibration_batches: int = Field(8, ge=1, description="train batches for activation norms / importance")
+    calibration_batch_size: int = Field(16, ge=1)
+    # structured
+    heads: float = Field(0.0, ge=0, lt=1, description="fraction of attention heads removed")
+    ffn: float = Field(0.0, ge=0, lt=1, description="fraction of FFN intermediate neurons removed")
+    layers: int = Field(0, ge=0, description="whole encoder layers removed")
+    importance: Literal["gradient", "weight"] = "gradient"
+    uniform: bool = Field(True, description="the same number of heads/neurons removed in every layer")
+    drop_empty_layers: bool = False  # a layer that loses every head is dropped instead of refused
+    recover: RecoverConfig | None = None
+    iterative: IterativePruneConfig = IterativePruneConfig()
+    seed: int = 42
+
+
+Stage = Annotated[FinetuneStage | DistillStage | PruneStage | EvaluateStage, Field(discriminator="stage")]
+STAGE_TYPES: dict[str, type[Strict]] = {"finetune": FinetuneStage, "distill": DistillStage, "prune": PruneStage,
                                         "evaluate": EvaluateStage}
 
 

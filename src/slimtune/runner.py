@@ -114,26 +114,39 @@ def _distill(run: RunState, cfg) -> dict:
     return run_distill(run, cfg)
 
 
-def _rebuild_distill(run: RunState, cfg) -> None:
-    from slimtune.distill.stage import rebuild_distill
-
-    rebuild_distill(run, cfg)
-
-
-# stage name -> handler(run, cfg) -> metrics; later stages (prune, quantize...) register here.
-STAGE_HANDLERS: dict[str, Callable[[RunState, object], dict]] = {
-    "finetune": _finetune, "distill": _distill, "evaluate": run_evaluate}
 def _validate_distill(run: RunState, cfg) -> None:
     from slimtune.distill.stage import validate_distill
 
     validate_distill(run, cfg)
 
 
+def _rebuild_distill(run: RunState, cfg) -> None:
+    from slimtune.distill.stage import rebuild_distill
+
+    rebuild_distill(run, cfg)
+
+
+def _prune(run: RunState, cfg) -> dict:
+    from slimtune.prune.stage import run_prune
+
+    return run_prune(run, cfg)
+
+
+def _rebuild_prune(run: RunState, cfg) -> None:
+    from slimtune.prune.stage import rebuild_prune
+
+    rebuild_prune(run, cfg)
+
+
+# stage name -> handler(run, cfg) -> metrics; later stages (quantize...) register here.
+STAGE_HANDLERS: dict[str, Callable[[RunState, object], dict]] = {
+    "finetune": _finetune, "distill": _distill, "prune": _prune, "evaluate": run_evaluate}
 # Input checks a stage can make from configs alone, run before OUT is touched (bad input leaves nothing).
 STAGE_VALIDATORS: dict[str, Callable[[RunState, object], None]] = {"distill": _validate_distill}
 # Stages that change the model's structure (or tokenizer): on --resume past them, the runner rebuilds
 # that structure (without training) so the checkpoint's weights fit.
-STAGE_REBUILDERS: dict[str, Callable[[RunState, object], None]] = {"distill": _rebuild_distill}
+STAGE_REBUILDERS: dict[str, Callable[[RunState, object], None]] = {"distill": _rebuild_distill,
+                                                                   "prune": _rebuild_prune}
 
 
 # ------------------------------------------------------------------------------------------- run

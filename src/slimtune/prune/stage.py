@@ -1,0 +1,232 @@
+"""`stage: prune` — magnitude, activation (Wanda, N:M), structured (heads / FFN neurons / layers
+physically removed) and iterative prune -> recover rounds; recovery runs on the one training loop,
+optionally with a distillation loss from the unpruned model.
+
+Masks (magnitude, activation) are held during recovery and made permanent at the end of the stage,
+so the saved model is a plain HF model with zeros. Structured pruning leaves smaller matrices.
+
+Resume: a killed prune stage restarts from its beginning (deterministic, so it ends the same), from
+the stage-start weights kept in OUT/checkpoints/; a resume past a finished structured prune stage
+rebuilds the pruned shapes recorded in the run state, and the checkpoint's weights fill them.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from slimtune.batching import batch_indices, collate
+from slimtune.errors import SlimtuneError
+from slimtune.prune import structured as st
+from slimtune.prune import unstructured as un
+from slimtune.recipe import PruneStage
+from slimtune.train import cross_entropy_loss, default_eval_fn, logits_of, model_inputs, seed_everything, train
+
+if TYPE_CHECKING:
+    from slimtune.runner import RunState
+
+
+def _calibration(run: RunState, cfg: PruneStage) -> list[dict]:
+    """The first `calibration_batches` batches of a seeded shuffle of the train split."""
+    order = batch_indices(run.data.train.lengths, cfg.calibration_batch_size, shuffle=True, seed=cfg.seed)
+    batches = [collate(run.data.train, idx, run.pad_id) for idx in order[: cfg.calibration_batches]]
+    if not batches:
+        raise SlimtuneError("prune: calibration set is empty (the train split has no rows)")
+    return batches
+
+
+def _structured_(model, cfg: PruneStage, batches: list[dict], share: float, origin: dict) -> dict:
+    """Remove `share` of the configured heads / neurons (fractions of the stage-start counts) and, in
+    the last round, the configured layers; returns what was applied."""
+    gradient = cfg.importance == "gradient"
+    plan: dict = {}
+    if cfg.layers and share >= 1.0:  # whole layers go at once (a fraction of a layer is not a thing)
+        importance = st.layer_importance(model, batches) if gradient else st.head_importance_by_weight(model).sum(1)
+        plan["dropped_layers"] = st.plan_layers(importance, cfg.layers)
+        st.drop_layers_(model, plan["dropped_layers"])
+    now = st.structured_config_update(model)
+    if cfg.heads:
+        importance = st.head_importance(model, batches) if gradient else st.head_importance_by_weight(model)
+        fraction = _fraction_now(cfg.heads * share, origin["heads_per_layer"], now["heads_per_layer"])
+        keep = st.plan_heads(importance, fraction, uniform=cfg.uniform)
+        plan["dropped_empty_layers"] = st.prune_heads_(model, keep, drop_empty_layers=cfg.drop_empty_layers)
+    if cfg.ffn:
+        importance = st.ffn_importance(model, batches if gradient else None)
+        fraction = _fraction_now(cfg.ffn * share, origin["intermediate_per_layer"], now["intermediate_per_layer"])
+        st.prune_ffn_(model, st.plan_ffn(importance, fraction, uniform=cfg.uniform))
+    plan["shapes"] = st.structured_config_update(model)
+    return plan
+
+
+def _fraction_now(target: float, original: list[int], current: list[int]) -> float:
+    """Share of what is left to remove now, so that `target` of the stage-start count is gone overall
+    (per-layer averages: earlier rounds already removed some)."""
+    keep = (sum(original) / len(original)) * (1 - target)
+    return min(max(0.0, 1 - keep / (sum(current) / len(current))), 0.999)
+
+
+def _masks_(model, cfg: PruneStage, method: str, batches: list[dict], share: float) -> dict:
+    sparsity = None if cfg.sparsity is None else cfg.sparsity * share
+    if method == "activation":
+        report = un.prune_activation_(model, batches, sparsity=sparsity, n_m=cfg.n_m, targets=cfg.targets,
+                                      ignore=cfg.ignore)
+    else:
+        report = un.prune_magnitude_(model, sparsity=sparsity, threshold=cfg.threshold, scope=cfg.scope,
+                                     norm=cfg.norm, targets=cfg.targets, ignore=cfg.ignore)
+    return {"sparsity": round(report.overall, 4)}
+
+
+def _recover(run: RunState, cfg: PruneStage, model, dense, phase: int, pruner=None) -> dict:
+    rc = cfg.recover
+    if rc is None:
+        return {}
+    loss_fn = cross_entropy_loss
+    if rc.distill_from_unpruned:
+        dense.eval().requires_grad_(False)
+
+        def loss_fn(m, batch):  # soft targets of the unpruned model, mixed with the labels
+            logits = logits_of(m(**model_inputs(batch)))
+            with torch.no_grad():
+                target = torch.softmax(logits_of(dense(**model_inputs(batch))) / rc.temperature, dim=-1)
+            soft = F.kl_div(F.log_softmax(logits / rc.temperature, -1), target, reduction="batchmean")
+            return rc.alpha * soft * rc.temperature**2 + (1 - rc.alpha) * F.cross_entropy(logits, batch["labels"])
+
+    ctx = run.train_context(phase=phase)
+    ctx.resume = None  # the stage restarts from its beginning on resume (see the module docstring)
+    # gradual pruning changes the masks during training: an earlier "best" would bring denser masks back
+    rcfg = rc.model_copy(update={"keep_best": False}) if pruner is not None else rc
+    res = train(model, run.data.train, run.data.eval, rcfg, ctx, loss_fn=loss_fn, phase=phase,
+                on_step=pruner.step if pruner is not None else None)
+    return {"recover": res.summary()}
+
+
+def _accuracy(run: RunState, model) -> float:
+    return default_eval_fn(run.data.eval, run.pad_id)(model)["accuracy"]
+
+
+def _dense_snapshot(run: RunState, model) -> None:
+    """Keep the stage-start weights so a resumed run restarts this stage from them."""
+    from safetensors.torch import save_file
+
+    from slimtune.checkpoint import state_dict_for_save
+
+    if run.checkpoints is None:
+        return
+    path = run.checkpoints.root / f"prune-start-s{run.stage_index}.safetensors"
+    if run.resume is not None and path.is_file():
+        from slimtune.checkpoint import load_weights
+
+        load_weights(model, path)
+        return
+    tmp = path.with_suffix(".tmp")
+    save_file(state_dict_for_save(model), str(tmp))
+    tmp.replace(path)
+
+
+def _one_round(run: RunState, cfg: PruneStage, model, dense, method: str, share: float, phase: int,
+               batches: list[dict], origin: dict | None) -> dict:
+    seed_everything(cfg.seed + phase)
+    record: dict = {"round": phase, "share": round(share, 4)}
+    pruner = None
+    if method == "structured":
+        record |= _structured_(model, cfg, batches, share, origin)
+    elif method == "magnitude" and cfg.schedule == "gradual" and cfg.recover is not None:
+        if cfg.sparsity is None:
+            raise SlimtuneError("prune: schedule gradual needs sparsity (not threshold)")
+        steps = _steps(run, cfg.recover)
+        pruner = un.GradualPruner(model, cfg.sparsity * share, steps, scope=cfg.scope, norm=cfg.norm,
+                                  targets=cfg.targets, ignore=cfg.ignore)
+    else:
+        record |= _masks_(model, cfg, method, batches, share)
+    record |= _recover(run, cfg, model, dense, phase, pruner)
+    if method != "structured":
+        record["sparsity"] = round(un.sparsity_report(model, _targets(model, cfg)).overall, 4)
+    record["accuracy"] = _accuracy(run, model)
+    return record
+
+
+def _targets(model, cfg: PruneStage):
+    return un.select_linears(model, cfg.targets, cfg.ignore)
+
+
+def _steps(run: RunState, rc) -> int:
+    import math
+
+    per_epoch = math.ceil(len(run.data.train) / int(rc.batch_size))
+    total = math.ceil(math.ceil(rc.epochs * per_epoch) / rc.grad_accum)
+    return min(total, rc.max_steps) if rc.max_steps else total
+
+
+def run_prune(run: RunState, cfg: PruneStage) -> dict:
+    from slimtune.adapt.lora import is_peft
+
+    model = run.model
+    if is_peft(model):
+        raise SlimtuneError("prune: the model is an unmerged LoRA adapter; set lora.save_adapter_only: false")
+    _dense_snapshot(run, model)
+    method = cfg.iterative.method if cfg.method == "iterative" else cfg.method
+    if method in ("magnitude", "activation") and cfg.sparsity is None and cfg.threshold is None \
+            and cfg.n_m is None:
+        raise SlimtuneError(f"prune: method {method} needs sparsity" + (" or threshold" if method == "magnitude"
+                                                                          else " or n_m"))
+    if method == "structured" and not (cfg.heads or cfg.ffn or cfg.layers):
+        raise SlimtuneError("prune: structured needs heads, ffn or layers")
+    batches = _calibration(run, cfg)
+    params_before = sum(p.numel() for p in model.parameters())
+    start_acc = _accuracy(run, model)
+    dense = copy.deepcopy(model) if (cfg.recover and cfg.recover.distill_from_unpruned) else None
+    rounds = cfg.iterative.rounds if cfg.method == "iterative" else 1
+    rewind = copy.deepcopy(model.state_dict()) if cfg.method == "iterative" and cfg.iterative.rewind else None
+    if rewind is not None and method == "structured":
+        raise SlimtuneError("prune: iterative.rewind works with magnitude/activation masks, not structured")
+    origin = st.structured_config_update(model) if method == "structured" else None
+    records, kept = [], None
+    for k in range(rounds):
+        before = copy.deepcopy(model) if rounds > 1 else None
+        if rewind is not None and k > 0:  # survivors back to their stage-start values, masks kept
+            _rewind_(model, rewind)
+        record = _one_round(run, cfg, model, dense, method, (k + 1) / rounds, k, batches, origin)
+        records.append(record)
+        if rounds > 1 and start_acc - record["accuracy"] > cfg.iterative.max_drop:
+            record["stopped"] = f"dev accuracy {record['accuracy']:.4f} fell more than {cfg.iterative.max_drop} " \
+                                f"below {start_acc:.4f}; keeping round {k - 1}"
+            kept = before
+            break
+    if kept is not None:
+        model = run.model = kept
+    if method != "structured":
+        un.make_permanent_(model)
+    run.runner_state.setdefault("prune_shapes", {})[str(run.stage_index)] = st.structured_config_update(model) \
+        if method == "structured" else None
+    params = sum(p.numel() for p in model.parameters())
+    return {"stage": "prune", "method": cfg.method, "start_accuracy": start_acc, "rounds": records,
+            "params_before": params_before, "params_after": params,
+            "trainable_params": params, "trainable_pct": 100.0,
+            "final_sparsity": None if method == "structured" else round(
+                un.sparsity_report(model, _targets(model, cfg)).overall, 4)}
+
+
+def _rewind_(model, start_state: dict) -> None:
+    """Masked Linears keep their masks; every surviving weight takes its stage-start value."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            key = name.replace(".parametrizations.weight.original", ".weight")
+            if key in start_state and start_state[key].shape == p.shape:
+                p.copy_(start_state[key])
+
+
+def rebuild_prune(run: RunState, cfg: PruneStage) -> None:
+    """On --resume past a finished structured prune stage: shrink the model to the recorded shapes."""
+    shapes = run.runner_state.get("prune_shapes", {}).get(str(run.stage_index))
+    if not shapes:
+        return
+    model = run.model
+    n = len(shapes["heads_per_layer"])
+    have = st.anatomy(model).num_layers
+    if n < have:
+        st.drop_layers_(model, list(range(n, have)))
+    st.prune_heads_(model, {i: list(range(h)) for i, h in enumerate(shapes["heads_per_layer"])})
+    st.prune_ffn_(model, {i: list(range(w)) for i, w in enumerate(shapes["intermediate_per_layer"])})

@@ -1,0 +1,120 @@
+"""`stage: prune` through `slimtune.run` on a tiny random BERT: every method, recovery, saving, errors."""
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import slimtune
+
+FT = {"stage": "finetune", "epochs": 1, "lr": 1e-3, "batch_size": 16}
+EVAL = {"stage": "evaluate", "speed": False}
+RECOVER = {"epochs": 1, "lr": 5e-4, "batch_size": 16}
+
+
+def run(tmp_path, tiny_model_dir, sst2_small, *stages, name="out"):
+    recipe = {"model": str(tiny_model_dir),
+              "data": {"train": str(sst2_small[0]), "eval": str(sst2_small[1]), "max_length": 48},
+              "stages": list(stages)}
+    return slimtune.run(recipe, tmp_path / name, progress=False)
+
+
+def encoder_zeros(path) -> float:
+    weights = load_file(str(path / "model" / "model.safetensors"))
+    enc = [v for k, v in weights.items() if ".encoder." in k and k.endswith(".weight") and v.ndim == 2]
+    return sum(int((v == 0).sum()) for v in enc) / sum(v.numel() for v in enc)
+
+
+def test_magnitude_oneshot_with_recovery_saves_a_plain_model_with_zeros(tmp_path, tiny_model_dir, sst2_small):
+    from transformers import AutoModelForSequenceClassification
+
+    m = run(tmp_path, tiny_model_dir, sst2_small, FT,
+            {"stage": "prune", "method": "magnitude", "sparsity": 0.5, "scope": "global", "recover": RECOVER}, EVAL)
+    s = m["stages"][1]
+    assert s["final_sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert encoder_zeros(tmp_path / "out") == pytest.approx(0.5, abs=0.01)  # masks held through recovery
+    AutoModelForSequenceClassification.from_pretrained(tmp_path / "out" / "model")  # plain HF, no slimtune keys
+
+
+def test_gradual_magnitude_reaches_its_target_during_recovery(tmp_path, tiny_model_dir, sst2_small):
+    m = run(tmp_path, tiny_model_dir, sst2_small, FT,
+            {"stage": "prune", "method": "magnitude", "sparsity": 0.8, "schedule": "gradual",
+             "recover": RECOVER | {"epochs": 2}}, EVAL)
+    assert m["stages"][1]["final_sparsity"] == pytest.approx(0.8, abs=0.01)
+    assert encoder_zeros(tmp_path / "out") == pytest.approx(0.8, abs=0.01)
+
+
+def test_activation_two_four(tmp_path, tiny_model_dir, sst2_small):
+    run(tmp_path, tiny_model_dir, sst2_small, FT, {"stage": "prune", "method": "activation", "n_m": [2, 4]}, EVAL)
+    weights = load_file(str(tmp_path / "out" / "model" / "model.safetensors"))
+    q = weights["bert.encoder.layer.0.attention.self.query.weight"].reshape(-1, 4)
+    assert torch.all((q == 0).sum(1) == 2)
+
+
+def test_structured_heads_and_ffn_with_distillation_from_the_unpruned_model(tmp_path, tiny_model_dir, sst2_small):
+    from transformers import AutoModelForSequenceClassification
+
+    m = run(tmp_path, tiny_model_dir, sst2_small, FT,
+            {"stage": "prune", "method": "structured", "heads": 0.5, "ffn": 0.5,
+             "recover": RECOVER | {"distill_from_unpruned": True}}, EVAL)
+    s = m["stages"][1]
+    assert s["rounds"][0]["shapes"]["heads_per_layer"] == [1, 1]
+    assert s["rounds"][0]["shapes"]["intermediate_per_layer"] == [32, 32]
+    assert s["params_after"] < s["params_before"] == m["final"]["params"] + (s["params_before"] - s["params_after"])
+    ours = slimtune.load_model(tmp_path / "out" / "model")
+    auto = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out" / "model")
+    ids = torch.tensor([[101, 2023, 2003, 1037, 2307, 3185, 102]])
+    with torch.no_grad():
+        assert torch.allclose(ours(input_ids=ids).logits, auto.eval()(input_ids=ids).logits, atol=1e-6)
+
+
+def test_structured_ffn_and_layer_pruning_is_a_plain_hf_model(tmp_path, tiny_model_dir, sst2_small):
+    from transformers import AutoModelForSequenceClassification
+
+    run(tmp_path, tiny_model_dir, sst2_small, FT,
+        {"stage": "prune", "method": "structured", "ffn": 0.5, "layers": 1, "importance": "weight"}, EVAL)
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out" / "model")
+    assert model.config.num_hidden_layers == 1 and model.config.intermediate_size == 32
+
+
+def test_iterative_rounds_stop_past_max_drop_and_keep_the_last_good_round(tmp_path, tiny_model_dir, sst2_small,
+                                                                          monkeypatch):
+    import slimtune.prune.stage as stage
+
+    scores = iter([0.90, 0.90, 0.85, 0.80])  # stage start, round 0, round 1 (too low), ...
+    monkeypatch.setattr(stage, "_accuracy", lambda run, model: next(scores))
+    m = run(tmp_path, tiny_model_dir, sst2_small, FT,
+            {"stage": "prune", "method": "iterative", "sparsity": 0.9, "recover": RECOVER | {"max_steps": 3},
+             "iterative": {"rounds": 3, "method": "magnitude", "max_drop": 0.02, "rewind": True}}, EVAL)
+    s = m["stages"][1]
+    assert [r["share"] for r in s["rounds"]] == [0.3333, 0.6667]
+    assert "stopped" in s["rounds"][1] and "stopped" not in s["rounds"][0]
+    assert s["final_sparsity"] == pytest.approx(0.3, abs=0.01)  # round 0's model is the one kept
+    assert encoder_zeros(tmp_path / "out") == pytest.approx(0.3, abs=0.01)
+
+
+@pytest.mark.parametrize(("stage", "message"), [
+    ({"method": "magnitude", "sparsity": 1.0}, "sparsity: Input should be less than 1"),
+    ({"method": "magnitude", "sparsity": 0.5, "targets": ["nothing_like_this"]}, "match no nn.Linear module"),
+    ({"method": "structured", "heads": 0.9}, "pruning every head would remove the layer"),
+    ({"method": "structured"}, "structured needs heads, ffn or layers"),
+])
+def test_bad_prune_input(tmp_path, tiny_model_dir, sst2_small, stage, message):
+    with pytest.raises(slimtune.SlimtuneError, match=message):
+        run(tmp_path, tiny_model_dir, sst2_small, {"stage": "prune"} | stage)
+    assert not (tmp_path / "out").exists()
+
+
+def test_resume_past_a_structured_prune_rebuilds_the_shapes(tmp_path, tiny_model_dir, sst2_small):
+    stages = [{"stage": "prune", "method": "structured", "heads": 0.5, "ffn": 0.5, "importance": "weight"},
+              FT, EVAL]
+    first = run(tmp_path, tiny_model_dir, sst2_small, *stages)
+    out = tmp_path / "out"
+    (out / "metrics.json").unlink()
+    shutil.rmtree(out / "model")
+    recipe = {"model": str(tiny_model_dir),
+              "data": {"train": str(sst2_small[0]), "eval": str(sst2_small[1]), "max_length": 48}, "stages": stages}
+    again = slimtune.run(recipe, out, resume=True, progress=False)
+    assert again["final"]["accuracy"] == first["final"]["accuracy"]
+    assert again["final"]["params"] == first["final"]["params"]
