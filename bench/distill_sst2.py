@@ -19,20 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 from pathlib import Path
 
 import torch
+from common import HERE, data_file, measure
 
-HERE = Path(__file__).resolve().parent
-SHARED = HERE.parents[1] / "shared" / "data" / "sst2"
-BUNDLED = HERE.parent / "src" / "slimtune" / "demo_data"
 MAX_LEN = 64
-
-
-def data_file(split: str) -> str:
-    shared = SHARED / f"{split}.jsonl"
-    return str(shared if shared.is_file() else BUNDLED / f"{split}.jsonl")
 
 
 def student_runs(teacher: str, bilstm_copies: int) -> dict[str, dict]:
@@ -61,33 +53,6 @@ def train_missing(teacher: str, runs_dir: Path, names: list[str], train_limit: i
                   "stages": [stage, {"stage": "evaluate", "speed": False}]}
         print(f"training {name} -> {out}", flush=True)
         slimtune.run(recipe, out, overwrite=True, progress=False)
-
-
-def measure(models: dict[str, Path], threads: int, rounds: int) -> dict[str, dict]:
-    from slimtune.evaluate import classification_metrics, count_parameters, dir_size_mb, measure_speed, predict_logits
-    from slimtune.models import load_model, load_tokenizer, preprocessing_of
-    from slimtune.runner import eval_dataset_for
-
-    loaded, rows = {}, {}
-    for name, path in models.items():
-        model, tok = load_model(path), load_tokenizer(path)
-        label2id = {str(k): int(v) for k, v in model.config.label2id.items()}
-        ds = eval_dataset_for(path, Path(data_file("dev")), tok, label2id, "text", "label")
-        pad = int(tok.pad_token_id or 0)
-        pred = predict_logits(model, ds, pad_id=pad).argmax(-1)
-        acc = classification_metrics(ds.labels, pred.tolist(), {i: str(i) for i in range(2)})["accuracy"]
-        loaded[name] = (model, ds, pad)
-        rows[name] = {"accuracy": acc, "params": count_parameters(model)[0], "size_mb": dir_size_mb(path),
-                      "max_length": preprocessing_of(path).get("max_length"), "lat": [], "eps": []}
-    for _ in range(rounds):  # interleaved, so drifts of the machine hit every model alike
-        for name, (model, ds, pad) in loaded.items():
-            speed = measure_speed(model, ds, pad_id=pad, threads=threads, latency_runs=60, throughput_batches=12)
-            rows[name]["lat"].append(speed["latency_ms_b1"])
-            rows[name]["eps"].append(speed["throughput_eps"])
-    for row in rows.values():
-        row["latency_ms_b1"] = statistics.median(row.pop("lat"))
-        row["throughput_eps"] = statistics.median(row.pop("eps"))
-    return rows
 
 
 def main() -> None:

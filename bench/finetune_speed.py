@@ -30,17 +30,10 @@ import time
 from pathlib import Path
 
 import torch
+from common import data_file
 
-HERE = Path(__file__).resolve().parent
-SHARED = HERE.parents[1] / "shared" / "data" / "sst2"
-BUNDLED = HERE.parent / "src" / "slimtune" / "demo_data"
 LR, WEIGHT_DECAY, WARMUP, BATCH, MAX_LEN, CLIP = 5e-5, 0.01, 0.06, 32, 64, 1.0
 CONTENDERS = ("trainer", "trainer-grouped", "slimtune")
-
-
-def data_file(split: str) -> Path:
-    shared = SHARED / f"{split}.jsonl"
-    return shared if shared.is_file() else BUNDLED / f"{split}.jsonl"
 
 
 def read_jsonl(path: Path, limit: int | None = None) -> tuple[list[str], list[int]]:
@@ -126,7 +119,7 @@ def main() -> None:
     from slimtune.models import resolve_model_path
 
     model_dir = resolve_model_path("minilm")
-    train_path, dev_path = data_file("train"), data_file("dev")
+    train_path, dev_path = Path(data_file("train")), Path(data_file("dev"))
     train, dev = read_jsonl(train_path, args.train_limit), read_jsonl(dev_path)
     if args.train_limit:  # slimtune samples train_limit rows stratified; give both the very same rows
         tmp_train = Path(tempfile.mkdtemp()) / "train.jsonl"

@@ -15,11 +15,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import slimtune
+from common import data_file
 
-HERE = Path(__file__).resolve().parent
-SHARED = HERE.parents[1] / "shared" / "data" / "sst2"
-BUNDLED = HERE.parent / "src" / "slimtune" / "demo_data"
+import slimtune
 
 # Settings per method: the lr each method needs differs by orders of magnitude (a new head or LoRA
 # factors start from zero/random and need a large lr; pretrained weights need a small one).
@@ -31,11 +29,6 @@ METHODS = {
     "iterative": {"method": "iterative", "lr": 1e-4,
                   "iterative": {"group_size": 2, "max_epochs_per_phase": 1, "lr_decay": 0.5}},
 }
-
-
-def data_file(split: str) -> str:
-    shared = SHARED / f"{split}.jsonl"
-    return str(shared if shared.is_file() else BUNDLED / f"{split}.jsonl")
 
 
 def main() -> None:
