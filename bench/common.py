@@ -44,3 +44,15 @@ def measure(models: dict[str, Path], threads: int, rounds: int) -> dict[str, dic
         row["latency_ms_b1"] = statistics.median(row.pop("lat"))
         row["throughput_eps"] = statistics.median(row.pop("eps"))
     return rows
+
+
+def report(lines: list[str], checks: list[str], rows: dict, out_md: Path | None, out_json: Path | None) -> None:
+    """Print the table and the target checks; also write them (markdown) and the raw rows (JSON)."""
+    import json
+
+    table = "\n".join(lines + [""] + [f"- {c}" for c in checks])
+    print(table)
+    if out_md:
+        out_md.write_text(table + "\n")
+    if out_json:
+        out_json.write_text(json.dumps(rows, indent=1))

@@ -17,12 +17,11 @@ The teacher comes from `bench/recipes/teacher_mpnet_sst2.yaml` (`slimtune assets
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
 import torch
-from common import HERE, data_file, measure
+from common import HERE, data_file, measure, report
 
 MAX_LEN = 64
 
@@ -100,12 +99,7 @@ def main() -> None:
         ok = speed >= 20 and b["accuracy"] >= 0.95 * t["accuracy"]
         checks.append(f"BiLSTM >= 20x faster (min of b=1, b=32: {speed:.1f}x) at >= 95% of teacher "
                       f"({100 * b['accuracy'] / t['accuracy']:.1f}%): {'PASS' if ok else 'FAIL'}")
-    table = "\n".join(lines + [""] + [f"- {c}" for c in checks])
-    print(table)
-    if args.out_md:
-        args.out_md.write_text(table + "\n")
-    if args.out_json:
-        args.out_json.write_text(json.dumps(rows, indent=1))
+    report(lines, checks, rows, args.out_md, args.out_json)
 
 
 if __name__ == "__main__":

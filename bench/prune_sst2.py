@@ -19,12 +19,11 @@ export` (issue 6).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
 import torch
-from common import HERE, data_file, measure
+from common import HERE, data_file, measure, report
 
 RECOVER = {"lr": 5e-5, "batch_size": 32, "seed": 42}
 RUNS = {
@@ -92,12 +91,7 @@ def main() -> None:
     if "magnitude-80" in rows:
         drop = 100 * (d["accuracy"] - rows["magnitude-80"]["accuracy"])
         checks.append(f"magnitude 80% (gradual) <= 1 pt drop: {drop:.2f} pt: {'PASS' if drop <= 1 else 'FAIL'}")
-    table = "\n".join(lines + [""] + [f"- {c}" for c in checks])
-    print(table)
-    if args.out_md:
-        args.out_md.write_text(table + "\n")
-    if args.out_json:
-        args.out_json.write_text(json.dumps(rows, indent=1))
+    report(lines, checks, rows, args.out_md, args.out_json)
 
 
 if __name__ == "__main__":

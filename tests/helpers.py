@@ -44,3 +44,16 @@ def write_recipe(path: Path, model, train, eval_=None, stages=None, **data) -> P
                                    {"stage": "evaluate", "latency_runs": 3, "throughput_batches": 1}]}
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
+
+
+# No Chinese set ships with the project: sentences written for the tests (好评 = positive, 差评 = negative).
+CHINESE_REVIEWS = [("这部电影非常好看，演员的表演很精彩", "好评"), ("剧情太无聊了，浪费时间", "差评"),
+                   ("我很喜欢这个故事", "好评"), ("画面粗糙，对白生硬", "差评"),
+                   ("音乐动人，值得推荐", "好评"), ("看完很失望，不推荐", "差评")]
+
+
+def write_chinese_csv(path: Path, copies: int = 5) -> Path:
+    """A CSV with Chinese column names (句子 = sentence, 标签 = label)."""
+    rows = CHINESE_REVIEWS * copies
+    path.write_text("句子,标签\n" + "\n".join(f"{t},{label}" for t, label in rows) + "\n", encoding="utf-8")
+    return path

@@ -226,11 +226,9 @@ def test_intermediate_loss_with_a_word_student_is_refused(tmp_path, teacher_dir,
 
 def test_chinese_word_student_uses_jieba_words(tmp_path, tiny_model_dir):
     """No Chinese set ships with the project: sentences written for this test."""
-    rows = [("这部电影非常好看，演员的表演很精彩", "好评"), ("剧情太无聊了，浪费时间", "差评"),
-            ("我很喜欢这个故事", "好评"), ("画面粗糙，对白生硬", "差评"),
-            ("音乐动人，值得推荐", "好评"), ("看完很失望，不推荐", "差评")] * 5
-    train = tmp_path / "zh.csv"
-    train.write_text("句子,标签\n" + "\n".join(f"{t},{label}" for t, label in rows) + "\n", encoding="utf-8")
+    from helpers import write_chinese_csv
+
+    train = write_chinese_csv(tmp_path / "zh.csv")
     data = {"train": str(train), "text_field": "句子", "label_field": "标签", "eval_fraction": 0.2}
     teacher = {"model": str(tiny_model_dir), "data": data,
                "stages": [{"stage": "finetune", "epochs": 2, "lr": 1e-3, "batch_size": 8}]}

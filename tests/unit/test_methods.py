@@ -110,13 +110,11 @@ def test_auto_lr_and_batch_size(tmp_path, tiny_model_dir, sst2_small):
 
 def test_chinese_text_is_segmented_with_jieba_for_training_and_prediction(tmp_path, tiny_model_dir):
     """No Chinese set ships with the project: a handful of sentences written for this test."""
+    from helpers import write_chinese_csv
+
     from slimtune.predict import Predictor
 
-    rows = [("这部电影非常好看，演员的表演很精彩", "好评"), ("剧情太无聊了，浪费时间", "差评"),
-            ("我很喜欢这个故事", "好评"), ("画面粗糙，对白生硬", "差评"),
-            ("音乐动人，值得推荐", "好评"), ("看完很失望，不推荐", "差评")] * 5
-    train = tmp_path / "zh.csv"
-    train.write_text("句子,标签\n" + "\n".join(f"{t},{label}" for t, label in rows) + "\n", encoding="utf-8")
+    train = write_chinese_csv(tmp_path / "zh.csv")
     recipe = {"model": str(tiny_model_dir),
               "data": {"train": str(train), "text_field": "句子", "label_field": "标签", "segment_chinese": True,
                        "eval_fraction": 0.2},
