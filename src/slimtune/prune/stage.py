@@ -98,7 +98,8 @@ def _recover(run: RunState, cfg: PruneStage, model, dense, phase: int, pruner=No
     ctx.resume = None  # the stage restarts from its beginning on resume (see the module docstring)
     # gradual pruning changes the masks during training: an earlier "best" would bring denser masks back
     rcfg = rc.model_copy(update={"keep_best": False}) if pruner is not None else rc
-    res = train(model, run.data.train, run.data.eval, rcfg, ctx, loss_fn=loss_fn, phase=phase,
+    lr, bs = run.resolve_auto(rcfg, model, loss_fn)
+    res = train(model, run.data.train, run.data.eval, rcfg, ctx, loss_fn=loss_fn, phase=phase, lr=lr, batch_size=bs,
                 on_step=pruner.step if pruner is not None else None)
     return {"recover": res.summary()}
 
@@ -136,7 +137,7 @@ def _one_round(run: RunState, cfg: PruneStage, model, dense, method: str, share:
     elif method == "magnitude" and cfg.schedule == "gradual" and cfg.recover is not None:
         if cfg.sparsity is None:
             raise SlimtuneError("prune: schedule gradual needs sparsity (not threshold)")
-        steps = _steps(run, cfg.recover)
+        steps = _steps(run, cfg.recover, run.resolve_auto(cfg.recover, model, cross_entropy_loss)[1])
         pruner = un.GradualPruner(model, cfg.sparsity * share, steps, scope=cfg.scope, norm=cfg.norm,
                                   targets=cfg.targets, ignore=cfg.ignore)
     else:
@@ -152,10 +153,10 @@ def _targets(model, cfg: PruneStage):
     return un.select_linears(model, cfg.targets, cfg.ignore)
 
 
-def _steps(run: RunState, rc) -> int:
+def _steps(run: RunState, rc, batch_size: int) -> int:
     import math
 
-    per_epoch = math.ceil(len(run.data.train) / int(rc.batch_size))
+    per_epoch = math.ceil(len(run.data.train) / batch_size)
     total = math.ceil(math.ceil(rc.epochs * per_epoch) / rc.grad_accum)
     return min(total, rc.max_steps) if rc.max_steps else total
 
