@@ -142,6 +142,13 @@ def default_eval_fn(eval_ds: EncodedDataset, pad_id: int) -> EvalFn:
     return evaluate
 
 
+def optimizer_steps(n_examples: int, batch_size: int, cfg: LoopConfig, epochs: float | None = None) -> int:
+    """How many optimizer steps `train` takes (schedules that span a whole run need it up front)."""
+    total_batches = math.ceil((cfg.epochs if epochs is None else epochs) * math.ceil(n_examples / batch_size))
+    total = math.ceil(total_batches / cfg.grad_accum)
+    return min(total, cfg.max_steps) if cfg.max_steps else total
+
+
 def train(model: nn.Module, train_ds: EncodedDataset, eval_ds: EncodedDataset | None, cfg: LoopConfig,
           ctx: TrainContext, loss_fn: LossFn = cross_entropy_loss, make_batch: BatchFn | None = None,
           eval_fn: EvalFn | None = None, phase: int = 0, lr: float | None = None,
@@ -165,9 +172,7 @@ def train(model: nn.Module, train_ds: EncodedDataset, eval_ds: EncodedDataset | 
     lengths = train_ds.lengths
     batches_per_epoch = math.ceil(len(train_ds) / bs)
     total_batches = math.ceil(epochs * batches_per_epoch)
-    total_steps = math.ceil(total_batches / cfg.grad_accum)
-    if cfg.max_steps:
-        total_steps = min(total_steps, cfg.max_steps)
+    total_steps = optimizer_steps(len(train_ds), bs, cfg, epochs)
 
     optimizer = make_optimizer(model, lr, cfg.weight_decay)
     scheduler = make_scheduler(optimizer, cfg, total_steps)

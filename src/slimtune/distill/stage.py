@@ -116,12 +116,14 @@ def setup_distill(run: RunState, cfg: DistillStage) -> DistillSetup:
     return DistillSetup(teachers, student, texts, pairs, labels, labelled, mapping, granularity)
 
 
-def _adopt_student(run: RunState, setup: DistillSetup) -> None:
-    """The student (and its tokenizer) become the run's model; the data is re-encoded for it."""
+def _adopt_student(run: RunState, setup: DistillSetup, eval_ds: EncodedDataset | None = None) -> None:
+    """The student (and its tokenizer) become the run's model; the data is re-encoded for it
+    (`eval_ds`: the eval split already encoded with the student's tokenizer)."""
     max_length = run.data_cfg.max_length
     tok = setup.student.tokenizer
     reencode = lambda ds: encode(tok, ds.texts, ds.labels, ds.pairs, max_length)  # noqa: E731
-    run.data = TaskData(train=reencode(run.data.train), eval=reencode(run.data.eval), label2id=run.data.label2id,
+    eval_ds = eval_ds if eval_ds is not None else reencode(run.data.eval)
+    run.data = TaskData(train=reencode(run.data.train), eval=eval_ds, label2id=run.data.label2id,
                         id2label=run.data.id2label, info=run.data.info)
     run.model, run.tokenizer = setup.student.model, tok
     for p in run.model.parameters():
@@ -179,7 +181,7 @@ def run_distill(run: RunState, cfg: DistillStage) -> dict:
     ctx.pad_id = pad
     lr, bs = run.resolve_auto(cfg, model, loss_fn, train_ds=train_ds, make_batch=make_batch)
     res = train(model, train_ds, eval_ds, cfg, ctx, loss_fn=loss_fn, make_batch=make_batch, lr=lr, batch_size=bs)
-    _adopt_student(run, setup)
+    _adopt_student(run, setup, eval_ds)
     params = sum(p.numel() for p in student.model.parameters())
     return {"stage": "distill", "student": student.kind, "student_source": student.source,
             "teachers": [{"model": t.name, "weight": t.weight, "params": sum(p.numel() for p in t.model.parameters()),

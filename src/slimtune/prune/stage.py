@@ -19,11 +19,20 @@ import torch
 import torch.nn.functional as F
 
 from slimtune.batching import batch_indices, collate
+from slimtune.distill.losses import soft_target_loss
 from slimtune.errors import SlimtuneError
 from slimtune.prune import structured as st
 from slimtune.prune import unstructured as un
 from slimtune.recipe import PruneStage
-from slimtune.train import cross_entropy_loss, default_eval_fn, logits_of, model_inputs, seed_everything, train
+from slimtune.train import (
+    cross_entropy_loss,
+    default_eval_fn,
+    logits_of,
+    model_inputs,
+    optimizer_steps,
+    seed_everything,
+    train,
+)
 
 if TYPE_CHECKING:
     from slimtune.runner import RunState
@@ -91,8 +100,8 @@ def _recover(run: RunState, cfg: PruneStage, model, dense, phase: int, pruner=No
             logits = logits_of(m(**model_inputs(batch)))
             with torch.no_grad():
                 target = torch.softmax(logits_of(dense(**model_inputs(batch))) / rc.temperature, dim=-1)
-            soft = F.kl_div(F.log_softmax(logits / rc.temperature, -1), target, reduction="batchmean")
-            return rc.alpha * soft * rc.temperature**2 + (1 - rc.alpha) * F.cross_entropy(logits, batch["labels"])
+            soft = soft_target_loss(logits, target, rc.temperature)
+            return rc.alpha * soft + (1 - rc.alpha) * F.cross_entropy(logits, batch["labels"])
 
     ctx = run.train_context(phase=phase)
     ctx.resume = None  # the stage restarts from its beginning on resume (see the module docstring)
@@ -137,7 +146,8 @@ def _one_round(run: RunState, cfg: PruneStage, model, dense, method: str, share:
     elif method == "magnitude" and cfg.schedule == "gradual" and cfg.recover is not None:
         if cfg.sparsity is None:
             raise SlimtuneError("prune: schedule gradual needs sparsity (not threshold)")
-        steps = _steps(run, cfg.recover, run.resolve_auto(cfg.recover, model, cross_entropy_loss)[1])
+        steps = optimizer_steps(len(run.data.train), run.resolve_auto(cfg.recover, model, cross_entropy_loss)[1],
+                                cfg.recover)
         pruner = un.GradualPruner(model, cfg.sparsity * share, steps, scope=cfg.scope, norm=cfg.norm,
                                   targets=cfg.targets, ignore=cfg.ignore)
     else:
@@ -151,14 +161,6 @@ def _one_round(run: RunState, cfg: PruneStage, model, dense, method: str, share:
 
 def _targets(model, cfg: PruneStage):
     return un.select_linears(model, cfg.targets, cfg.ignore)
-
-
-def _steps(run: RunState, rc, batch_size: int) -> int:
-    import math
-
-    per_epoch = math.ceil(len(run.data.train) / batch_size)
-    total = math.ceil(math.ceil(rc.epochs * per_epoch) / rc.grad_accum)
-    return min(total, rc.max_steps) if rc.max_steps else total
 
 
 def run_prune(run: RunState, cfg: PruneStage) -> dict:
