@@ -81,6 +81,30 @@ def predict_cmd(
     sys.stdout.flush()
 
 
+@app.command("export")
+def export_cmd(
+    model_dir: Annotated[str, typer.Argument(help="model directory (or alias) to export")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="directory to create (model.onnx + tokenizer + config)")],
+    format_: Annotated[str, typer.Option("--format", help="export format (onnx)")] = "onnx",
+    quantize: Annotated[str | None, typer.Option(help="int8 in ONNX Runtime: dynamic or static")] = None,
+    data: Annotated[Path | None, typer.Option(help="labelled file: parity accuracy and static calibration")] = None,
+    optimize: Annotated[bool, typer.Option(help="try ONNX Runtime's transformer fusions; keep them if faster")] = True,
+    threads: Annotated[int | None, typer.Option(help="ONNX Runtime threads for the speed comparisons")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing non-empty OUT")] = False,
+):
+    """Export to ONNX with dynamic batch/sequence axes; checks parity against torch and prints it."""
+    from slimtune.export import export_onnx
+
+    if format_ != "onnx":
+        raise SlimtuneError(f"--format {format_!r}: only onnx is supported")
+    report = export_onnx(model_dir, out, quantize=quantize, data=data, optimize=optimize, threads=threads,
+                         overwrite=overwrite)
+    detail = report.get("parity_detail") or f"max |logit diff| {report['fp32_max_abs_diff']:.2e}"
+    typer.echo(f"exported {out / 'model.onnx'} ({report['size_mb']:.1f} MB); fusion: {report['fusion']}; "
+               f"int8: {report.get('int8_format', 'no')}; parity {report['parity']}: {detail}", err=True)
+    sys.stdout.write(json.dumps(report) + "\n")
+
+
 @app.command("demo")
 def demo_cmd(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="run directory (default: runs/demo-TIME)")] = None,
@@ -95,6 +119,41 @@ def demo_cmd(
     _print_final({"MiniLM, new head (before)": before, "MiniLM fine-tuned (after)": metrics["final"]},
                  title="slimtune demo: all-MiniLM-L6-v2 on SST-2 (dev split)")
     typer.echo(f"run directory: {out.resolve()}  (report: {out / 'report.md'})", err=True)
+
+
+@app.command("pack")
+def pack_cmd(
+    model_dir: Annotated[str, typer.Argument(help="quantized model directory")],
+    out: Annotated[Path, typer.Argument(help="packed file to write")],
+    codec: Annotated[str, typer.Option(help="entropy coder of the integer codes: ans or huffman")] = "ans",
+    compare: Annotated[bool, typer.Option(help="also report the other codec, gzip -9 and zstd -19 (slower)")] = False,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing OUT file")] = False,
+):
+    """Pack a quantized model directory into one entropy-coded file; prints the size report (JSON on stdout)."""
+    from rich.console import Console
+
+    from slimtune.pack import pack_model, pack_report_table
+
+    report = pack_model(model_dir, out, codec=codec, compare=compare, overwrite=overwrite)
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        console.width = 120
+    console.print(pack_report_table(report))
+    sys.stdout.write(json.dumps(report) + "\n")
+
+
+@app.command("unpack")
+def unpack_cmd(
+    packed: Annotated[Path, typer.Argument(help="file written by `slimtune pack`")],
+    out: Annotated[Path, typer.Argument(help="model directory to create")],
+    overwrite: Annotated[bool, typer.Option(help="replace an existing non-empty OUT")] = False,
+):
+    """Rebuild the model directory from a packed file (checksums verified before anything is written)."""
+    from slimtune.pack import unpack_model
+
+    path = unpack_model(packed, out, overwrite=overwrite)
+    typer.echo(f"unpacked {packed} into {path}", err=True)
+    sys.stdout.write(f"{path}\n")
 
 
 assets_app = typer.Typer(no_args_is_help=True, help="Large optional assets, installed from PyPI and set up on demand.")

@@ -83,6 +83,53 @@ def _load_pruned(path: Path) -> nn.Module:
 MODEL_LOADERS: dict[str, Callable[[Path], nn.Module]] = {"word-classifier": _load_word_classifier,
                                                           "pruned": _load_pruned}
 
+def _lowrank_overlay(model: nn.Module, spec: dict) -> None:
+    from slimtune.lowrank import apply_lowrank_skeleton_
+
+    apply_lowrank_skeleton_(model, spec)
+
+
+def _quantization_overlay(model: nn.Module, spec: dict) -> None:
+    from slimtune.quantize.core import apply_quantization_skeleton_
+
+    apply_quantization_skeleton_(model, spec)
+
+
+# config.json key -> fn(model, spec) that rebuilds a structural change (low-rank factors, quantized
+# modules) on a model built from its config, before the weights load. Applied in this order (a
+# quantized low-rank model quantizes the factors); a pruned model may carry both.
+MODEL_OVERLAYS: dict[str, Callable[[nn.Module, dict], None]] = {"slimtune_lowrank": _lowrank_overlay,
+                                                                 "slimtune_quantization": _quantization_overlay}
+
+
+def load_with_overlays(path: Path, config: dict) -> nn.Module:
+    """Build the model from its config (pruned shapes included), apply each overlay the config records,
+    then load every weight strictly from model.safetensors."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    if not (path / "model.safetensors").is_file():
+        raise SlimtuneError(f"{path}: no model.safetensors")
+    model = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(path, local_files_only=True))
+    if config.get("slimtune_format") == "pruned":
+        from slimtune.prune.structured import shrink_to_config
+
+        shrink_to_config(model)
+    for key, apply in MODEL_OVERLAYS.items():
+        if config.get(key):
+            apply(model, config[key])
+    try:
+        model.load_state_dict(load_file(path / "model.safetensors"), strict=True)
+    except RuntimeError as e:
+        raise SlimtuneError(f"{path}: weights do not match the structure its config records "
+                            f"({' '.join(str(e).split())[:300]})") from None
+    return model
+
+
+def has_overlays(config: dict) -> bool:
+    return any(config.get(key) for key in MODEL_OVERLAYS)
+
+
 # ------------------------------------------------------------------ Auto classes for pruned models
 # After `import slimtune`, AutoConfig / AutoModelForSequenceClassification must load head-pruned BERTs
 # (model_type "slimtune_pruned_bert", see slimtune.prune.structured). Importing transformers here would
@@ -202,6 +249,10 @@ def load_model(path: str | Path) -> nn.Module:
     path = resolve_model_path(path)
     config = read_config(path)
     fmt = config.get("slimtune_format")
+    if has_overlays(config):
+        if fmt not in (None, "pruned"):
+            raise SlimtuneError(f"{path}: slimtune_format '{fmt}' cannot carry low-rank or quantized layers")
+        return load_with_overlays(path, config).eval()
     if fmt:
         if fmt not in MODEL_LOADERS:
             raise SlimtuneError(f"{path}: unknown slimtune_format '{fmt}' (known: {', '.join(MODEL_LOADERS)})")
@@ -212,7 +263,7 @@ def load_model(path: str | Path) -> nn.Module:
 
     try:
         model = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: config and weights disagree in shape
         raise SlimtuneError(f"{path}: cannot load model ({str(e).splitlines()[0]})") from None
     return model.eval()
 

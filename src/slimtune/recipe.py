@@ -234,8 +234,63 @@ class PruneStage(Strict):
     seed: int = 42
 
 
-Stage = Annotated[FinetuneStage | DistillStage | PruneStage | EvaluateStage, Field(discriminator="stage")]
+class QATConfig(LoopConfig):
+    """Training with quantized weights in the forward pass (straight-through estimator), on the one
+    loop; optionally distilled from the full-precision model the stage started with."""
+
+    epochs: float = Field(1, gt=0)
+    distill_from_full: bool = True
+    temperature: float = Field(2.0, gt=0)
+    alpha: float = Field(0.5, ge=0, le=1, description="weight of the full-precision model's soft targets")
+
+
+class MixedPrecisionConfig(Strict):
+    """Per-layer bit widths from a sensitivity analysis, under a size budget."""
+
+    bits: list[int] = Field([8, 4], min_length=1, description="candidate weight bit widths per layer")
+    budget_bits: float = Field(6.0, gt=0, description="average bits per quantized weight allowed")
+    sensitivity: Literal["accuracy", "output_error"] = Field(
+        "output_error", description="rank layers by dev-accuracy drop, or by logit error on calibration data, "
+                                    "when only that layer is quantized to the lowest candidate")
+
+
+class QuantizeStage(Strict):
+    stage: Literal["quantize"]
+    method: Literal["dynamic_int8", "static_int8", "weight_only", "fixed_point", "binary", "ternary", "mixed",
+                    "qat"] = "dynamic_int8"
+    bits: int = Field(8, description="weight bits: weight_only and qat take 8 or 4")
+    group_size: int | None = Field(None, ge=1, description="weights per scale along the input dim (None: per "
+                                                             "output channel)")
+    symmetric: bool = Field(True, description="symmetric (zero point 0) or asymmetric weights/activations")
+    algorithm: Literal["rtn", "gptq", "awq"] = Field(
+        "rtn", description="weight_only: round-to-nearest, GPTQ error compensation or AWQ activation-aware scaling")
+    int_bits: int = Field(1, ge=0, le=15, description="fixed_point: integer bits m of Qm.n (sign bit extra)")
+    frac_bits: int = Field(6, ge=0, le=30, description="fixed_point: fraction bits n of Qm.n")
+    targets: list[str] | None = Field(None, description="module-name patterns (default: every encoder Linear)")
+    ignore: list[str] | None = Field(None, description="module-name patterns left in full precision")
+    embeddings: bool = Field(True, description="also store the word embeddings as int8 (per row)")
+    calibration_batches: int = Field(8, ge=1, description="train batches for activation ranges / GPTQ / AWQ")
+    calibration_batch_size: int = Field(16, ge=1)
+    mixed: MixedPrecisionConfig = MixedPrecisionConfig()
+    train: QATConfig | None = Field(None, description="binary / ternary / qat: the training (default: 1 epoch)")
+    seed: int = 42
+
+
+class LowrankStage(Strict):
+    stage: Literal["lowrank"]
+    rank: int | None = Field(None, ge=1, description="keep this many singular values per layer")
+    energy: float | None = Field(None, gt=0, le=1, description="or: the smallest rank keeping this share of "
+                                                                "the squared singular values")
+    targets: list[str] | None = Field(None, description="module-name patterns (default: every encoder Linear)")
+    ignore: list[str] | None = None
+    recover: RecoverConfig | None = None
+    seed: int = 42
+
+
+Stage = Annotated[FinetuneStage | DistillStage | PruneStage | QuantizeStage | LowrankStage | EvaluateStage,
+                  Field(discriminator="stage")]
 STAGE_TYPES: dict[str, type[Strict]] = {"finetune": FinetuneStage, "distill": DistillStage, "prune": PruneStage,
+                                        "quantize": QuantizeStage, "lowrank": LowrankStage,
                                         "evaluate": EvaluateStage}
 
 

@@ -138,15 +138,54 @@ def _rebuild_prune(run: RunState, cfg) -> None:
     rebuild_prune(run, cfg)
 
 
-# stage name -> handler(run, cfg) -> metrics; later stages (quantize...) register here.
+def _quantize(run: RunState, cfg) -> dict:
+    from slimtune.quantize.stage import run_quantize
+
+    return run_quantize(run, cfg)
+
+
+def _validate_quantize(run: RunState, cfg) -> None:
+    from slimtune.quantize.stage import validate_quantize
+
+    validate_quantize(run, cfg)
+
+
+def _rebuild_quantize(run: RunState, cfg) -> None:
+    from slimtune.quantize.stage import rebuild_quantize
+
+    rebuild_quantize(run, cfg)
+
+
+def _lowrank(run: RunState, cfg) -> dict:
+    from slimtune.lowrank import run_lowrank
+
+    return run_lowrank(run, cfg)
+
+
+def _validate_lowrank(run: RunState, cfg) -> None:
+    from slimtune.lowrank import validate_lowrank
+
+    validate_lowrank(run, cfg)
+
+
+def _rebuild_lowrank(run: RunState, cfg) -> None:
+    from slimtune.lowrank import rebuild_lowrank
+
+    rebuild_lowrank(run, cfg)
+
+
+# stage name -> handler(run, cfg) -> metrics
 STAGE_HANDLERS: dict[str, Callable[[RunState, object], dict]] = {
-    "finetune": _finetune, "distill": _distill, "prune": _prune, "evaluate": run_evaluate}
+    "finetune": _finetune, "distill": _distill, "prune": _prune, "quantize": _quantize, "lowrank": _lowrank,
+    "evaluate": run_evaluate}
 # Input checks a stage can make from configs alone, run before OUT is touched (bad input leaves nothing).
-STAGE_VALIDATORS: dict[str, Callable[[RunState, object], None]] = {"distill": _validate_distill}
+STAGE_VALIDATORS: dict[str, Callable[[RunState, object], None]] = {
+    "distill": _validate_distill, "quantize": _validate_quantize, "lowrank": _validate_lowrank}
 # Stages that change the model's structure (or tokenizer): on --resume past them, the runner rebuilds
 # that structure (without training) so the checkpoint's weights fit.
-STAGE_REBUILDERS: dict[str, Callable[[RunState, object], None]] = {"distill": _rebuild_distill,
-                                                                   "prune": _rebuild_prune}
+STAGE_REBUILDERS: dict[str, Callable[[RunState, object], None]] = {
+    "distill": _rebuild_distill, "prune": _rebuild_prune, "quantize": _rebuild_quantize,
+    "lowrank": _rebuild_lowrank}
 
 
 # ------------------------------------------------------------------------------------------- run
@@ -247,6 +286,7 @@ def _execute(recipe: Recipe, run: RunState, out: Path, store: CheckpointStore, c
     for i in range(first):  # finished before the resume: rebuild structure changes only
         cfg = recipe.stages[i]
         if cfg.stage in STAGE_REBUILDERS:
+            run.stage_index, run.stage_name = i, cfg.stage  # rebuilders read what their stage recorded
             console.print(f"stage {i}: {cfg.stage} (finished; rebuilding its model structure)")
             STAGE_REBUILDERS[cfg.stage](run, cfg)
     try:

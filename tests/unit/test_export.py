@@ -1,0 +1,114 @@
+"""`slimtune export`: ONNX graphs that onnxruntime + tokenizers alone can run, with a parity check."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from slimtune.errors import SlimtuneError
+from slimtune.export import OnnxClassifier, export_onnx
+from slimtune.models import load_model
+
+
+@pytest.fixture(scope="module")
+def classifier_dir(tmp_path_factory, tiny_model_dir):
+    """A tiny BERT classifier trained for a few steps on SST-2 rows (so int8 parity means something)."""
+    from slimtune.models import load_for_classification, load_tokenizer, save_hf_model
+
+    torch.manual_seed(0)
+    model = load_for_classification(tiny_model_dir, {0: "negative", 1: "positive"})
+    out = tmp_path_factory.mktemp("clf")
+    save_hf_model(model, load_tokenizer(tiny_model_dir), out, {"max_length": 64, "text_field": "text",
+                                                                "label_field": "label"})
+    return out
+
+
+def _tokenize(model_dir, texts):
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))  # tokenizers alone, no transformers
+    tok.enable_padding(pad_id=0)
+    enc = tok.encode_batch(texts)
+    return {"input_ids": np.array([e.ids for e in enc], dtype=np.int64),
+            "attention_mask": np.array([e.attention_mask for e in enc], dtype=np.int64),
+            "token_type_ids": np.array([e.type_ids for e in enc], dtype=np.int64)}
+
+
+def test_fp32_export_runs_with_onnxruntime_and_tokenizers_alone(classifier_dir, sst2_small, tmp_path):
+    import onnxruntime as ort
+    from transformers import AutoTokenizer
+
+    report = export_onnx(classifier_dir, tmp_path / "onnx", data=sst2_small[1], sample_size=40)
+    assert report["parity"] == "pass" and report["fp32_max_abs_diff"] <= 1e-4
+    out = tmp_path / "onnx"
+    assert {"model.onnx", "tokenizer.json", "config.json", "export.json"} <= {p.name for p in out.iterdir()}
+    texts = ["a gripping , funny film", "dull", "the plot goes nowhere and the actors seem bored to tears"]
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    feed = {k: v for k, v in _tokenize(out, texts).items() if k in {i.name for i in session.get_inputs()}}
+    got = session.run(["logits"], feed)[0]
+    model = load_model(classifier_dir)
+    enc = AutoTokenizer.from_pretrained(classifier_dir)(texts, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        want = model(**enc).logits.numpy()
+    assert got.shape == (3, 2) and np.abs(got - want).max() <= 1e-4  # other batch size and length than traced
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_int8_export_is_smaller_and_agrees(classifier_dir, sst2_small, tmp_path, mode):
+    report = export_onnx(classifier_dir, tmp_path / mode, quantize=mode, data=sst2_small[1], sample_size=64,
+                         optimize=False)
+    fp32 = export_onnx(classifier_dir, tmp_path / "fp32", optimize=False, sample_size=16)
+    assert report["parity"] == "pass" and abs(report["onnx_accuracy"] - report["torch_accuracy"]) <= 0.005
+    assert report["size_mb"] < fp32["size_mb"]
+    saved = json.loads((tmp_path / mode / "export.json").read_text())
+    assert saved["int8_format"].startswith(mode)
+
+
+def test_head_pruned_model_exports(classifier_dir, tmp_path):
+    from slimtune.prune import structured as st
+
+    model = load_model(classifier_dir)
+    st.prune_heads_(model, {0: [0]})  # keep 1 of 2 heads in layer 0
+    st.prune_ffn_(model, {0: torch.arange(40), 1: torch.arange(64)})
+    st.structured_config_update(model)
+    from slimtune.models import load_tokenizer, save_hf_model
+
+    save_hf_model(model, load_tokenizer(classifier_dir), tmp_path / "pruned")
+    report = export_onnx(tmp_path / "pruned", tmp_path / "onnx", sample_size=32)
+    assert report["parity"] == "pass"
+    assert "skipped" in report["fusion"]  # 1 head in layer 0, 2 in layer 1: no uniform attention fusion
+    clf = OnnxClassifier(tmp_path / "onnx" / "model.onnx")
+    batch = {"input_ids": torch.tensor([[101, 2204, 102]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
+    assert clf(batch).shape == (1, 2)
+
+
+def test_bad_input_leaves_nothing(classifier_dir, tmp_path):
+    with pytest.raises(SlimtuneError, match="static needs --data"):
+        export_onnx(classifier_dir, tmp_path / "a", quantize="static")
+    with pytest.raises(SlimtuneError, match="dynamic or static"):
+        export_onnx(classifier_dir, tmp_path / "b", quantize="int4")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    with pytest.raises(SlimtuneError, match="not empty"):
+        export_onnx(classifier_dir, tmp_path / "full")
+    cfg = json.loads((classifier_dir / "config.json").read_text())
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in classifier_dir.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    (broken / "config.json").write_text(json.dumps(cfg | {"id2label": {"0": "a", "1": "b", "2": "c"},
+                                                          "label2id": {"a": 0, "b": 1, "c": 2}}))
+    with pytest.raises(SlimtuneError):  # 3 labels in config, 2 outputs in the weights
+        export_onnx(broken, tmp_path / "c")
+    assert not any((tmp_path / n).exists() for n in ("a", "b", "c"))
+
+
+def test_cli_export(classifier_dir, tmp_path):
+    from helpers import slimtune
+
+    res = slimtune("export", classifier_dir, "--out", tmp_path / "onnx", "--no-optimize")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["parity"] == "pass" and "parity pass" in res.stderr
+    res = slimtune("export", classifier_dir, "--out", tmp_path / "x", "--format", "tflite")
+    assert res.returncode == 2 and "only onnx" in res.stderr and not (tmp_path / "x").exists()
