@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -16,28 +17,71 @@ def data_file(split: str) -> str:
     return str(shared if shared.is_file() else BUNDLED / f"{split}.jsonl")
 
 
-def measure(models: dict[str, Path], threads: int, rounds: int) -> dict[str, dict]:
+def export_onnx_cached(model_dir: Path, out: Path, quantize: str | None = None, optimize: bool = True) -> Path:
+    """`slimtune export` of a model dir (reused when OUT/export.json exists); returns OUT."""
+    from slimtune.export import export_onnx
+
+    if not (out / "export.json").is_file():
+        export_onnx(model_dir, out, quantize=quantize, data=Path(data_file("dev")), optimize=optimize,
+                    overwrite=True)
+    return out
+
+
+@dataclass
+class InMemory:
+    """A torch model that has no directory of its own (e.g. torch.ao dynamic int8, which cannot be
+    saved with save_pretrained): measured in place, with the tokenizer/config of `source`."""
+
+    model: object
+    source: Path
+    size_mb: float
+
+
+def _load(path, threads: int):
+    """(runner, model-or-None, tokenizer, config) for a model dir (torch) or an export dir (ONNX Runtime)."""
+    from slimtune.models import load_model, load_tokenizer, read_config
+
+    if isinstance(path, InMemory):
+        return path.model, path.model, load_tokenizer(path.source), read_config(path.source)
+    tok, config = load_tokenizer(path), read_config(path)
+    if (path / "model.onnx").is_file():
+        from slimtune.export import OnnxClassifier
+
+        return OnnxClassifier(path / "model.onnx", threads), None, tok, config
+    model = load_model(path)
+    return model, model, tok, config
+
+
+def measure(models: dict[str, Path | InMemory], threads: int, rounds: int) -> dict[str, dict]:
     """Dev accuracy, params, size on disk, and median batch-1 latency / batch-32 throughput over
-    `rounds` rounds interleaved across the models (so drifts of the machine hit every model alike)."""
+    `rounds` rounds interleaved across the models (so drifts of the machine hit every model alike).
+    A directory holding `model.onnx` (a `slimtune export`) runs in ONNX Runtime, any other in torch."""
     from slimtune.evaluate import classification_metrics, count_parameters, dir_size_mb, measure_speed, predict_logits
-    from slimtune.models import load_model, load_tokenizer
+    from slimtune.export import measure_onnx_speed
     from slimtune.runner import eval_dataset_for
 
     loaded, rows = {}, {}
-    for name, path in models.items():
-        model, tok = load_model(path), load_tokenizer(path)
-        label2id = {str(k): int(v) for k, v in model.config.label2id.items()}
+    for name, entry in models.items():
+        runner, model, tok, config = _load(entry, threads)
+        path = entry.source if isinstance(entry, InMemory) else Path(entry)
+        label2id = {str(k): int(v) for k, v in config["label2id"].items()}
         ds = eval_dataset_for(path, Path(data_file("dev")), tok, label2id, "text", "label")
         pad = int(tok.pad_token_id or 0)
-        pred = predict_logits(model, ds, pad_id=pad).argmax(-1)
-        id2label = {int(k): str(v) for k, v in model.config.id2label.items()}
-        acc = classification_metrics(ds.labels, pred.tolist(), id2label)["accuracy"]
-        loaded[name] = (model, ds, pad)
-        rows[name] = {"accuracy": acc, "params": count_parameters(model)[0], "size_mb": dir_size_mb(path),
+        logits = predict_logits(model, ds, pad_id=pad) if model is not None else runner.predict_logits(ds, pad)
+        id2label = {int(k): str(v) for k, v in config["id2label"].items()}
+        acc = classification_metrics(ds.labels, logits.argmax(-1).tolist(), id2label)["accuracy"]
+        loaded[name] = (runner, model, ds, pad)
+        size = (entry.size_mb if isinstance(entry, InMemory) else
+                (path / "model.onnx").stat().st_size / 1e6 if model is None else dir_size_mb(path))
+        rows[name] = {"accuracy": acc, "params": count_parameters(model)[0] if model is not None else None,
+                      "size_mb": size, "runtime": "torch" if model is not None else "onnxruntime",
                       "lat": [], "eps": []}
     for _ in range(rounds):
-        for name, (model, ds, pad) in loaded.items():
-            speed = measure_speed(model, ds, pad_id=pad, threads=threads, latency_runs=60, throughput_batches=12)
+        for name, (runner, model, ds, pad) in loaded.items():
+            if model is not None:
+                speed = measure_speed(model, ds, pad_id=pad, threads=threads, latency_runs=60, throughput_batches=12)
+            else:
+                speed = measure_onnx_speed(runner, ds, pad, latency_runs=60, throughput_batches=12)
             rows[name]["lat"].append(speed["latency_ms_b1"])
             rows[name]["eps"].append(speed["throughput_eps"])
     for row in rows.values():

@@ -92,9 +92,11 @@ def save_confusion_matrix(cm: dict, out_dir: Path) -> None:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(all, trainable); `parameters()` already yields tied/shared parameters once."""
+    """(all, trainable); `parameters()` already yields tied/shared parameters once. The integer codes of
+    quantized layers are buffers, not parameters, but they are the layer's weights: they count."""
     params = list(model.parameters())
-    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+    codes = sum(b.numel() for name, b in model.named_buffers() if name.endswith("qweight"))
+    return sum(p.numel() for p in params) + codes, sum(p.numel() for p in params if p.requires_grad)
 
 
 def dir_size_mb(path: Path) -> float:

@@ -104,8 +104,13 @@ def measure_onnx_speed(clf: OnnxClassifier, ds: EncodedDataset, pad_id: int, lat
 # ----------------------------------------------------------------------------------------- export
 def export_onnx(model_dir: str | Path, out: str | Path, *, quantize: str | None = None, data: Path | None = None,
                 optimize: bool = True, sample_size: int = 256, calibration_batches: int = 8,
-                threads: int | None = None, overwrite: bool = False) -> dict:
-    """Export a model directory to OUT (see the module docstring); returns the export report."""
+                threads: int | None = None, overwrite: bool = False, sample: EncodedDataset | None = None,
+                model: nn.Module | None = None, calibration: list[dict] | None = None) -> dict:
+    """Export a model directory to OUT (see the module docstring); returns the export report.
+
+    `sample` (labelled, already encoded) replaces --data for the parity check and calibration; `model`
+    is the in-memory model of `model_dir` when the caller has it (the runner), else it is loaded;
+    `calibration` (collated batches) replaces the sample's first batches for static calibration."""
     if quantize not in (None, "dynamic", "static"):
         raise SlimtuneError(f"--quantize {quantize!r}: expected dynamic or static")
     path = resolve_model_path(model_dir)
@@ -116,12 +121,15 @@ def export_onnx(model_dir: str | Path, out: str | Path, *, quantize: str | None 
     out = Path(out).expanduser().resolve()
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise SlimtuneError(f"{out}: output directory exists and is not empty (use --overwrite to replace it)")
-    if quantize == "static" and data is None:
+    if quantize == "static" and data is None and sample is None:
         raise SlimtuneError("--quantize static needs --data FILE: its activation ranges are calibrated on your text")
-    model = load_model(path)
+    model = load_model(path) if model is None else model
     tokenizer = load_tokenizer(path)
     check_consistent_config(model, path)
-    sample, labelled = _sample(path, model, tokenizer, data, sample_size)
+    if sample is not None:
+        labelled = True
+    else:
+        sample, labelled = _sample(path, model, tokenizer, data, sample_size)
     pad = int(tokenizer.pad_token_id or 0)
     plain = plain_float_model(model)
     report: dict = {"source": str(path), "quantize": quantize, "sample_size": len(sample), "labelled": labelled}
@@ -136,8 +144,12 @@ def export_onnx(model_dir: str | Path, out: str | Path, *, quantize: str | None 
         graph, report["fusion"] = (_maybe_fuse(plain, fp32, work, sample, pad, threads) if optimize
                                    else (fp32, "off"))
         if quantize:
-            graph, report["int8_format"] = _quantize(graph, work, quantize, plain, sample, pad, threads,
-                                                     calibration_batches, fused=graph != fp32)
+            scope = _quantization_scope(model, plain, graph)
+            batches = calibration or _sample_batches(sample, pad, calibration_batches)
+            if quantize == "static" and graph != fp32:  # its integer-op MatMul needs types the fused graph lacks
+                graph, report["fusion"] = fp32, report["fusion"] + "; static int8 quantizes the unfused graph"
+            graph, report["int8_format"] = _quantize(graph, work, quantize, scope, batches, sample, pad, threads,
+                                                     fused=graph != fp32)
             report.update(_int8_parity(model, OnnxClassifier(graph, threads), sample, pad, labelled))
             if report["parity"] == "fail":
                 raise SlimtuneError(f"{path}: int8 ONNX parity failed ({report['parity_detail']})")
@@ -288,8 +300,41 @@ def _maybe_fuse(model: nn.Module, fp32: Path, work: Path, ds: EncodedDataset, pa
     return fp32, f"dropped (fused {fused_ms:.0f} ms vs {plain_ms:.0f} ms unfused on the sample)"
 
 
-def _quantize(graph: Path, work: Path, mode: str, model: nn.Module, ds: EncodedDataset, pad: int,
-              threads: int | None, calibration_batches: int, fused: bool) -> tuple[Path, str]:
+def _quantization_scope(model: nn.Module, plain: nn.Module, graph: Path) -> dict:
+    """Which graph nodes ONNX Runtime may quantize. A plain model: every weight matmul and the embedding.
+    A slimtune-quantized model: exactly its quantized layers (found by their weights, which the float
+    export carries unchanged), so the deployed graph computes what the torch simulation computed."""
+    import onnx
+    from onnx import numpy_helper
+
+    g = onnx.load(str(graph), load_external_data=False).graph
+    weights = {init.name: init for init in g.initializer}
+    nodes = {n.name: n for n in g.node if n.op_type in ("MatMul", "Gemm") and any(i in weights for i in n.input)}
+    spec = (getattr(model.config, "slimtune_quantization", None) or {}).get("layers", {})
+    if not spec:
+        return {"exclude": [], "gather": True}
+    digests = {}
+    for name, node in nodes.items():
+        w = numpy_helper.to_array(weights[next(i for i in node.input if i in weights)])
+        digests[hash(np.ascontiguousarray(w.T if node.op_type == "MatMul" else w).tobytes())] = name
+    keep = set()
+    for layer, entry in spec.items():
+        if entry.get("kind", "linear") == "linear":
+            w = plain.get_submodule(layer).weight.detach().numpy()
+            keep.add(digests.get(hash(np.ascontiguousarray(w).tobytes())))
+    gather = any(entry.get("kind") == "embedding" for entry in spec.values())
+    return {"exclude": sorted(set(nodes) - keep), "gather": gather}
+
+
+def _sample_batches(ds: EncodedDataset, pad: int, n_batches: int) -> list[dict]:
+    order = batch_indices(ds.lengths, 16, shuffle=True, seed=0)[:n_batches]
+    if not order:
+        raise SlimtuneError("--quantize static: the calibration sample is empty")
+    return [collate(ds, idx, pad, with_labels=False) for idx in order]
+
+
+def _quantize(graph: Path, work: Path, mode: str, scope: dict, batches: list[dict], ds: EncodedDataset,
+              pad: int, threads: int | None, fused: bool) -> tuple[Path, str]:
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
@@ -297,19 +342,20 @@ def _quantize(graph: Path, work: Path, mode: str, model: nn.Module, ds: EncodedD
     extra = {"DefaultTensorType": onnx.TensorProto.FLOAT} if fused else {}
     if mode == "dynamic":
         dest = work / "int8-dynamic.onnx"
-        quantize_dynamic(str(graph), str(dest), per_channel=True, weight_type=QuantType.QInt8, extra_options=extra)
+        ops = ["MatMul", "Gemm"] + (["Gather"] if scope["gather"] else [])
+        quantize_dynamic(str(graph), str(dest), per_channel=True, weight_type=QuantType.QInt8, op_types_to_quantize=ops,
+                         nodes_to_exclude=scope["exclude"], extra_options=extra)
         return dest, "dynamic (integer ops)"
     # Static ranges only for the inputs of weight matmuls (what slimtune's static_int8 simulates in
     # torch): quantizing softmax outputs, attention score matmuls and residual adds with calibrated
     # min/max ranges cost 6.6 pt of SST-2 accuracy on MiniLM here.
-    weight_free = _activation_matmuls(graph)
+    excluded = _activation_matmuls(graph) + scope["exclude"]
     candidates = {}
     for fmt in (QuantFormat.QDQ, QuantFormat.QOperator):
         dest = work / f"int8-static-{fmt.name}.onnx"
-        quantize_static(str(graph), str(dest), _CalibrationReader(graph, ds, pad, calibration_batches),
-                        quant_format=fmt, per_channel=True, activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
-                        nodes_to_exclude=weight_free, extra_options=extra)
+        quantize_static(str(graph), str(dest), _CalibrationReader(graph, batches), quant_format=fmt,
+                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        op_types_to_quantize=["MatMul", "Gemm"], nodes_to_exclude=excluded, extra_options=extra)
         candidates[fmt.name] = (dest, _speed(dest, ds, pad, threads))
     best = min(candidates, key=lambda k: candidates[k][1])
     times = ", ".join(f"{k} {v[1]:.0f} ms" for k, v in candidates.items())
@@ -328,18 +374,14 @@ def _activation_matmuls(graph: Path) -> list[str]:
 
 
 class _CalibrationReader:
-    """Feeds the first N length-bucketed sample batches to ONNX Runtime's calibrator."""
+    """Feeds collated batches to ONNX Runtime's calibrator (as int64 arrays of the graph's inputs)."""
 
-    def __init__(self, graph: Path, ds: EncodedDataset, pad: int, n_batches: int):
+    def __init__(self, graph: Path, batches: list[dict]):
         import onnxruntime as ort
 
         names = [i.name for i in ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"]).get_inputs()]
-        order = batch_indices(ds.lengths, 16, shuffle=True, seed=0)[:n_batches]
-        if not order:
-            raise SlimtuneError("--quantize static: the calibration sample is empty")
         self.feeds = iter([{n: (b[n] if n in b else torch.zeros_like(b["input_ids"])).numpy().astype(np.int64)
-                            for n in names}
-                           for b in (collate(ds, idx, pad, with_labels=False) for idx in order)])
+                            for n in names} for b in batches])
 
     def get_next(self):
         return next(self.feeds, None)

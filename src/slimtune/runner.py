@@ -321,8 +321,13 @@ def _write_outputs(recipe: Recipe, run: RunState, out: Path, store: CheckpointSt
         final["size_mb"] = dir_size_mb(tmp)
         metrics = {"final": {k: final.get(k) for k in FINAL_KEYS} | _extras(final),
                    "stages": stage_metrics, "data": run.data.info, "base_model": recipe.model}
-        plain_hf = not getattr(getattr(run.model, "config", None), "slimtune_format", None)
+        config = getattr(run.model, "config", None)
+        plain_hf = not any(getattr(config, key, None) for key in
+                           ("slimtune_format", "slimtune_quantization", "slimtune_lowrank"))
         atomic_write_text(tmp / "README.md", model_card(recipe, metrics, run.data, plain_hf=plain_hf))
+    mode = int8_activations(run.model)
+    if mode:  # int8 runs deploy through ONNX Runtime: write that artifact and check it against torch
+        metrics["final"]["onnx"] = _export_int8(run, recipe, out, mode)
     save_confusion_matrix(final["confusion_matrix"], out)
     atomic_write_text(out / "recipe.yaml", recipe_to_yaml(recipe))
     atomic_write_text(out / "report.md", report_markdown(recipe, metrics))
@@ -332,6 +337,29 @@ def _write_outputs(recipe: Recipe, run: RunState, out: Path, store: CheckpointSt
         shutil.rmtree(old, ignore_errors=True)
     store.clear_best()
     return metrics
+
+
+def int8_activations(model: nn.Module) -> str | None:
+    """'dynamic' / 'static' when the model's quantized layers quantize their activations (int8 runs)."""
+    spec = getattr(getattr(model, "config", None), "slimtune_quantization", None) or {}
+    modes = {layer.get("activations") for layer in spec.get("layers", {}).values()} - {None}
+    return "static" if "static" in modes else modes.pop() if modes else None
+
+
+def _export_int8(run: RunState, recipe: Recipe, out: Path, mode: str) -> dict:
+    """OUT/onnx: the ONNX Runtime int8 model, its accuracy on the eval split next to the torch one.
+    Static ranges are calibrated on the very batches the quantize stage calibrated torch on."""
+    from slimtune.export import export_onnx
+    from slimtune.quantize.stage import calibration_batches
+
+    stage = next((s for s in reversed(recipe.stages) if getattr(s, "method", None) == "static_int8"), None)
+    batches = calibration_batches(run, stage) if mode == "static" and stage is not None else None
+    report = export_onnx(out / "model", out / "onnx", quantize=mode, sample=run.data.eval, model=run.model,
+                         overwrite=True, calibration=batches)
+    gap = 100 * abs(report["onnx_accuracy"] - report["torch_accuracy"])
+    console.print(f"ONNX Runtime int8 ({report['int8_format']}): accuracy {report['onnx_accuracy']:.4f}, "
+                  f"torch {report['torch_accuracy']:.4f} ({gap:.2f} pt apart) -> {out / 'onnx' / 'model.onnx'}")
+    return {k: report[k] for k in ("int8_format", "onnx_accuracy", "torch_accuracy", "size_mb", "fusion")}
 
 
 def _extras(final: dict) -> dict:

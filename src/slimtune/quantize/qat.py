@@ -1,0 +1,237 @@
+"""`stage: quantize` methods `binary`, `ternary` and `qat`: quantization-aware training.
+
+The target Linears are swapped for `FakeQuantLinear`s: the float weight stays a trainable *latent*
+weight, and every forward uses its quantized value (scales recomputed from the latent weight at every
+step), with gradients passed straight through to the latent weight (Bengio et al. 2013). Training runs
+on the one loop (`slimtune.train.train`), by default distilled from the full-precision model the stage
+started with. At the end `convert_qat_` hands the latent weights to `quantize_`, which computes the same
+codes the forward used: the saved model follows the quantized-model contract and gives the logits
+the trained fake-quant model gave.
+
+  binary   weights in {-a, +a} per output channel, a = mean|w| (XNOR-Net's optimal scale)
+  ternary  weights in {-a, 0, +a}, threshold 0.7 mean|w| (Ternary Weight Networks)
+  qat      int8 / int4 weights (symmetric or asymmetric, per channel or per group)
+With `embeddings: true` the word embeddings are trained fake-quantized too (int8 per row).
+
+Resume: the FakeQuant modules keep the parameter names of the modules they replace, so a training
+checkpoint taken mid-stage fits the prepared model and the loop resumes exactly. The stage-start
+weights (the teacher, the post-training-quantization baseline) are kept in OUT/checkpoints/, since
+after a kill the runner rebuilds earlier stages' structure but not their weights.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slimtune.distill.losses import soft_target_loss
+from slimtune.errors import SlimtuneError
+from slimtune.quantize.core import CONFIG_KEY, fake_quantize, layer_spec, quantize_
+from slimtune.quantize.stage import EMBEDDING_SPEC, quantize_targets, word_embedding_name
+from slimtune.recipe import QATConfig, QuantizeStage
+from slimtune.train import cross_entropy_loss, default_eval_fn, logits_of, model_inputs, seed_everything, train
+
+if TYPE_CHECKING:
+    from slimtune.runner import RunState
+
+QAT_METHODS = ("binary", "ternary", "qat")
+# Default learning rates when the recipe does not set `train.lr`. An Adam step moves a latent weight by
+# about lr, and a binary/ternary forward only changes when a weight crosses zero (or the ternary
+# threshold 0.7 mean|w|, ~0.03 in a BERT layer): at 1e-4 most codes would not move within one epoch,
+# so binary/ternary get 5x more. int8/int4 codes change with every rounding step (~scale/2, far
+# smaller), so QAT stays at the usual fine-tuning magnitude.
+DEFAULT_LR = {"binary": 5e-4, "ternary": 5e-4, "qat": 1e-4}
+
+
+def weight_spec(method: str, bits: int = 8, group_size: int | None = None, symmetric: bool = True) -> dict:
+    """The contract's per-layer entry for the Linear weights one QAT method trains."""
+    if method == "binary":
+        bits, scheme = 1, "binary"
+    elif method == "ternary":
+        bits, scheme = 2, "ternary"
+    elif method == "qat":
+        if bits not in (4, 8):
+            raise SlimtuneError(f"quantize: method qat takes bits 8 or 4 (got {bits})")
+        scheme = "symmetric" if symmetric else "asymmetric"
+    else:
+        raise SlimtuneError(f"quantize: {method} is not a QAT method ({', '.join(QAT_METHODS)})")
+    return layer_spec("linear", bits, scheme, group_size)
+
+
+def straight_through(w: torch.Tensor, spec: dict) -> torch.Tensor:
+    """The quantized value of `w` in the forward pass, an identity-like gradient in the backward pass.
+
+    binary / ternary use the clipped STE of Hubara, Courbariaux et al. (Binarized Neural Networks, 2016):
+    the gradient reaches a latent weight only while |w| <= 1, so a weight far outside the range the
+    codes cover stops growing (BinaryConnect clips the latent weights to [-1, 1] for the same reason).
+    We do not scale the gradient by a, as XNOR-Net's full derivative would: a is recomputed from the latent
+    weights every step, and Adam normalises gradient size per weight anyway. For transformer weights
+    (|w| ~ 0.05) the gate is open almost everywhere, i.e. this is the plain STE TWN trains with.
+    int8/int4 use the plain STE: with min/max scales no weight is clamped, so no gate applies.
+    """
+    q = fake_quantize(w.detach(), spec["bits"], spec["scheme"], spec["group_size"],
+                      per_tensor=spec.get("per_tensor", False))
+    passed = q + (w - w.detach())  # value exactly q (w - w is exactly 0), gradient 1
+    if spec["scheme"] in ("binary", "ternary"):
+        return torch.where(w.detach().abs() <= 1, passed, q)
+    return passed
+
+
+class FakeQuantLinear(nn.Module):
+    """A Linear whose forward uses its quantized weight. It holds the replaced Linear's own `weight` and
+    `bias` parameters under the same names, so optimizer, checkpoints and state dicts see no change."""
+
+    def __init__(self, linear: nn.Linear, spec: dict):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.spec = dict(spec)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, straight_through(self.weight, self.spec), self.bias)
+
+    def to_linear(self) -> nn.Linear:
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        linear.weight, linear.bias = self.weight, self.bias
+        return linear
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, spec={self.spec}"
+
+
+class FakeQuantEmbedding(nn.Module):
+    """The word embedding looked up from its int8 (per row) value, trained through the STE; holds the
+    replaced Embedding's `weight` under the same name."""
+
+    OPTIONS = ("padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
+
+    def __init__(self, embedding: nn.Embedding, spec: dict):
+        super().__init__()
+        self.options = {k: getattr(embedding, k) for k in self.OPTIONS}
+        self.weight = embedding.weight
+        self.spec = dict(spec)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, straight_through(self.weight, self.spec), *self.options.values())
+
+    def to_embedding(self) -> nn.Embedding:
+        embedding = nn.Embedding(*self.weight.shape, **self.options, device="meta")
+        embedding.weight = self.weight
+        return embedding
+
+
+def prepare_qat_(model: nn.Module, targets, spec: dict, embedding: str | None = None) -> None:
+    """Swap the named Linears (and the word embedding `embedding`, if given) for fake-quant modules."""
+    for name in targets:
+        linear = model.get_submodule(name)
+        if not isinstance(linear, nn.Linear):
+            raise SlimtuneError(f"quantize: {name} is a {type(linear).__name__}, not an nn.Linear")
+        model.set_submodule(name, FakeQuantLinear(linear, spec))
+    if embedding is not None:
+        model.set_submodule(embedding, FakeQuantEmbedding(model.get_submodule(embedding), EMBEDDING_SPEC))
+
+
+def convert_qat_(model: nn.Module, method: str = "qat"):
+    """Replace every fake-quant module by its real quantized module (same codes the forward used);
+    records `method` in the model's `slimtune_quantization` config. Returns `quantize_`'s per-layer report
+    ({name: {"bits", "scheme", "rel_error", "max_abs_error", ...}}: latent vs quantized weights)."""
+    specs = {}
+    for name, module in list(model.named_modules()):
+        if isinstance(module, FakeQuantLinear):
+            model.set_submodule(name, module.to_linear())
+        elif isinstance(module, FakeQuantEmbedding):
+            model.set_submodule(name, module.to_embedding())
+        else:
+            continue
+        specs[name] = dict(module.spec)
+    if not specs:
+        raise SlimtuneError("quantize: the model has no fake-quant module to convert (run prepare_qat_ first)")
+    return quantize_(model, specs, algorithm="rtn", method=method)
+
+
+# ------------------------------------------------------------------------------------------- stage
+def train_config(cfg: QuantizeStage) -> QATConfig:
+    """The recipe's `train`, or 1 epoch; the method's default lr unless the recipe sets one."""
+    tcfg = cfg.train or QATConfig()
+    if "lr" not in tcfg.model_fields_set:
+        tcfg = tcfg.model_copy(update={"lr": DEFAULT_LR[cfg.method]})
+    return tcfg
+
+
+def _loss_fn(teacher: nn.Module | None, tcfg: QATConfig):
+    if teacher is None:
+        return cross_entropy_loss
+
+    def loss_fn(m, batch):  # soft targets of the full-precision model, mixed with the labels
+        logits = logits_of(m(**model_inputs(batch)))
+        with torch.no_grad():
+            target = torch.softmax(logits_of(teacher(**model_inputs(batch))) / tcfg.temperature, dim=-1)
+        soft = soft_target_loss(logits, target, tcfg.temperature)
+        return tcfg.alpha * soft + (1 - tcfg.alpha) * F.cross_entropy(logits, batch["labels"])
+
+    return loss_fn
+
+
+def _stage_start_snapshot(run: RunState, model: nn.Module) -> None:
+    """Keep the stage-start weights; on resume, load them back (the earlier stages are not re-run)."""
+    from safetensors.torch import save_file
+
+    from slimtune.checkpoint import load_weights, state_dict_for_save
+
+    if run.checkpoints is None:
+        return
+    path = run.checkpoints.root / f"qat-start-s{run.stage_index}.safetensors"
+    if run.resume is not None and path.is_file():
+        load_weights(model, path)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(state_dict_for_save(model), str(tmp))
+    tmp.replace(path)
+
+
+def _accuracy(run: RunState, model: nn.Module) -> float:
+    return default_eval_fn(run.data.eval, run.pad_id)(model)["accuracy"]
+
+
+def run_qat(run: RunState, cfg: QuantizeStage) -> dict:
+    from slimtune.adapt.lora import is_peft
+
+    model = run.model
+    if is_peft(model):
+        raise SlimtuneError("quantize: the model is an unmerged LoRA adapter; set lora.save_adapter_only: false")
+    spec = weight_spec(cfg.method, cfg.bits, cfg.group_size, cfg.symmetric)
+    tcfg = train_config(cfg)
+    _stage_start_snapshot(run, model)
+    targets = list(quantize_targets(model, cfg))  # the Linears every quantize method picks
+    embedding = word_embedding_name(model) if cfg.embeddings else None
+
+    start_acc = _accuracy(run, model)
+    ptq = copy.deepcopy(model)  # quantized without training: what QAT has to beat
+    prepare_qat_(ptq, targets, spec, embedding)
+    convert_qat_(ptq, cfg.method)
+    ptq_acc = _accuracy(run, ptq)
+    del ptq
+
+    teacher = copy.deepcopy(model).eval().requires_grad_(False) if tcfg.distill_from_full else None
+    total = sum(p.numel() for p in model.parameters())
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)  # latent weights included
+    prepare_qat_(model, targets, spec, embedding)
+    seed_everything(cfg.seed)
+    loss_fn = _loss_fn(teacher, tcfg)
+    lr, bs = run.resolve_auto(tcfg, model, loss_fn)
+    res = train(model, run.data.train, run.data.eval, tcfg, run.train_context(), loss_fn=loss_fn, lr=lr,
+                batch_size=bs)
+    report = convert_qat_(model, cfg.method)
+    run.runner_state["quantize_spec"] = copy.deepcopy(getattr(model.config, CONFIG_KEY))  # rebuilt on --resume
+    return {"stage": "quantize", "method": cfg.method, "bits": spec["bits"], "scheme": spec["scheme"],
+            "group_size": cfg.group_size, "embeddings": cfg.embeddings,
+            "distilled": tcfg.distill_from_full, "start_accuracy": start_acc,
+            "accuracy_before_training": ptq_acc, "accuracy": _accuracy(run, model),
+            "epochs_run": res.epochs_run, "train": res.summary(), "layers": report,
+            "trainable_params": trained, "trainable_pct": round(100 * trained / total, 2)}
