@@ -17,6 +17,22 @@ def data_file(split: str) -> str:
     return str(shared if shared.is_file() else BUNDLED / f"{split}.jsonl")
 
 
+def run_missing(start: str, runs_dir: Path, runs: dict[str, list[dict]], max_length: int = 64) -> None:
+    """`slimtune.run` each recipe (its stages + a final accuracy-only evaluate) from model `start` on
+    SST-2 into RUNS_DIR/NAME, unless that run already finished (metrics.json exists)."""
+    import slimtune
+
+    for name, stages in runs.items():
+        out = runs_dir / name
+        if (out / "metrics.json").is_file():
+            continue
+        recipe = {"model": start, "data": {"train": data_file("train"), "eval": data_file("dev"),
+                                           "max_length": max_length},
+                  "stages": [*stages, {"stage": "evaluate", "speed": False}]}
+        print(f"{name} -> {out}", flush=True)
+        slimtune.run(recipe, out, overwrite=True, progress=False)
+
+
 def export_onnx_cached(model_dir: Path, out: Path, quantize: str | None = None, optimize: bool = True) -> Path:
     """`slimtune export` of a model dir (reused when OUT/export.json exists); returns OUT."""
     from slimtune.export import export_onnx

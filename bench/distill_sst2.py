@@ -4,7 +4,8 @@
 
 Trains (or reuses, when RUNS_DIR/NAME/metrics.json exists) with `slimtune.run`:
   minilm-alone      the bundled MiniLM fine-tuned on SST-2 train alone (3 epochs)
-  minilm-distilled  the same MiniLM distilled from the teacher (soft targets T=2, alpha 0.5, 3 epochs)
+  minilm-distilled  the same MiniLM distilled from the teacher (soft targets T=2, alpha 0.5, 3 epochs) on
+                    the train set plus teacher-labelled EDA copies (2 by default, the BiLSTM's transfer set)
   minilm-3layer     layers 0, 2, 4 of MiniLM, distilled (DistilBERT-style initialisation)
   bilstm            a word-level BiLSTM, embeddings initialised from the teacher's, distilled on the
                     train set plus teacher-labelled EDA copies (Tang et al. 2019; 2 copies by default)
@@ -26,12 +27,15 @@ from common import HERE, data_file, measure, report
 MAX_LEN = 64
 
 
-def student_runs(teacher: str, bilstm_copies: int) -> dict[str, dict]:
+def student_runs(teacher: str, bilstm_copies: int, minilm_copies: int = 2) -> dict[str, dict]:
     distill = {"stage": "distill", "teacher": teacher, "temperature": 2.0, "alpha": 0.5, "batch_size": 32,
                "seed": 42}
     return {
         "minilm-alone": {"stage": "finetune", "method": "full", "epochs": 3, "lr": 5e-5, "batch_size": 32, "seed": 42},
-        "minilm-distilled": distill | {"epochs": 3, "lr": 5e-5},
+        # the same teacher-labelled EDA transfer set as the BiLSTM (one teacher cache serves both)
+        "minilm-distilled": distill | {"epochs": 3, "lr": 5e-5,
+                                       "transfer_augment": {"copies": minilm_copies, "seed": 0} if minilm_copies
+                                       else None},
         "minilm-3layer": distill | {"student": {"from": "minilm", "layers": [0, 2, 4]}, "epochs": 3, "lr": 1e-4},
         "bilstm": distill | {"student": {"arch": "bilstm", "hidden": 256}, "epochs": 6, "lr": 2e-3, "batch_size": 64,
                              "alpha": 0.0 if bilstm_copies else 0.5,
@@ -39,10 +43,11 @@ def student_runs(teacher: str, bilstm_copies: int) -> dict[str, dict]:
     }
 
 
-def train_missing(teacher: str, runs_dir: Path, names: list[str], train_limit: int | None, bilstm_copies: int) -> None:
+def train_missing(teacher: str, runs_dir: Path, names: list[str], train_limit: int | None, bilstm_copies: int,
+                  minilm_copies: int) -> None:
     import slimtune
 
-    for name, stage in student_runs(teacher, bilstm_copies).items():
+    for name, stage in student_runs(teacher, bilstm_copies, minilm_copies).items():
         out = runs_dir / name
         if name not in names or (out / "metrics.json").is_file():
             continue
@@ -60,6 +65,7 @@ def main() -> None:
     ap.add_argument("--runs-dir", type=Path, default=HERE / "runs")
     ap.add_argument("--students", nargs="+", default=list(student_runs("", 0)))
     ap.add_argument("--bilstm-copies", type=int, default=2, help="EDA copies per example for the BiLSTM transfer set")
+    ap.add_argument("--minilm-copies", type=int, default=2, help="EDA copies per example for the distilled MiniLM")
     ap.add_argument("--train-limit", type=int, default=None)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--rounds", type=int, default=3)
@@ -69,7 +75,7 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     teacher = str(Path(args.teacher).resolve())
-    train_missing(teacher, args.runs_dir, args.students, args.train_limit, args.bilstm_copies)
+    train_missing(teacher, args.runs_dir, args.students, args.train_limit, args.bilstm_copies, args.minilm_copies)
     if args.train_only:
         return
 

@@ -24,7 +24,7 @@ import os
 from pathlib import Path
 
 import torch
-from common import HERE, data_file, export_onnx_cached, measure, report
+from common import HERE, export_onnx_cached, measure, report, run_missing
 
 RECOVER = {"lr": 5e-5, "batch_size": 32, "seed": 42}
 RUNS = {
@@ -40,19 +40,6 @@ RUNS = {
 }
 
 
-def train_missing(start: str, runs_dir: Path, names: list[str]) -> None:
-    import slimtune
-
-    for name in names:
-        out = runs_dir / name
-        if (out / "metrics.json").is_file():
-            continue
-        recipe = {"model": start, "data": {"train": data_file("train"), "eval": data_file("dev"), "max_length": 64},
-                  "stages": [{"stage": "prune", **RUNS[name]}, {"stage": "evaluate", "speed": False}]}
-        print(f"pruning {name} -> {out}", flush=True)
-        slimtune.run(recipe, out, overwrite=True, progress=False)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--start", required=True, help="fine-tuned model directory (the dense model)")
@@ -66,7 +53,7 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     start = str(Path(args.start).resolve())
-    train_missing(start, args.runs_dir, args.runs)
+    run_missing(start, args.runs_dir, {n: [{"stage": "prune", **RUNS[n]}] for n in args.runs})
     if args.train_only:
         return
 

@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from common import HERE, InMemory, data_file, export_onnx_cached, measure, report
+from common import HERE, InMemory, export_onnx_cached, measure, report, run_missing
 
 TRAIN = {"batch_size": 32, "seed": 42}
 RECIPES = {
@@ -42,19 +42,6 @@ RECIPES = {
 }
 EXPORT = {"static-int8": "static", "dynamic-int8": "dynamic", "mixed": "dynamic", "ternary": "dynamic",
           "lowrank": "dynamic"}
-
-
-def train_missing(start: str, runs_dir: Path) -> None:
-    import slimtune
-
-    for name, stages in RECIPES.items():
-        out = runs_dir / name
-        if (out / "metrics.json").is_file():
-            continue
-        recipe = {"model": start, "data": {"train": data_file("train"), "eval": data_file("dev"), "max_length": 64},
-                  "stages": [*stages, {"stage": "evaluate", "speed": False}]}
-        print(f"{name} -> {out}", flush=True)
-        slimtune.run(recipe, out, overwrite=True, progress=False)
 
 
 def peer_export(start: Path, out: Path) -> Path:
@@ -108,7 +95,7 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     start, runs = args.start.resolve(), args.runs_dir
-    train_missing(str(start), runs)
+    run_missing(str(start), runs, RECIPES)
     if args.train_only:
         return
 

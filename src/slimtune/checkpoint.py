@@ -111,6 +111,21 @@ class CheckpointStore:
             (self.root / name).unlink(missing_ok=True)
 
 
+def stage_start_snapshot(run, model: nn.Module) -> None:
+    """Keep the weights a stage starts from in OUT/checkpoints/, so a killed stage that cannot resume
+    mid-way (its structure changes as it runs) restarts from them; on resume, load them back."""
+    if run.checkpoints is None:
+        return
+    path = run.checkpoints.root / f"stage-start-s{run.stage_index}.safetensors"
+    if run.resume is not None and path.is_file():
+        load_weights(model, path)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(state_dict_for_save(model), str(tmp))
+    tmp.replace(path)
+
+
 def read_checkpoint(path: Path) -> tuple[dict, dict]:
     """(state.json, trainer.pt) of a complete checkpoint; trainer.pt is loaded weights-only."""
     state = json.loads((path / "state.json").read_text(encoding="utf-8"))

@@ -25,8 +25,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from slimtune.checkpoint import stage_start_snapshot
 from slimtune.errors import SlimtuneError
-from slimtune.prune.stage import _accuracy, _dense_snapshot, _recover
+from slimtune.prune.stage import _accuracy, _recover
 from slimtune.prune.unstructured import select_linears
 from slimtune.recipe import LowrankStage
 from slimtune.train import seed_everything
@@ -206,7 +207,7 @@ def run_lowrank(run: RunState, cfg: LowrankStage) -> dict:
         raise SlimtuneError(f"lowrank: a '{fmt}' model cannot be saved with low-rank layers")
     validate_lowrank(run, cfg)
     if cfg.recover is not None:  # recovery checkpoints: a resume restarts the stage from these weights
-        _dense_snapshot(run, model)
+        stage_start_snapshot(run, model)
     params_before = sum(p.numel() for p in model.parameters())
     start_acc = _accuracy(run, model)
     dense = copy.deepcopy(model) if cfg.recover and cfg.recover.distill_from_unpruned else None

@@ -16,9 +16,7 @@ import gzip
 import hashlib
 import heapq
 import json
-import os
 import struct
-import tempfile
 import zlib
 from importlib.metadata import version
 from pathlib import Path
@@ -28,6 +26,7 @@ import numpy as np
 import zstandard
 
 from slimtune.errors import SlimtuneError
+from slimtune.models import atomic_write_bytes
 
 MAGIC = b"SLIMPACK"
 VERSION = 1
@@ -330,7 +329,7 @@ def pack_model(model_dir: str | Path, out: str | Path, codec: str = "ans", compa
                             "tensor_stream_bytes": sum(len(s) for _, s in streams[c]),
                             "bits_per_weight": 8 * weight_bytes / weights}
     _rebuild(out, *_parse(blobs[codec], out))  # never write a file that does not decode back exactly
-    _atomic_write_bytes(out, blobs[codec])
+    atomic_write_bytes(out, blobs[codec])
     report = {"model_dir": str(model_dir), "out": str(out), "codec": codec, "packed_bytes": len(blobs[codec]),
               "quantized_weights": weights, "entropy_bits_per_weight": entropy / weights, "entropy_bytes": entropy / 8,
               "codecs": report_codecs, "safetensors_bytes": st_path.stat().st_size,
@@ -340,21 +339,6 @@ def pack_model(model_dir: str | Path, out: str | Path, codec: str = "ans", compa
         report["gzip9_bytes"] = len(gzip.compress(raw_tensors, compresslevel=9, mtime=0))
         report["zstd19_bytes"] = len(zstandard.ZstdCompressor(level=19).compress(raw_tensors))
     return report
-
-
-def _atomic_write_bytes(path: Path, content: bytes) -> None:
-    from slimtune.models import _publish_mode
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(content)
-        _publish_mode(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ------------------------------------------------------------------------------------------ unpack

@@ -11,6 +11,7 @@ partial output behind; each output file or directory appears in one rename.
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 import sys
@@ -102,90 +103,37 @@ def run_evaluate(run: RunState, cfg: EvaluateStage) -> dict:
     return {"stage": "evaluate", "split": run.data.info.get("eval_source", "eval"), **metrics}
 
 
-def _finetune(run: RunState, cfg) -> dict:
-    from slimtune.adapt.finetune import run_finetune
+def _lazy(module: str, name: str) -> Callable[[RunState, object], object]:
+    """`module.name(run, cfg)`, imported on first call: `import slimtune` stays cheap, and a stage's
+    heavy imports (peft, onnxruntime...) load only when a recipe uses it."""
 
-    return run_finetune(run, cfg)
+    def call(run: RunState, cfg):
+        return getattr(importlib.import_module(module), name)(run, cfg)
 
-
-def _distill(run: RunState, cfg) -> dict:
-    from slimtune.distill.stage import run_distill
-
-    return run_distill(run, cfg)
-
-
-def _validate_distill(run: RunState, cfg) -> None:
-    from slimtune.distill.stage import validate_distill
-
-    validate_distill(run, cfg)
-
-
-def _rebuild_distill(run: RunState, cfg) -> None:
-    from slimtune.distill.stage import rebuild_distill
-
-    rebuild_distill(run, cfg)
-
-
-def _prune(run: RunState, cfg) -> dict:
-    from slimtune.prune.stage import run_prune
-
-    return run_prune(run, cfg)
-
-
-def _rebuild_prune(run: RunState, cfg) -> None:
-    from slimtune.prune.stage import rebuild_prune
-
-    rebuild_prune(run, cfg)
-
-
-def _quantize(run: RunState, cfg) -> dict:
-    from slimtune.quantize.stage import run_quantize
-
-    return run_quantize(run, cfg)
-
-
-def _validate_quantize(run: RunState, cfg) -> None:
-    from slimtune.quantize.stage import validate_quantize
-
-    validate_quantize(run, cfg)
-
-
-def _rebuild_quantize(run: RunState, cfg) -> None:
-    from slimtune.quantize.stage import rebuild_quantize
-
-    rebuild_quantize(run, cfg)
-
-
-def _lowrank(run: RunState, cfg) -> dict:
-    from slimtune.lowrank import run_lowrank
-
-    return run_lowrank(run, cfg)
-
-
-def _validate_lowrank(run: RunState, cfg) -> None:
-    from slimtune.lowrank import validate_lowrank
-
-    validate_lowrank(run, cfg)
-
-
-def _rebuild_lowrank(run: RunState, cfg) -> None:
-    from slimtune.lowrank import rebuild_lowrank
-
-    rebuild_lowrank(run, cfg)
+    call.__name__ = f"{module}.{name}"
+    return call
 
 
 # stage name -> handler(run, cfg) -> metrics
 STAGE_HANDLERS: dict[str, Callable[[RunState, object], dict]] = {
-    "finetune": _finetune, "distill": _distill, "prune": _prune, "quantize": _quantize, "lowrank": _lowrank,
+    "finetune": _lazy("slimtune.adapt.finetune", "run_finetune"),
+    "distill": _lazy("slimtune.distill.stage", "run_distill"),
+    "prune": _lazy("slimtune.prune.stage", "run_prune"),
+    "quantize": _lazy("slimtune.quantize.stage", "run_quantize"),
+    "lowrank": _lazy("slimtune.lowrank", "run_lowrank"),
     "evaluate": run_evaluate}
 # Input checks a stage can make from configs alone, run before OUT is touched (bad input leaves nothing).
 STAGE_VALIDATORS: dict[str, Callable[[RunState, object], None]] = {
-    "distill": _validate_distill, "quantize": _validate_quantize, "lowrank": _validate_lowrank}
+    "distill": _lazy("slimtune.distill.stage", "validate_distill"),
+    "quantize": _lazy("slimtune.quantize.stage", "validate_quantize"),
+    "lowrank": _lazy("slimtune.lowrank", "validate_lowrank")}
 # Stages that change the model's structure (or tokenizer): on --resume past them, the runner rebuilds
 # that structure (without training) so the checkpoint's weights fit.
 STAGE_REBUILDERS: dict[str, Callable[[RunState, object], None]] = {
-    "distill": _rebuild_distill, "prune": _rebuild_prune, "quantize": _rebuild_quantize,
-    "lowrank": _rebuild_lowrank}
+    "distill": _lazy("slimtune.distill.stage", "rebuild_distill"),
+    "prune": _lazy("slimtune.prune.stage", "rebuild_prune"),
+    "quantize": _lazy("slimtune.quantize.stage", "rebuild_quantize"),
+    "lowrank": _lazy("slimtune.lowrank", "rebuild_lowrank")}
 
 
 # ------------------------------------------------------------------------------------------- run

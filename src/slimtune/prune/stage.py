@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from slimtune.batching import batch_indices, collate
+from slimtune.checkpoint import stage_start_snapshot
 from slimtune.distill.losses import soft_target_loss
 from slimtune.errors import SlimtuneError
 from slimtune.prune import structured as st
@@ -117,25 +118,6 @@ def _accuracy(run: RunState, model) -> float:
     return default_eval_fn(run.data.eval, run.pad_id)(model)["accuracy"]
 
 
-def _dense_snapshot(run: RunState, model) -> None:
-    """Keep the stage-start weights so a resumed run restarts this stage from them."""
-    from safetensors.torch import save_file
-
-    from slimtune.checkpoint import state_dict_for_save
-
-    if run.checkpoints is None:
-        return
-    path = run.checkpoints.root / f"prune-start-s{run.stage_index}.safetensors"
-    if run.resume is not None and path.is_file():
-        from slimtune.checkpoint import load_weights
-
-        load_weights(model, path)
-        return
-    tmp = path.with_suffix(".tmp")
-    save_file(state_dict_for_save(model), str(tmp))
-    tmp.replace(path)
-
-
 def _one_round(run: RunState, cfg: PruneStage, model, dense, method: str, share: float, phase: int,
                batches: list[dict], origin: dict | None) -> dict:
     seed_everything(cfg.seed + phase)
@@ -169,7 +151,7 @@ def run_prune(run: RunState, cfg: PruneStage) -> dict:
     model = run.model
     if is_peft(model):
         raise SlimtuneError("prune: the model is an unmerged LoRA adapter; set lora.save_adapter_only: false")
-    _dense_snapshot(run, model)
+    stage_start_snapshot(run, model)
     method = cfg.iterative.method if cfg.method == "iterative" else cfg.method
     if method in ("magnitude", "activation") and cfg.sparsity is None and cfg.threshold is None \
             and cfg.n_m is None:

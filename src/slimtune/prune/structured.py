@@ -420,21 +420,10 @@ def shrink_to_config(model: nn.Module) -> nn.Module:
 
 
 def load_pruned(path: str | Path) -> nn.Module:
-    """A `slimtune_format: pruned` directory: build from its config, shrink, load every weight strictly."""
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    """A `slimtune_format: pruned` directory: built from its config, shrunk, every weight loaded strictly."""
+    from slimtune.models import load_with_overlays, read_config
 
-    path = Path(path)
-    if not (path / "model.safetensors").is_file():
-        raise SlimtuneError(f"{path}: no model.safetensors (pruned models are saved as one safetensors file)")
-    model = shrink_to_config(AutoModelForSequenceClassification.from_config(
-        AutoConfig.from_pretrained(path, local_files_only=True)))
-    try:
-        model.load_state_dict(load_file(path / "model.safetensors"), strict=True)
-    except RuntimeError as e:
-        raise SlimtuneError(f"{path}: weights do not match the recorded pruned shapes "
-                            f"({' '.join(str(e).split())[:300]})") from None
-    return model
+    return load_with_overlays(Path(path), read_config(Path(path)))
 
 
 @functools.cache

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimtune.checkpoint import stage_start_snapshot
 from slimtune.distill.losses import soft_target_loss
 from slimtune.errors import SlimtuneError
 from slimtune.quantize.core import CONFIG_KEY, fake_quantize, layer_spec, quantize_
@@ -177,24 +178,6 @@ def _loss_fn(teacher: nn.Module | None, tcfg: QATConfig):
     return loss_fn
 
 
-def _stage_start_snapshot(run: RunState, model: nn.Module) -> None:
-    """Keep the stage-start weights; on resume, load them back (the earlier stages are not re-run)."""
-    from safetensors.torch import save_file
-
-    from slimtune.checkpoint import load_weights, state_dict_for_save
-
-    if run.checkpoints is None:
-        return
-    path = run.checkpoints.root / f"qat-start-s{run.stage_index}.safetensors"
-    if run.resume is not None and path.is_file():
-        load_weights(model, path)
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file(state_dict_for_save(model), str(tmp))
-    tmp.replace(path)
-
-
 def _accuracy(run: RunState, model: nn.Module) -> float:
     return default_eval_fn(run.data.eval, run.pad_id)(model)["accuracy"]
 
@@ -207,7 +190,7 @@ def run_qat(run: RunState, cfg: QuantizeStage) -> dict:
         raise SlimtuneError("quantize: the model is an unmerged LoRA adapter; set lora.save_adapter_only: false")
     spec = weight_spec(cfg.method, cfg.bits, cfg.group_size, cfg.symmetric)
     tcfg = train_config(cfg)
-    _stage_start_snapshot(run, model)
+    stage_start_snapshot(run, model)
     targets = list(quantize_targets(model, cfg))  # the Linears every quantize method picks
     embedding = word_embedding_name(model) if cfg.embeddings else None
 
