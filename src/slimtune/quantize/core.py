@@ -186,7 +186,8 @@ class QuantizedLinear(nn.Module):
 
 
 class QuantizedEmbedding(nn.Module):
-    """Rows stored as codes with one scale per row; a lookup dequantizes only the rows it reads."""
+    """Rows stored as codes with a scale per row (the same for every row with `per_tensor`); a lookup
+    dequantizes only the rows it reads."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None, spec: dict):
         super().__init__()

@@ -11,7 +11,7 @@ the trained fake-quant model gave.
   binary   weights in {-a, +a} per output channel, a = mean|w| (XNOR-Net's optimal scale)
   ternary  weights in {-a, 0, +a}, threshold 0.7 mean|w| (Ternary Weight Networks)
   qat      int8 / int4 weights (symmetric or asymmetric, per channel or per group)
-With `embeddings: true` the word embeddings are trained fake-quantized too (int8 per row).
+With `embeddings: true` the word embeddings are trained fake-quantized too (int8, one scale for the table).
 
 Resume: the FakeQuant modules keep the parameter names of the modules they replace, so a training
 checkpoint taken mid-stage fits the prepared model and the loop resumes exactly. The stage-start
@@ -106,7 +106,7 @@ class FakeQuantLinear(nn.Module):
 
 
 class FakeQuantEmbedding(nn.Module):
-    """The word embedding looked up from its int8 (per row) value, trained through the STE; holds the
+    """The word embedding looked up from its int8 value, trained through the STE; holds the
     replaced Embedding's `weight` under the same name."""
 
     OPTIONS = ("padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")

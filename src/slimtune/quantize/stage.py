@@ -1,5 +1,6 @@
 """`stage: quantize` — post-training quantization of the encoder's Linear weights (and, with
-`embeddings: true`, the word embeddings as int8 per row); QAT methods live in `slimtune.quantize.qat`.
+`embeddings: true`, the word embeddings as int8 with one scale for the table); QAT methods live in
+`slimtune.quantize.qat`.
 
   dynamic_int8  int8 weights per output channel (symmetric or asymmetric), int8 activations quantized
                 per call from their own range (ONNX Runtime's dynamic quantization, simulated exactly)
@@ -47,8 +48,8 @@ NO_GROUPS = ("dynamic_int8", "static_int8", "fixed_point")  # ORT int8 is per ch
 
 # ------------------------------------------------------------------------------------ validation
 # int8 with ONE scale for the whole table, as ONNX Runtime quantizes an embedding Gather: the torch
-# simulation then matches the deployed graph, and the codes of the many small entries use few distinct
-# values (on MiniLM: 4.6 bits/weight of entropy instead of 7.3 with a scale per row) for the packer.
+# simulation then matches the deployed graph, and most entries, small next to the table's largest,
+# use few distinct codes, which the packer stores in fewer bits than with a scale per row.
 EMBEDDING_SPEC = layer_spec(kind="embedding", bits=8, scheme="symmetric", per_tensor=True)
 
 
@@ -85,6 +86,9 @@ def quantize_targets(model: nn.Module, cfg: QuantizeStage) -> dict[str, nn.Linea
         targets = select_linears(model, cfg.targets, cfg.ignore)
     except SlimtuneError as e:
         raise SlimtuneError(f"quantize: {str(e).replace(' to prune', ' to quantize')}") from None
+    if cfg.targets is None:  # the pooler is as robust to int8 as the layers (the classifier stays float)
+        targets |= {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.endswith("pooler.dense")
+                    and not any(p in n for p in cfg.ignore or ())}
     if cfg.group_size is not None:
         for name, linear in targets.items():
             if linear.in_features % cfg.group_size:
@@ -122,6 +126,15 @@ def word_embedding_name(model: nn.Module) -> str:
         raise SlimtuneError(f"quantize: embeddings: {type(model).__name__} has no nn.Embedding word embedding "
                             f"(set embeddings: false)")
     return name
+
+
+def embedding_names(model: nn.Module) -> list[str]:
+    """Every embedding table next to the word embedding (positions, token types too): ONNX Runtime
+    quantizes each of their Gathers, so the torch simulation does the same."""
+    word = word_embedding_name(model)
+    parent = word.rsplit(".", 1)[0] + "." if "." in word else ""
+    return [word] + [n for n, m in model.named_modules()
+                     if isinstance(m, nn.Embedding) and n != word and n.startswith(parent)]
 
 
 def _weight_spec(cfg: QuantizeStage, bits: int | None = None) -> dict:
@@ -176,7 +189,7 @@ def run_quantize(run: RunState, cfg: QuantizeStage) -> dict:
     if cfg.method == "fixed_point":
         extra["saturated"] = _saturation(targets, cfg)
     if cfg.embeddings:
-        specs[word_embedding_name(model)] = EMBEDDING_SPEC
+        specs |= {name: EMBEDDING_SPEC for name in embedding_names(model)}
     # static int8: activation ranges of the float model, as ONNX Runtime calibrates them
     ranges = observe_input_ranges(model, targets, batches) if cfg.method == "static_int8" else None
     algorithm = cfg.algorithm if cfg.method == "weight_only" else "rtn"
