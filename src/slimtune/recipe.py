@@ -177,6 +177,9 @@ class DistillStage(LoopConfig):
     student: StudentSpec = StudentSpec()
     temperature: float = Field(2.0, gt=0)
     alpha: float = Field(0.5, ge=0, le=1, description="weight of the soft-target loss; 1 - alpha: hard labels")
+    soft_loss: Literal["kl", "mse"] = Field(
+        "kl", description="kl: KL of the T-softened distributions x T^2 (Hinton et al.); mse: squared error "
+                          "of the centred logits (Tang et al. 2019, for small non-transformer students)")
     intermediate: IntermediateConfig | None = None
     transfer_augment: AugmentConfig | None = Field(
         None, description="EDA copies of the train texts, labelled by the teacher only (TinyBERT)")

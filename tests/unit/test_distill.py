@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import slimtune
 import slimtune.predict
-from slimtune.distill.losses import layer_mapping, soft_target_loss
+from slimtune.distill.losses import layer_mapping, logit_mse_loss, soft_target_loss
 from slimtune.distill.teachers import combine_teachers
 
 EVAL = {"stage": "evaluate", "speed": False}
@@ -61,6 +61,16 @@ def test_soft_target_loss_is_zero_for_the_teachers_own_distribution_and_scales_w
     other = torch.randn(8, 3)
     kl = F.kl_div(F.log_softmax(other / 4, -1), torch.softmax(logits / 4, -1), reduction="batchmean")
     assert torch.allclose(soft_target_loss(other, torch.softmax(logits / 4, -1), 4.0), kl * 16)
+
+
+def test_logit_mse_recovers_the_teachers_logits_from_its_softened_distribution():
+    teacher = torch.randn(8, 3) * 3
+    soft = torch.softmax(teacher / 2.0, -1)
+    assert logit_mse_loss(teacher + 5.0, soft, 2.0) < 1e-8  # a constant shift is not an error
+    student = torch.randn(8, 3)
+    centred = lambda z: z - z.mean(-1, keepdim=True)  # noqa: E731
+    want = ((centred(student) - centred(teacher)) ** 2).mean()
+    assert torch.allclose(logit_mse_loss(student, soft, 2.0), want, atol=1e-4)
 
 
 def test_uniform_mapping_follows_tinybert_and_explicit_pairs_are_checked():
@@ -153,10 +163,12 @@ def test_teacher_outputs_are_cached_and_a_cache_for_other_data_is_refused(tmp_pa
 
 
 def test_augmented_transfer_set_is_labelled_by_the_teacher_only(tmp_path, teacher_dir, sst2_small):
+    # alpha 1 + logit MSE (Tang et al.): the augmented rows, which have no labels, carry all the loss
     stage = DISTILL | {"teacher": str(teacher_dir), "student": {"layers": [0]}, "max_steps": 2,
-                       "transfer_augment": {"copies": 2, "seed": 0}}
+                       "transfer_augment": {"copies": 2, "seed": 0}, "alpha": 1.0, "soft_loss": "mse"}
     m = slimtune.run(recipe(teacher_dir, sst2_small, stage), tmp_path / "out", progress=False)
     assert m["stages"][0]["transfer_rows"] == 900 and m["stages"][0]["augmented_transfer_rows"] == 600
+    assert m["stages"][0]["soft_loss"] == "mse"
 
 
 def test_two_teachers_with_weights(tmp_path, teacher_dir, sst2_small):

@@ -23,6 +23,15 @@ def soft_target_loss(student_logits: torch.Tensor, soft_targets: torch.Tensor, t
     return F.kl_div(log_p, soft_targets, reduction="batchmean") * temperature**2
 
 
+def logit_mse_loss(student_logits: torch.Tensor, soft_targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Tang et al. 2019: MSE between student and teacher logits. Only the teacher's T-softened
+    distribution is cached; T·log p recovers its logits up to a per-example constant, so both sides
+    are centred (a softmax is blind to that constant anyway)."""
+    teacher = temperature * torch.log(soft_targets.clamp_min(1e-12))
+    center = lambda z: z - z.mean(-1, keepdim=True)  # noqa: E731
+    return F.mse_loss(center(student_logits), center(teacher))
+
+
 def layer_mapping(rule, n_student: int, n_teacher: int) -> list[tuple[int, int]]:
     """(student, teacher) hidden-state indices; 0 is the embedding output, i the output of layer i."""
     if rule == "uniform":  # student layer s learns from teacher layer s * Lt / Ls (TinyBERT's g(m))
@@ -68,19 +77,20 @@ def _attention_kl(teacher_att: torch.Tensor, student_att: torch.Tensor, mask: to
 
 def make_distill_loss(*, temperature: float, alpha: float, mapping: list[tuple[int, int]] | None = None,
                       granularity: str = "pooled", use_mse: bool = False, use_attention: bool = False,
-                      weight: float = 1.0, online_teacher: nn.Module | None = None):
+                      weight: float = 1.0, online_teacher: nn.Module | None = None, soft_loss: str = "kl"):
     """loss_fn(model: DistillModel, batch) for `train`. The batch carries `soft_targets` [B, C],
     `labelled` [B] (hard loss only on examples with a trusted label) and, for pooled matching,
     `pooled{t}` [B, Ht] teacher states; token-level matching runs `online_teacher` on the batch."""
     mapping = mapping or []
     need_hidden = bool(mapping) and use_mse
+    soft_fn = logit_mse_loss if soft_loss == "mse" else soft_target_loss
 
     def loss_fn(model: DistillModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         inputs = model_inputs(batch)
         out = model.student(**inputs, **({"output_hidden_states": True} if need_hidden else {}),
                             **({"output_attentions": True} if use_attention else {}))
         logits = out.logits
-        loss = alpha * soft_target_loss(logits, batch["soft_targets"], temperature) if alpha > 0 else 0.0
+        loss = alpha * soft_fn(logits, batch["soft_targets"], temperature) if alpha > 0 else 0.0
         labelled = batch["labelled"]
         if alpha < 1 and bool(labelled.any()):
             loss = loss + (1 - alpha) * F.cross_entropy(logits[labelled], batch["labels"][labelled])

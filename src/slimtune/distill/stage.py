@@ -176,7 +176,8 @@ def run_distill(run: RunState, cfg: DistillStage) -> dict:
                                 granularity=setup.granularity, use_mse="mse" in _losses(cfg),
                                 use_attention="attention" in _losses(cfg),
                                 weight=cfg.intermediate.weight if cfg.intermediate else 0.0,
-                                online_teacher=setup.teachers[0].model if setup.granularity == "token" else None)
+                                online_teacher=setup.teachers[0].model if setup.granularity == "token" else None,
+                                soft_loss=cfg.soft_loss)
     ctx = run.train_context()
     ctx.pad_id = pad
     lr, bs = run.resolve_auto(cfg, model, loss_fn, train_ds=train_ds, make_batch=make_batch)
@@ -186,7 +187,7 @@ def run_distill(run: RunState, cfg: DistillStage) -> dict:
     return {"stage": "distill", "student": student.kind, "student_source": student.source,
             "teachers": [{"model": t.name, "weight": t.weight, "params": sum(p.numel() for p in t.model.parameters()),
                           "dev_accuracy": teacher_acc[t.name]} for t in setup.teachers],
-            "combine": cfg.combine, "temperature": cfg.temperature, "alpha": cfg.alpha,
+            "combine": cfg.combine, "temperature": cfg.temperature, "alpha": cfg.alpha, "soft_loss": cfg.soft_loss,
             "intermediate": {"mapping": [list(p) for p in setup.mapping], "granularity": setup.granularity,
                              "loss": cfg.intermediate.loss} if cfg.intermediate else None,
             "transfer_rows": len(setup.texts), "augmented_transfer_rows": len(setup.texts) - sum(setup.labelled),
