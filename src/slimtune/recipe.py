@@ -220,6 +220,8 @@ class PruneStage(Strict):
     norm: Literal["l1", "l2", "none"] = "l1"
     schedule: Literal["oneshot", "gradual"] = Field(
         "oneshot", description="magnitude: gradual = cubic schedule (Zhu & Gupta) during recovery")
+    gradual_end: float = Field(0.8, gt=0, le=1, description="gradual: share of the recovery steps by which the "
+                                                            "final sparsity is reached; the rest recovers at it")
     n_m: tuple[int, int] | None = Field(None, description="activation: N:M sparsity, e.g. [2, 4]")
     targets: list[str] | None = Field(None, description="module-name patterns (default: encoder Linears)")
     ignore: list[str] | None = None

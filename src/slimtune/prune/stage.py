@@ -131,7 +131,7 @@ def _one_round(run: RunState, cfg: PruneStage, model, dense, method: str, share:
         steps = optimizer_steps(len(run.data.train), run.resolve_auto(cfg.recover, model, cross_entropy_loss)[1],
                                 cfg.recover)
         pruner = un.GradualPruner(model, cfg.sparsity * share, steps, scope=cfg.scope, norm=cfg.norm,
-                                  targets=cfg.targets, ignore=cfg.ignore)
+                                  targets=cfg.targets, ignore=cfg.ignore, end_frac=cfg.gradual_end)
     else:
         record |= _masks_(model, cfg, method, batches, share)
     record |= _recover(run, cfg, model, dense, phase, pruner)
