@@ -7,7 +7,7 @@ Trains (or reuses, when RUNS_DIR/NAME/metrics.json exists) with `slimtune.run`, 
   magnitude-80       gradual magnitude to 80% (cubic schedule, global) reached half-way through 6
                      recovery epochs distilled from the unpruned model
   activation-2:4     Wanda 2:4 from 8 calibration batches + 1 recovery epoch
-  structured         1/3 of heads + 1/2 of FFN neurons removed (gradient importance) + 3 epochs of
+  structured         1/3 of heads + 1/2 of FFN neurons removed (gradient importance) + 2 epochs of
                      recovery distilled from the unpruned model
   iterative          3 rounds of structured pruning to the same amounts, 1 recovery epoch each,
                      stopping past a 1-point drop
@@ -35,9 +35,8 @@ RUNS = {
                      "scope": "global",
                      "recover": RECOVER | {"epochs": 6, "lr": 1e-4, "distill_from_unpruned": True, "alpha": 0.8}},
     "activation-2:4": {"method": "activation", "n_m": [2, 4], "recover": RECOVER | {"epochs": 1}},
-    # 2 recovery epochs at lr 5e-5, alpha 0.5 left it 1.4 pt below the dense model
     "structured": {"method": "structured", "heads": 0.33, "ffn": 0.5,
-                   "recover": RECOVER | {"epochs": 3, "lr": 1e-4, "distill_from_unpruned": True, "alpha": 0.8}},
+                   "recover": RECOVER | {"epochs": 2, "distill_from_unpruned": True}},
     "iterative": {"method": "iterative", "heads": 0.33, "ffn": 0.5,
                   "iterative": {"rounds": 3, "method": "structured", "max_drop": 0.01},
                   "recover": RECOVER | {"epochs": 1, "distill_from_unpruned": True}},
