@@ -302,8 +302,12 @@ def _export_int8(run: RunState, recipe: Recipe, out: Path, mode: str) -> dict:
 
     stage = next((s for s in reversed(recipe.stages) if getattr(s, "method", None) == "static_int8"), None)
     batches = calibration_batches(run, stage) if mode == "static" and stage is not None else None
-    report = export_onnx(out / "model", out / "onnx", quantize=mode, sample=run.data.eval, model=run.model,
-                         overwrite=True, calibration=batches)
+    try:
+        report = export_onnx(out / "model", out / "onnx", quantize=mode, sample=run.data.eval, model=run.model,
+                             overwrite=True, calibration=batches)
+    except SlimtuneError as e:  # the torch model is finished and saved: report, don't lose the run
+        console.print(f"[yellow]warning[/yellow]: no ONNX int8 artifact: {e}")
+        return {"error": str(e)}
     gap = 100 * abs(report["onnx_accuracy"] - report["torch_accuracy"])
     console.print(f"ONNX Runtime int8 ({report['int8_format']}): accuracy {report['onnx_accuracy']:.4f}, "
                   f"torch {report['torch_accuracy']:.4f} ({gap:.2f} pt apart) -> {out / 'onnx' / 'model.onnx'}")
