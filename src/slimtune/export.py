@@ -346,8 +346,9 @@ def _quantize(graph: Path, work: Path, mode: str, scope: dict, batches: list[dic
     if mode == "dynamic":
         dest = work / "int8-dynamic.onnx"
         ops = ["MatMul", "Gemm"] + (["Gather"] if scope["gather"] else [])
+        # MatMulConstBOnly: only weight matmuls, as slimtune's torch simulation (not the attention ones)
         quantize_dynamic(str(graph), str(dest), per_channel=True, weight_type=QuantType.QInt8, op_types_to_quantize=ops,
-                         nodes_to_exclude=scope["exclude"], extra_options=extra)
+                         nodes_to_exclude=scope["exclude"], extra_options=extra | {"MatMulConstBOnly": True})
         return dest, "dynamic (integer ops)", parity(dest)
     # Static ranges only for the inputs of weight matmuls (what slimtune's static_int8 simulates in
     # torch): quantizing softmax outputs, attention score matmuls and residual adds with calibrated

@@ -47,10 +47,11 @@ NO_GROUPS = ("dynamic_int8", "static_int8", "fixed_point")  # ORT int8 is per ch
 
 
 # ------------------------------------------------------------------------------------ validation
-# int8 with ONE scale for the whole table, as ONNX Runtime quantizes an embedding Gather: the torch
-# simulation then matches the deployed graph, and most entries, small next to the table's largest,
-# use few distinct codes, which the packer stores in fewer bits than with a scale per row.
-EMBEDDING_SPEC = layer_spec(kind="embedding", bits=8, scheme="symmetric", per_tensor=True)
+# 8 bits with ONE scale and zero point for the whole table, as ONNX Runtime quantizes an embedding
+# Gather (uint8, asymmetric, per tensor): the torch simulation then matches the deployed graph, and
+# most entries, small next to the table's extremes, use few distinct codes, which the packer stores
+# in fewer bits than with a scale per row.
+EMBEDDING_SPEC = layer_spec(kind="embedding", bits=8, scheme="asymmetric", per_tensor=True)
 
 
 def check_config(cfg: QuantizeStage) -> None:
