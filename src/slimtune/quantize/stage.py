@@ -30,7 +30,6 @@ from slimtune.quantize.core import (
     apply_quantization_skeleton_,
     calibrate_activations_,
     layer_spec,
-    observe_input_ranges,
     quantize_,
     quantized_size_bytes,
 )
@@ -191,12 +190,12 @@ def run_quantize(run: RunState, cfg: QuantizeStage) -> dict:
         extra["saturated"] = _saturation(targets, cfg)
     if cfg.embeddings:
         specs |= {name: EMBEDDING_SPEC for name in embedding_names(model)}
-    # static int8: activation ranges of the float model, as ONNX Runtime calibrates them
-    ranges = observe_input_ranges(model, targets, batches) if cfg.method == "static_int8" else None
     algorithm = cfg.algorithm if cfg.method == "weight_only" else "rtn"
     report = quantize_(model, specs, batches, algorithm=algorithm, method=cfg.method)
-    if ranges is not None:
-        extra["activation_ranges"] = calibrate_activations_(model, batches, ranges)
+    if cfg.method == "static_int8":
+        # ranges observed with the int8 weights (and embeddings) in place and float activations: the
+        # graph ONNX Runtime calibrates is the exported, dequantized one, i.e. exactly this model
+        extra["activation_ranges"] = calibrate_activations_(model, batches)
     if cfg.method == "fixed_point":
         for name, share in extra.pop("saturated").items():
             report[name]["saturated"] = share
