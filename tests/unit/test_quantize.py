@@ -340,9 +340,9 @@ def test_quantize_stage_saves_a_model_that_loads_back_with_identical_logits(tmp_
     s = m["stages"][0]
     assert s["stage"] == "quantize" and s["method"] == STAGE_CASES[case]["method"]
     assert s["size_bytes_quantized"] < s["size_bytes_before"] and s["calibration"]["batches"] == 2
-    # 12 encoder Linears + the pooler; with embeddings: word, position and token-type tables (as ORT)
-    assert len(s["layers"]) == 13 + 3 * (STAGE_CASES[case].get("embeddings", True))
-    assert "bert.pooler.dense" in s["layers"] and "classifier" not in s["layers"]
+    # 12 encoder Linears; with embeddings: word, position and token-type tables (as ORT)
+    assert len(s["layers"]) == 12 + 3 * (STAGE_CASES[case].get("embeddings", True))
+    assert "bert.pooler.dense" not in s["layers"] and "classifier" not in s["layers"]
     assert all(v["rel_error"] < 1 for v in s["layers"].values())
     assert m["final"]["accuracy"] == s["accuracy"]
     config = json.loads((tmp_path / "out" / "model" / "config.json").read_text())
@@ -353,7 +353,7 @@ def test_quantize_stage_saves_a_model_that_loads_back_with_identical_logits(tmp_
         assert all("saturated" in v and "max_abs_error" in v for k, v in s["layers"].items() if ENCODER in k)
     if case == "mixed":
         assert s["average_bits"] <= 5 and set(s["bits_per_layer"].values()) <= {2, 4, 8}
-        assert len(s["sensitivity"]["per_layer"]) == 13  # with the pooler
+        assert len(s["sensitivity"]["per_layer"]) == 12
 
 
 def test_lora_adapter_is_merged_before_quantization(tmp_path, tiny_model_dir, sst2_small):

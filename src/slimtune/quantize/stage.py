@@ -86,9 +86,6 @@ def quantize_targets(model: nn.Module, cfg: QuantizeStage) -> dict[str, nn.Linea
         targets = select_linears(model, cfg.targets, cfg.ignore)
     except SlimtuneError as e:
         raise SlimtuneError(f"quantize: {str(e).replace(' to prune', ' to quantize')}") from None
-    if cfg.targets is None:  # the pooler is as robust to int8 as the layers (the classifier stays float)
-        targets |= {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.endswith("pooler.dense")
-                    and not any(p in n for p in cfg.ignore or ())}
     if cfg.group_size is not None:
         for name, linear in targets.items():
             if linear.in_features % cfg.group_size:
