@@ -150,7 +150,7 @@ def main() -> None:
         gap = 100 * (peer["accuracy"] - rows[b]["accuracy"])
         checks.append(f"best ({b}): b=32 {speed:.2f}x, b=1 {lat:.2f}x the peer, {gap:.2f} pt below it: "
                       f"{'PASS' if speed >= 1.3 and gap <= 1 else 'FAIL'} (target >= 1.3x at <= 1 pt)")
-    pk = packed["static-int8 (static ORT)"]
+    pk = packed["dynamic-int8 (dynamic ORT)"]
     checks.append(f"packed int8 {pk:.1f} MB = 1/{fp32_st / pk:.1f} of fp32 safetensors {fp32_st:.1f} MB: "
                   f"{'PASS' if pk <= fp32_st / 5 else 'FAIL'} (target <= 1/5)")
     report(lines, checks, rows, args.out_md, args.out_json)

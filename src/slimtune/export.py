@@ -319,8 +319,8 @@ def _quantization_scope(model: nn.Module, plain: nn.Module, graph: Path) -> dict
         w = numpy_helper.to_array(weights[next(i for i in node.input if i in weights)])
         digests[hash(np.ascontiguousarray(w.T if node.op_type == "MatMul" else w).tobytes())] = name
     keep = set()
-    for layer, entry in spec.items():
-        if entry.get("kind", "linear") == "linear":
+    for layer, entry in spec.items():  # weight-only layers run float in torch: ORT must not quantize them
+        if entry.get("kind", "linear") == "linear" and entry.get("activations"):
             w = plain.get_submodule(layer).weight.detach().numpy()
             keep.add(digests.get(hash(np.ascontiguousarray(w).tobytes())))
     # The embedding tables stay float: their values already sit on slimtune's int8 grid, and ORT's own

@@ -134,6 +134,14 @@ def embedding_names(model: nn.Module) -> list[str]:
                      if isinstance(m, nn.Embedding) and n != word and n.startswith(parent)]
 
 
+def _pooler(model: nn.Module, cfg: QuantizeStage) -> list[str]:
+    """The pooler's Linear, stored int8 but computed in float: ONNX Runtime's int8 quantizers leave its
+    Gemm float (dynamic) or would quantize its input (static), so only a weight-only pooler keeps the
+    torch simulation and the deployed graph identical; its codes still shrink the packed file."""
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.endswith("pooler.dense")
+            and not any(p in n for p in cfg.ignore or ())]
+
+
 def _weight_spec(cfg: QuantizeStage, bits: int | None = None) -> dict:
     scheme = "symmetric" if cfg.symmetric else "asymmetric"
     if cfg.method == "fixed_point":
@@ -187,6 +195,8 @@ def run_quantize(run: RunState, cfg: QuantizeStage) -> dict:
         extra["saturated"] = _saturation(targets, cfg)
     if cfg.embeddings:
         specs |= {name: EMBEDDING_SPEC for name in embedding_names(model)}
+        if cfg.method in ("dynamic_int8", "static_int8") and cfg.targets is None:
+            specs |= {name: _weight_spec(cfg) | {"activations": None} for name in _pooler(model, cfg)}
     algorithm = cfg.algorithm if cfg.method == "weight_only" else "rtn"
     report = quantize_(model, specs, batches, algorithm=algorithm, method=cfg.method)
     if cfg.method == "static_int8":
