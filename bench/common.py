@@ -17,6 +17,17 @@ def data_file(split: str) -> str:
     return str(shared if shared.is_file() else BUNDLED / f"{split}.jsonl")
 
 
+def add_common_args(ap) -> None:
+    """The options every side-by-side bench takes."""
+    import os
+
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved speed rounds (the median is reported)")
+    ap.add_argument("--train-only", action="store_true", help="train missing runs, measure nothing")
+    ap.add_argument("--out-md", type=Path, default=None)
+    ap.add_argument("--out-json", type=Path, default=None)
+
+
 def run_missing(start: str, runs_dir: Path, runs: dict[str, list[dict]], max_length: int = 64) -> None:
     """`slimtune.run` each recipe (its stages + a final accuracy-only evaluate) from model `start` on
     SST-2 into RUNS_DIR/NAME, unless that run already finished (metrics.json exists)."""

@@ -24,7 +24,7 @@ import os
 from pathlib import Path
 
 import torch
-from common import HERE, export_onnx_cached, measure, report, run_missing
+from common import HERE, add_common_args, export_onnx_cached, measure, report, run_missing
 
 RECOVER = {"lr": 5e-5, "batch_size": 32, "seed": 42}
 RUNS = {
@@ -45,11 +45,7 @@ def main() -> None:
     ap.add_argument("--start", required=True, help="fine-tuned model directory (the dense model)")
     ap.add_argument("--runs-dir", type=Path, default=HERE / "runs" / "prune")
     ap.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
-    ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--train-only", action="store_true")
-    ap.add_argument("--out-md", type=Path, default=None)
-    ap.add_argument("--out-json", type=Path, default=None)
+    add_common_args(ap)
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     start = str(Path(args.start).resolve())

@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from common import HERE, InMemory, export_onnx_cached, measure, report, run_missing
+from common import HERE, InMemory, add_common_args, export_onnx_cached, measure, report, run_missing
 
 TRAIN = {"batch_size": 32, "seed": 42}
 RECIPES = {
@@ -88,11 +88,7 @@ def main() -> None:
     ap.add_argument("--start", required=True, type=Path, help="fine-tuned model directory (fp32)")
     ap.add_argument("--structured", type=Path, default=None, help="structured-pruned model dir (prune bench)")
     ap.add_argument("--runs-dir", type=Path, default=HERE / "runs" / "quantize")
-    ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--train-only", action="store_true")
-    ap.add_argument("--out-md", type=Path, default=None)
-    ap.add_argument("--out-json", type=Path, default=None)
+    add_common_args(ap)
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     start, runs = args.start.resolve(), args.runs_dir
