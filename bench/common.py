@@ -83,8 +83,14 @@ def measure(models: dict[str, Path | InMemory], threads: int, rounds: int) -> di
     """Dev accuracy, params, size on disk, and median batch-1 latency / batch-32 throughput over
     `rounds` rounds interleaved across the models (so drifts of the machine hit every model alike).
     A directory holding `model.onnx` (a `slimtune export`) runs in ONNX Runtime, any other in torch."""
-    from slimtune.evaluate import classification_metrics, count_parameters, dir_size_mb, measure_speed, predict_logits
-    from slimtune.export import measure_onnx_speed
+    from slimtune.evaluate import (
+        classification_metrics,
+        count_parameters,
+        dir_size_mb,
+        measure_speed,
+        predict_logits,
+        time_forward,
+    )
     from slimtune.runner import eval_dataset_for
 
     loaded, rows = {}, {}
@@ -108,7 +114,7 @@ def measure(models: dict[str, Path | InMemory], threads: int, rounds: int) -> di
             if model is not None:
                 speed = measure_speed(model, ds, pad_id=pad, threads=threads, latency_runs=60, throughput_batches=12)
             else:
-                speed = measure_onnx_speed(runner, ds, pad, latency_runs=60, throughput_batches=12)
+                speed = time_forward(runner, ds, pad, latency_runs=60, throughput_batches=12)
             rows[name]["lat"].append(speed["latency_ms_b1"])
             rows[name]["eps"].append(speed["throughput_eps"])
     for row in rows.values():

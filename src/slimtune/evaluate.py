@@ -11,6 +11,7 @@ import json
 import statistics
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -26,13 +27,23 @@ def predict_logits(model: nn.Module, ds: EncodedDataset, batch_size: int = 64, p
     """Logits for every example, in the dataset's order (batches are length-sorted for speed)."""
     was_training = model.training
     model.eval()
+    try:
+        return batched_logits(lambda batch: logits_of(model(**model_inputs(batch))).float().numpy(), ds,
+                              batch_size, pad_id)
+    finally:
+        model.train(was_training)
+
+
+def batched_logits(forward: Callable[[dict], np.ndarray], ds: EncodedDataset, batch_size: int = 64,
+                   pad_id: int = 0) -> np.ndarray:
+    """`forward(collated batch) -> logits` over length-sorted batches, returned in the dataset's order
+    (any runtime: torch above, ONNX Runtime in slimtune.export)."""
     out: np.ndarray | None = None
     for idx in batch_indices(ds.lengths, batch_size, shuffle=False, bucket=True):
-        logits = logits_of(model(**model_inputs(collate(ds, idx, pad_id, with_labels=False)))).float().numpy()
+        logits = forward(collate(ds, idx, pad_id, with_labels=False))
         if out is None:
             out = np.zeros((len(ds), logits.shape[-1]), dtype=np.float32)
         out[idx] = logits
-    model.train(was_training)
     return out if out is not None else np.zeros((0, 0), dtype=np.float32)
 
 
@@ -131,31 +142,40 @@ def measure_speed(model: nn.Module, ds: EncodedDataset, pad_id: int = 0, latency
     was_training = model.training
     model.eval()
     try:
-        n = len(ds)
-        singles = [model_inputs(collate(ds, [i % n], pad_id, with_labels=False)) for i in range(latency_runs)]
-        for batch in singles[:warmup]:
-            model(**batch)
-        times = []
-        for batch in singles:
-            t0 = time.perf_counter()
-            model(**batch)
-            times.append((time.perf_counter() - t0) * 1000)
-        order = list(range(n))
-        batches = [model_inputs(collate(ds, [order[(b * batch_size + k) % n] for k in range(batch_size)], pad_id,
-                                        with_labels=False)) for b in range(throughput_batches)]
-        for batch in batches[: max(1, warmup // 3)]:
-            model(**batch)
-        t0 = time.perf_counter()
-        for batch in batches:
-            model(**batch)
-        elapsed = time.perf_counter() - t0
-        return {"latency_ms_b1": round(statistics.median(times), 3),
-                "latency_ms_b1_p90": round(float(np.percentile(times, 90)), 3),
-                "throughput_eps": round(throughput_batches * batch_size / elapsed, 2),
-                "threads": torch.get_num_threads(), "cpu": cpu_description()}
+        speed = time_forward(lambda inputs: model(**inputs), ds, pad_id, latency_runs, throughput_batches,
+                             batch_size, warmup, prepare=model_inputs)
+        return speed | {"threads": torch.get_num_threads(), "cpu": cpu_description()}
     finally:
         torch.set_num_threads(previous)
         model.train(was_training)
+
+
+def time_forward(forward: Callable, ds: EncodedDataset, pad_id: int = 0, latency_runs: int = 50,
+                 throughput_batches: int = 10, batch_size: int = 32, warmup: int = 5,
+                 prepare: Callable[[dict], object] = lambda batch: batch) -> dict:
+    """The speed protocol of every runtime: median batch-1 latency over `latency_runs` single examples
+    and batch-32 throughput over `throughput_batches` batches in dataset order, after warm-up.
+    `prepare` turns a collated batch into `forward`'s input outside the timed region."""
+    n = len(ds)
+    singles = [prepare(collate(ds, [i % n], pad_id, with_labels=False)) for i in range(latency_runs)]
+    for batch in singles[:warmup]:
+        forward(batch)
+    times = []
+    for batch in singles:
+        t0 = time.perf_counter()
+        forward(batch)
+        times.append((time.perf_counter() - t0) * 1000)
+    batches = [prepare(collate(ds, [(b * batch_size + k) % n for k in range(batch_size)], pad_id,
+                               with_labels=False)) for b in range(throughput_batches)]
+    for batch in batches[: max(1, warmup // 3)]:
+        forward(batch)
+    t0 = time.perf_counter()
+    for batch in batches:
+        forward(batch)
+    elapsed = time.perf_counter() - t0
+    return {"latency_ms_b1": round(statistics.median(times), 3),
+            "latency_ms_b1_p90": round(float(np.percentile(times, 90)), 3),
+            "throughput_eps": round(throughput_batches * batch_size / elapsed, 2)}
 
 
 def evaluate_model(model: nn.Module, ds: EncodedDataset, id2label: dict[int, str], pad_id: int = 0,

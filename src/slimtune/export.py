@@ -21,9 +21,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +30,7 @@ from torch import nn
 
 from slimtune.batching import EncodedDataset, batch_indices, collate
 from slimtune.errors import SlimtuneError
+from slimtune.evaluate import batched_logits, predict_logits, time_forward
 from slimtune.models import (
     atomic_dir,
     atomic_write_text,
@@ -61,44 +60,18 @@ class OnnxClassifier:
         self.inputs = [i.name for i in self.session.get_inputs()]
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> np.ndarray:
-        ids = batch["input_ids"]
-        # single-text tasks carry no token types: segment 0 everywhere, as the tokenizer would give
-        feed = {name: (batch[name] if name in batch else torch.zeros_like(ids)).numpy().astype(np.int64)
-                for name in self.inputs}
-        return self.session.run(["logits"], feed)[0]
+        return self.session.run(["logits"], onnx_feed(batch, self.inputs))[0]
 
     def predict_logits(self, ds: EncodedDataset, pad_id: int, batch_size: int = 64) -> np.ndarray:
-        out = np.zeros((len(ds), 0), dtype=np.float32)
-        for idx in batch_indices(ds.lengths, batch_size, shuffle=False, bucket=True):
-            logits = self(collate(ds, idx, pad_id, with_labels=False))
-            if out.shape[1] == 0:
-                out = np.zeros((len(ds), logits.shape[-1]), dtype=np.float32)
-            out[idx] = logits
-        return out
+        return batched_logits(self, ds, batch_size, pad_id)
 
 
-def measure_onnx_speed(clf: OnnxClassifier, ds: EncodedDataset, pad_id: int, latency_runs: int = 50,
-                       throughput_batches: int = 10, batch_size: int = 32, warmup: int = 5) -> dict:
-    """The same protocol as slimtune.evaluate.measure_speed (same sentences, same batches)."""
-    n = len(ds)
-    singles = [collate(ds, [i % n], pad_id, with_labels=False) for i in range(latency_runs)]
-    for batch in singles[:warmup]:
-        clf(batch)
-    times = []
-    for batch in singles:
-        t0 = time.perf_counter()
-        clf(batch)
-        times.append((time.perf_counter() - t0) * 1000)
-    batches = [collate(ds, [(b * batch_size + k) % n for k in range(batch_size)], pad_id, with_labels=False)
-               for b in range(throughput_batches)]
-    for batch in batches[: max(1, warmup // 3)]:
-        clf(batch)
-    t0 = time.perf_counter()
-    for batch in batches:
-        clf(batch)
-    elapsed = time.perf_counter() - t0
-    return {"latency_ms_b1": round(statistics.median(times), 3),
-            "throughput_eps": round(throughput_batches * batch_size / elapsed, 2)}
+def onnx_feed(batch: dict[str, torch.Tensor], names: list[str]) -> dict[str, np.ndarray]:
+    """The graph inputs `names` as int64 arrays; single-text tasks carry no token types: segment 0
+    everywhere, as the tokenizer would give."""
+    ids = batch["input_ids"]
+    return {name: (batch[name] if name in batch else torch.zeros_like(ids)).numpy().astype(np.int64)
+            for name in names}
 
 
 # ----------------------------------------------------------------------------------------- export
@@ -150,7 +123,7 @@ def export_onnx(model_dir: str | Path, out: str | Path, *, quantize: str | None 
             batches = calibration or _sample_batches(sample, pad, calibration_batches)
             parity = lambda g: _int8_parity(model, OnnxClassifier(g, threads), sample, pad, labelled)  # noqa: E731
             graph, report["int8_format"], checked = _quantize(graph, work, quantize, scope, batches, sample, pad,
-                                                              threads, fused=graph != fp32, parity=parity)
+                                                              threads, parity=parity)
             report.update(checked)
             if report["parity"] == "fail":
                 raise SlimtuneError(f"{path}: int8 ONNX parity failed ({report['parity_detail']})")
@@ -158,7 +131,7 @@ def export_onnx(model_dir: str | Path, out: str | Path, *, quantize: str | None 
             report["parity"] = "pass"
         shutil.copyfile(graph, tmp / "model.onnx")
         tokenizer.save_pretrained(tmp)
-        _write_config(plain, tmp)
+        plain.config.save_pretrained(tmp)  # an HF config (labels, sizes): tooling that reads it needs no slimtune
         report["size_mb"] = round((tmp / "model.onnx").stat().st_size / 1e6, 3)
         atomic_write_text(tmp / "export.json", json.dumps(report, indent=2))
     return report
@@ -239,19 +212,12 @@ def _sample(path: Path, model: nn.Module, tokenizer, data: Path | None, size: in
     return EncodedDataset(input_ids=ids, labels=[0] * size), False
 
 
-@torch.inference_mode()
-def _torch_logits(model: nn.Module, ds: EncodedDataset, pad: int) -> np.ndarray:
-    from slimtune.evaluate import predict_logits
-
-    return predict_logits(model, ds, pad_id=pad)
-
-
 def _max_abs_diff(model: nn.Module, clf: OnnxClassifier, ds: EncodedDataset, pad: int) -> float:
-    return float(np.abs(_torch_logits(model, ds, pad) - clf.predict_logits(ds, pad)).max())
+    return float(np.abs(predict_logits(model, ds, pad_id=pad) - clf.predict_logits(ds, pad)).max())
 
 
 def _int8_parity(model: nn.Module, clf: OnnxClassifier, ds: EncodedDataset, pad: int, labelled: bool) -> dict:
-    torch_pred = _torch_logits(model, ds, pad).argmax(-1)
+    torch_pred = predict_logits(model, ds, pad_id=pad).argmax(-1)
     onnx_pred = clf.predict_logits(ds, pad).argmax(-1)
     if labelled:
         labels = np.asarray(ds.labels)
@@ -267,7 +233,7 @@ def _int8_parity(model: nn.Module, clf: OnnxClassifier, ds: EncodedDataset, pad:
 
 def _speed(path: Path, ds: EncodedDataset, pad: int, threads: int | None) -> float:
     """Sample cost (ms) of a graph: batch-32 time plus 32 x batch-1 latency, so neither regime is ignored."""
-    s = measure_onnx_speed(OnnxClassifier(path, threads), ds, pad, latency_runs=20, throughput_batches=4)
+    s = time_forward(OnnxClassifier(path, threads), ds, pad, latency_runs=20, throughput_batches=4)
     return 32 * 1000 / s["throughput_eps"] + 32 * s["latency_ms_b1"]
 
 
@@ -337,20 +303,18 @@ def _sample_batches(ds: EncodedDataset, pad: int, n_batches: int) -> list[dict]:
 
 
 def _quantize(graph: Path, work: Path, mode: str, scope: dict, batches: list[dict], ds: EncodedDataset,
-              pad: int, threads: int | None, fused: bool, parity) -> tuple[Path, str, dict]:
-    """(graph, what was done, its parity report). Static int8 builds both graph formats and keeps the
-    fastest one that passes the parity check (else the most accurate, which then fails the check)."""
-    import onnx
+              pad: int, threads: int | None, parity) -> tuple[Path, str, dict]:
+    """(graph, what was done, its parity report) of the unfused fp32 `graph`. Static int8 builds both
+    graph formats and keeps the fastest one that passes the parity check (else the most accurate, which
+    then fails the check)."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
-    # Fused graphs carry ops without inferred types; the quantizer needs a default type for them.
-    extra = {"DefaultTensorType": onnx.TensorProto.FLOAT} if fused else {}
     if mode == "dynamic":
         dest = work / "int8-dynamic.onnx"
         ops = ["MatMul", "Gemm"] + (["Gather"] if scope["gather"] else [])
         # MatMulConstBOnly: only weight matmuls, as slimtune's torch simulation (not the attention ones)
         quantize_dynamic(str(graph), str(dest), per_channel=True, weight_type=QuantType.QInt8, op_types_to_quantize=ops,
-                         nodes_to_exclude=scope["exclude"], extra_options=extra | {"MatMulConstBOnly": True})
+                         nodes_to_exclude=scope["exclude"], extra_options={"MatMulConstBOnly": True})
         return dest, "dynamic (integer ops)", parity(dest)
     # Static ranges only for the inputs of weight matmuls (what slimtune's static_int8 simulates in
     # torch): quantizing softmax outputs, attention score matmuls and residual adds with calibrated
@@ -365,7 +329,7 @@ def _quantize(graph: Path, work: Path, mode: str, scope: dict, batches: list[dic
         quantize_static(str(graph), str(dest), _CalibrationReader(graph, batches), quant_format=fmt,
                         per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         op_types_to_quantize=["MatMul", "Gemm"], nodes_to_exclude=excluded,
-                        extra_options=extra | options)
+                        extra_options=options)
         candidates[name] = (dest, _speed(dest, ds, pad, threads), parity(dest))
     passing = [k for k, v in candidates.items() if v[2]["parity"] == "pass"]
     best = (min(passing, key=lambda k: candidates[k][1]) if passing else
@@ -393,13 +357,7 @@ class _CalibrationReader:
         import onnxruntime as ort
 
         names = [i.name for i in ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"]).get_inputs()]
-        self.feeds = iter([{n: (b[n] if n in b else torch.zeros_like(b["input_ids"])).numpy().astype(np.int64)
-                            for n in names} for b in batches])
+        self.feeds = iter([onnx_feed(b, names) for b in batches])
 
     def get_next(self):
         return next(self.feeds, None)
-
-
-def _write_config(model: nn.Module, out: Path) -> None:
-    """config.json as an HF config (labels, sizes) so tooling that reads it needs no slimtune."""
-    model.config.save_pretrained(out)

@@ -27,7 +27,7 @@ from torch import nn
 
 from slimtune.checkpoint import stage_start_snapshot
 from slimtune.errors import SlimtuneError
-from slimtune.prune.stage import _accuracy, _recover
+from slimtune.prune.stage import _recover
 from slimtune.prune.unstructured import select_linears
 from slimtune.recipe import LowrankStage
 from slimtune.train import seed_everything
@@ -209,7 +209,7 @@ def run_lowrank(run: RunState, cfg: LowrankStage) -> dict:
     if cfg.recover is not None:  # recovery checkpoints: a resume restarts the stage from these weights
         stage_start_snapshot(run, model)
     params_before = sum(p.numel() for p in model.parameters())
-    start_acc = _accuracy(run, model)
+    start_acc = run.eval_accuracy(model)
     dense = copy.deepcopy(model) if cfg.recover and cfg.recover.distill_from_unpruned else None
 
     targets = _targets(model, cfg)
@@ -219,11 +219,11 @@ def run_lowrank(run: RunState, cfg: LowrankStage) -> dict:
     console.print(f"lowrank: {len(report['layers'])} layers factorised, {len(report['skipped'])} skipped")
     metrics: dict = {"stage": "lowrank", "method": "svd", "rank": cfg.rank, "energy": cfg.energy,
                      "start_accuracy": start_acc, **report}
-    metrics["accuracy_before_recovery"] = _accuracy(run, model) if report["layers"] else start_acc
+    metrics["accuracy_before_recovery"] = run.eval_accuracy(model) if report["layers"] else start_acc
     if cfg.recover is not None:
         seed_everything(cfg.seed)
         metrics |= _recover(run, cfg, model, dense, phase=0)
-        metrics["accuracy"] = _accuracy(run, model)
+        metrics["accuracy"] = run.eval_accuracy(model)
     else:
         metrics["accuracy"] = metrics["accuracy_before_recovery"]
     params = sum(p.numel() for p in model.parameters())

@@ -6,6 +6,7 @@ missing path is an error, never a download attempt.
 
 from __future__ import annotations
 
+import importlib
 import importlib.abc
 import importlib.machinery
 import json
@@ -67,39 +68,31 @@ def _mpnet_path() -> str:
 MODEL_ALIASES: dict[str, Callable[[], str]] = {"minilm": _minilm_path, "mpnet": _mpnet_path}
 
 
-def _load_word_classifier(path: Path) -> nn.Module:
-    from slimtune.distill.wordlevel import load_word_classifier  # lazy: no circular import, no cost when unused
+def lazy(module: str, name: str) -> Callable:
+    """`module.name(*args)`, imported on first call: no circular import, and `import slimtune` does not
+    pay for stages and formats a run does not use (peft, onnxruntime...)."""
 
-    return load_word_classifier(path)
+    def call(*args, **kwargs):
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+    call.__name__ = f"{module}.{name}"
+    return call
 
 
 def _load_pruned(path: Path) -> nn.Module:
-    from slimtune.prune.structured import load_pruned
-
-    return load_pruned(path)
+    return load_with_overlays(path, read_config(path))
 
 
 # config.json["slimtune_format"] -> loader, for model directories that are not plain HF models.
-MODEL_LOADERS: dict[str, Callable[[Path], nn.Module]] = {"word-classifier": _load_word_classifier,
-                                                          "pruned": _load_pruned}
-
-def _lowrank_overlay(model: nn.Module, spec: dict) -> None:
-    from slimtune.lowrank import apply_lowrank_skeleton_
-
-    apply_lowrank_skeleton_(model, spec)
-
-
-def _quantization_overlay(model: nn.Module, spec: dict) -> None:
-    from slimtune.quantize.core import apply_quantization_skeleton_
-
-    apply_quantization_skeleton_(model, spec)
-
+MODEL_LOADERS: dict[str, Callable[[Path], nn.Module]] = {
+    "word-classifier": lazy("slimtune.distill.wordlevel", "load_word_classifier"), "pruned": _load_pruned}
 
 # config.json key -> fn(model, spec) that rebuilds a structural change (low-rank factors, quantized
 # modules) on a model built from its config, before the weights load. Applied in this order (a
 # quantized low-rank model quantizes the factors); a pruned model may carry both.
-MODEL_OVERLAYS: dict[str, Callable[[nn.Module, dict], None]] = {"slimtune_lowrank": _lowrank_overlay,
-                                                                 "slimtune_quantization": _quantization_overlay}
+MODEL_OVERLAYS: dict[str, Callable[[nn.Module, dict], None]] = {
+    "slimtune_lowrank": lazy("slimtune.lowrank", "apply_lowrank_skeleton_"),
+    "slimtune_quantization": lazy("slimtune.quantize.core", "apply_quantization_skeleton_")}
 
 
 def load_with_overlays(path: Path, config: dict) -> nn.Module:

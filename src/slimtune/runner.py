@@ -11,7 +11,6 @@ partial output behind; each output file or directory appears in one rename.
 
 from __future__ import annotations
 
-import importlib
 import json
 import shutil
 import sys
@@ -28,6 +27,7 @@ from slimtune.errors import SlimtuneError
 from slimtune.models import (
     atomic_dir,
     atomic_write_text,
+    lazy,
     load_for_classification,
     load_tokenizer,
     resolve_model_path,
@@ -35,7 +35,7 @@ from slimtune.models import (
 )
 from slimtune.recipe import EvaluateStage, Recipe, load_recipe, parse_recipe, recipe_to_yaml
 from slimtune.report import model_card, report_markdown
-from slimtune.train import TrainContext, seed_everything
+from slimtune.train import TrainContext, default_eval_fn, seed_everything
 
 console = Console(stderr=True, soft_wrap=True)  # messages stay one line (greppable logs)
 FINAL_KEYS = ("accuracy", "f1_macro", "precision_macro", "recall_macro", "params", "trainable_params",
@@ -64,6 +64,10 @@ class RunState:
     def pad_id(self) -> int:
         pid = getattr(self.tokenizer, "pad_token_id", None)
         return 0 if pid is None else int(pid)
+
+    def eval_accuracy(self, model: nn.Module) -> float:
+        """Accuracy of `model` on the eval split (stages report it before and after their change)."""
+        return default_eval_fn(self.data.eval, self.pad_id)(model)["accuracy"]
 
     def train_context(self, phase: int | None = None) -> TrainContext:
         tag = f"s{self.stage_index}-{self.stage_name}" + ("" if phase is None else f"-p{phase}")
@@ -103,37 +107,26 @@ def run_evaluate(run: RunState, cfg: EvaluateStage) -> dict:
     return {"stage": "evaluate", "split": run.data.info.get("eval_source", "eval"), **metrics}
 
 
-def _lazy(module: str, name: str) -> Callable[[RunState, object], object]:
-    """`module.name(run, cfg)`, imported on first call: `import slimtune` stays cheap, and a stage's
-    heavy imports (peft, onnxruntime...) load only when a recipe uses it."""
-
-    def call(run: RunState, cfg):
-        return getattr(importlib.import_module(module), name)(run, cfg)
-
-    call.__name__ = f"{module}.{name}"
-    return call
-
-
 # stage name -> handler(run, cfg) -> metrics
 STAGE_HANDLERS: dict[str, Callable[[RunState, object], dict]] = {
-    "finetune": _lazy("slimtune.adapt.finetune", "run_finetune"),
-    "distill": _lazy("slimtune.distill.stage", "run_distill"),
-    "prune": _lazy("slimtune.prune.stage", "run_prune"),
-    "quantize": _lazy("slimtune.quantize.stage", "run_quantize"),
-    "lowrank": _lazy("slimtune.lowrank", "run_lowrank"),
+    "finetune": lazy("slimtune.adapt.finetune", "run_finetune"),
+    "distill": lazy("slimtune.distill.stage", "run_distill"),
+    "prune": lazy("slimtune.prune.stage", "run_prune"),
+    "quantize": lazy("slimtune.quantize.stage", "run_quantize"),
+    "lowrank": lazy("slimtune.lowrank", "run_lowrank"),
     "evaluate": run_evaluate}
 # Input checks a stage can make from configs alone, run before OUT is touched (bad input leaves nothing).
 STAGE_VALIDATORS: dict[str, Callable[[RunState, object], None]] = {
-    "distill": _lazy("slimtune.distill.stage", "validate_distill"),
-    "quantize": _lazy("slimtune.quantize.stage", "validate_quantize"),
-    "lowrank": _lazy("slimtune.lowrank", "validate_lowrank")}
+    "distill": lazy("slimtune.distill.stage", "validate_distill"),
+    "quantize": lazy("slimtune.quantize.stage", "validate_quantize"),
+    "lowrank": lazy("slimtune.lowrank", "validate_lowrank")}
 # Stages that change the model's structure (or tokenizer): on --resume past them, the runner rebuilds
 # that structure (without training) so the checkpoint's weights fit.
 STAGE_REBUILDERS: dict[str, Callable[[RunState, object], None]] = {
-    "distill": _lazy("slimtune.distill.stage", "rebuild_distill"),
-    "prune": _lazy("slimtune.prune.stage", "rebuild_prune"),
-    "quantize": _lazy("slimtune.quantize.stage", "rebuild_quantize"),
-    "lowrank": _lazy("slimtune.lowrank", "rebuild_lowrank")}
+    "distill": lazy("slimtune.distill.stage", "rebuild_distill"),
+    "prune": lazy("slimtune.prune.stage", "rebuild_prune"),
+    "quantize": lazy("slimtune.quantize.stage", "rebuild_quantize"),
+    "lowrank": lazy("slimtune.lowrank", "rebuild_lowrank")}
 
 
 # ------------------------------------------------------------------------------------------- run

@@ -80,10 +80,10 @@ def test_structured_ffn_and_layer_pruning_is_a_plain_hf_model(tmp_path, tiny_mod
 
 def test_iterative_rounds_stop_past_max_drop_and_keep_the_last_good_round(tmp_path, tiny_model_dir, sst2_small,
                                                                           monkeypatch):
-    import slimtune.prune.stage as stage
+    from slimtune.runner import RunState
 
     scores = iter([0.90, 0.90, 0.85, 0.80])  # stage start, round 0, round 1 (too low), ...
-    monkeypatch.setattr(stage, "_accuracy", lambda run, model: next(scores))
+    monkeypatch.setattr(RunState, "eval_accuracy", lambda self, model: next(scores))
     m = run(tmp_path, tiny_model_dir, sst2_small, FT,
             {"stage": "prune", "method": "iterative", "sparsity": 0.9, "recover": RECOVER | {"max_steps": 3},
              "iterative": {"rounds": 3, "method": "magnitude", "max_drop": 0.02, "rewind": True}}, EVAL)

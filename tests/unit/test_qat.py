@@ -203,8 +203,10 @@ def test_save_then_load_model_gives_identical_logits(data, fine_tuned, tmp_path)
 @pytest.mark.parametrize("method", ["binary", "ternary"])
 def test_distillation_from_the_full_precision_model(data, fine_tuned, monkeypatch, method):
     calls, teachers = [], []
-    real_loss, real_make = qat.soft_target_loss, qat._loss_fn
-    monkeypatch.setattr(qat, "soft_target_loss", lambda *a: calls.append(1) or real_loss(*a))
+    import slimtune.distill.losses as losses
+
+    real_loss, real_make = losses.soft_target_loss, qat._loss_fn
+    monkeypatch.setattr(losses, "soft_target_loss", lambda *a: calls.append(1) or real_loss(*a))
     monkeypatch.setattr(qat, "_loss_fn", lambda teacher, tcfg: teachers.append(teacher) or real_make(teacher, tcfg))
     run = run_state(copy.deepcopy(fine_tuned), data)
     m = run_qat(run, stage(method, train={"epochs": 2, "lr": 5e-4, "distill_from_full": True, "alpha": 0.7}))

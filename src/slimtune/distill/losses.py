@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimtune.errors import SlimtuneError
-from slimtune.train import model_inputs
+from slimtune.train import logits_of, model_inputs
 
 
 def soft_target_loss(student_logits: torch.Tensor, soft_targets: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -30,6 +30,20 @@ def logit_mse_loss(student_logits: torch.Tensor, soft_targets: torch.Tensor, tem
     teacher = temperature * torch.log(soft_targets.clamp_min(1e-12))
     center = lambda z: z - z.mean(-1, keepdim=True)  # noqa: E731
     return F.mse_loss(center(student_logits), center(teacher))
+
+
+def online_distill_loss(teacher: nn.Module, temperature: float, alpha: float):
+    """loss_fn(model, batch) for `train`: soft targets of a frozen `teacher` run on the same batch (the
+    model a prune / low-rank / QAT stage started from), mixed with the labels by `alpha`."""
+
+    def loss_fn(m, batch):
+        logits = logits_of(m(**model_inputs(batch)))
+        with torch.no_grad():
+            target = torch.softmax(logits_of(teacher(**model_inputs(batch))) / temperature, dim=-1)
+        return alpha * soft_target_loss(logits, target, temperature) + (1 - alpha) * F.cross_entropy(
+            logits, batch["labels"])
+
+    return loss_fn
 
 
 def layer_mapping(rule, n_student: int, n_teacher: int) -> list[tuple[int, int]]:

@@ -16,20 +16,16 @@ import copy
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 
 from slimtune.batching import batch_indices, collate
 from slimtune.checkpoint import stage_start_snapshot
-from slimtune.distill.losses import soft_target_loss
+from slimtune.distill.losses import online_distill_loss
 from slimtune.errors import SlimtuneError
 from slimtune.prune import structured as st
 from slimtune.prune import unstructured as un
 from slimtune.recipe import PruneStage
 from slimtune.train import (
     cross_entropy_loss,
-    default_eval_fn,
-    logits_of,
-    model_inputs,
     optimizer_steps,
     seed_everything,
     train,
@@ -94,15 +90,8 @@ def _recover(run: RunState, cfg: PruneStage, model, dense, phase: int, pruner=No
     if rc is None:
         return {}
     loss_fn = cross_entropy_loss
-    if rc.distill_from_unpruned:
-        dense.eval().requires_grad_(False)
-
-        def loss_fn(m, batch):  # soft targets of the unpruned model, mixed with the labels
-            logits = logits_of(m(**model_inputs(batch)))
-            with torch.no_grad():
-                target = torch.softmax(logits_of(dense(**model_inputs(batch))) / rc.temperature, dim=-1)
-            soft = soft_target_loss(logits, target, rc.temperature)
-            return rc.alpha * soft + (1 - rc.alpha) * F.cross_entropy(logits, batch["labels"])
+    if rc.distill_from_unpruned:  # soft targets of the unpruned model, mixed with the labels
+        loss_fn = online_distill_loss(dense.eval().requires_grad_(False), rc.temperature, rc.alpha)
 
     ctx = run.train_context(phase=phase)
     ctx.resume = None  # the stage restarts from its beginning on resume (see the module docstring)
@@ -112,10 +101,6 @@ def _recover(run: RunState, cfg: PruneStage, model, dense, phase: int, pruner=No
     res = train(model, run.data.train, run.data.eval, rcfg, ctx, loss_fn=loss_fn, phase=phase, lr=lr, batch_size=bs,
                 on_step=pruner.step if pruner is not None else None)
     return {"recover": res.summary()}
-
-
-def _accuracy(run: RunState, model) -> float:
-    return default_eval_fn(run.data.eval, run.pad_id)(model)["accuracy"]
 
 
 def _one_round(run: RunState, cfg: PruneStage, model, dense, method: str, share: float, phase: int,
@@ -137,7 +122,7 @@ def _one_round(run: RunState, cfg: PruneStage, model, dense, method: str, share:
     record |= _recover(run, cfg, model, dense, phase, pruner)
     if method != "structured":
         record["sparsity"] = round(un.sparsity_report(model, _targets(model, cfg)).overall, 4)
-    record["accuracy"] = _accuracy(run, model)
+    record["accuracy"] = run.eval_accuracy(model)
     return record
 
 
@@ -161,7 +146,7 @@ def run_prune(run: RunState, cfg: PruneStage) -> dict:
         raise SlimtuneError("prune: structured needs heads, ffn or layers")
     batches = _calibration(run, cfg)
     params_before = sum(p.numel() for p in model.parameters())
-    start_acc = _accuracy(run, model)
+    start_acc = run.eval_accuracy(model)
     dense = copy.deepcopy(model) if (cfg.recover and cfg.recover.distill_from_unpruned) else None
     rounds = cfg.iterative.rounds if cfg.method == "iterative" else 1
     rewind = copy.deepcopy(model.state_dict()) if cfg.method == "iterative" and cfg.iterative.rewind else None

@@ -18,7 +18,6 @@ import functools
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from huggingface_hub.dataclasses import strict
@@ -417,13 +416,6 @@ def shrink_to_config(model: nn.Module) -> nn.Module:
         if w != _width(la, lay):
             _keep_neurons(la, lay, torch.arange(w))
     return model
-
-
-def load_pruned(path: str | Path) -> nn.Module:
-    """A `slimtune_format: pruned` directory: built from its config, shrunk, every weight loaded strictly."""
-    from slimtune.models import load_with_overlays, read_config
-
-    return load_with_overlays(Path(path), read_config(Path(path)))
 
 
 @functools.cache

@@ -29,12 +29,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimtune.checkpoint import stage_start_snapshot
-from slimtune.distill.losses import soft_target_loss
+from slimtune.distill.losses import online_distill_loss
 from slimtune.errors import SlimtuneError
 from slimtune.quantize.core import CONFIG_KEY, fake_quantize, layer_spec, quantize_
 from slimtune.quantize.stage import EMBEDDING_SPEC, quantize_targets, word_embedding_name
 from slimtune.recipe import QATConfig, QuantizeStage
-from slimtune.train import cross_entropy_loss, default_eval_fn, logits_of, model_inputs, seed_everything, train
+from slimtune.train import cross_entropy_loss, seed_everything, train
 
 if TYPE_CHECKING:
     from slimtune.runner import RunState
@@ -167,19 +167,7 @@ def train_config(cfg: QuantizeStage) -> QATConfig:
 def _loss_fn(teacher: nn.Module | None, tcfg: QATConfig):
     if teacher is None:
         return cross_entropy_loss
-
-    def loss_fn(m, batch):  # soft targets of the full-precision model, mixed with the labels
-        logits = logits_of(m(**model_inputs(batch)))
-        with torch.no_grad():
-            target = torch.softmax(logits_of(teacher(**model_inputs(batch))) / tcfg.temperature, dim=-1)
-        soft = soft_target_loss(logits, target, tcfg.temperature)
-        return tcfg.alpha * soft + (1 - tcfg.alpha) * F.cross_entropy(logits, batch["labels"])
-
-    return loss_fn
-
-
-def _accuracy(run: RunState, model: nn.Module) -> float:
-    return default_eval_fn(run.data.eval, run.pad_id)(model)["accuracy"]
+    return online_distill_loss(teacher, tcfg.temperature, tcfg.alpha)  # soft targets of the fp32 model
 
 
 def run_qat(run: RunState, cfg: QuantizeStage) -> dict:
@@ -194,11 +182,11 @@ def run_qat(run: RunState, cfg: QuantizeStage) -> dict:
     targets = list(quantize_targets(model, cfg))  # the Linears every quantize method picks
     embedding = word_embedding_name(model) if cfg.embeddings else None
 
-    start_acc = _accuracy(run, model)
+    start_acc = run.eval_accuracy(model)
     ptq = copy.deepcopy(model)  # quantized without training: what QAT has to beat
     prepare_qat_(ptq, targets, spec, embedding)
     convert_qat_(ptq, cfg.method)
-    ptq_acc = _accuracy(run, ptq)
+    ptq_acc = run.eval_accuracy(ptq)
     del ptq
 
     teacher = copy.deepcopy(model).eval().requires_grad_(False) if tcfg.distill_from_full else None
@@ -215,6 +203,6 @@ def run_qat(run: RunState, cfg: QuantizeStage) -> dict:
     return {"stage": "quantize", "method": cfg.method, "bits": spec["bits"], "scheme": spec["scheme"],
             "group_size": cfg.group_size, "embeddings": cfg.embeddings,
             "distilled": tcfg.distill_from_full, "start_accuracy": start_acc,
-            "accuracy_before_training": ptq_acc, "accuracy": _accuracy(run, model),
+            "accuracy_before_training": ptq_acc, "accuracy": run.eval_accuracy(model),
             "epochs_run": res.epochs_run, "train": res.summary(), "layers": report,
             "trainable_params": trained, "trainable_pct": round(100 * trained / total, 2)}

@@ -175,8 +175,7 @@ def run_quantize(run: RunState, cfg: QuantizeStage) -> dict:
     model = run.model
     targets = quantize_targets(model, cfg)
     batches = calibration_batches(run, cfg)
-    accuracy = lambda: default_eval_fn(run.data.eval, run.pad_id)(model)["accuracy"]  # noqa: E731
-    start_accuracy, size_before = accuracy(), quantized_size_bytes(model)
+    start_accuracy, size_before = run.eval_accuracy(model), quantized_size_bytes(model)
     extra: dict = {}
     if cfg.method == "mixed":
         from slimtune.quantize.mixed import average_bits, choose_bits
@@ -209,7 +208,7 @@ def run_quantize(run: RunState, cfg: QuantizeStage) -> dict:
     _remember_spec(run)
     size_after = quantized_size_bytes(model)
     return {"stage": "quantize", "method": cfg.method, "algorithm": algorithm, "lora_merged": merged,
-            "start_accuracy": start_accuracy, "accuracy": accuracy(), "quantized_layers": len(specs),
+            "start_accuracy": start_accuracy, "accuracy": run.eval_accuracy(model), "quantized_layers": len(specs),
             "size_bytes_before": size_before, "size_bytes_quantized": size_after,
             "compression": round(size_before / size_after, 3),
             "calibration": {"split": "train", "batches": len(batches), "batch_size": cfg.calibration_batch_size,
