@@ -28,9 +28,11 @@ def add_common_args(ap) -> None:
     ap.add_argument("--out-json", type=Path, default=None)
 
 
-def run_missing(start: str, runs_dir: Path, runs: dict[str, list[dict]], max_length: int = 64) -> None:
+def run_missing(start: str, runs_dir: Path, runs: dict[str, list[dict]], max_length: int = 64,
+                data: dict[str, dict] | None = None) -> None:
     """`slimtune.run` each recipe (its stages + a final accuracy-only evaluate) from model `start` on
-    SST-2 into RUNS_DIR/NAME, unless that run already finished (metrics.json exists)."""
+    SST-2 into RUNS_DIR/NAME, unless that run already finished (metrics.json exists). `data[NAME]`
+    adds fields to that run's data section (e.g. an augmented transfer set)."""
     import slimtune
 
     for name, stages in runs.items():
@@ -38,7 +40,7 @@ def run_missing(start: str, runs_dir: Path, runs: dict[str, list[dict]], max_len
         if (out / "metrics.json").is_file():
             continue
         recipe = {"model": start, "data": {"train": data_file("train"), "eval": data_file("dev"),
-                                           "max_length": max_length},
+                                           "max_length": max_length, **(data or {}).get(name, {})},
                   "stages": [*stages, {"stage": "evaluate", "speed": False}]}
         print(f"{name} -> {out}", flush=True)
         slimtune.run(recipe, out, overwrite=True, progress=False)

@@ -65,6 +65,58 @@ def test_int8_export_is_smaller_and_agrees(classifier_dir, sst2_small, tmp_path,
     assert saved["int8_format"].startswith(mode)
 
 
+@pytest.mark.parametrize("method", ["dynamic_int8", "static_int8"])
+def test_int8_run_writes_an_onnx_model_that_computes_what_torch_computes(classifier_dir, sst2_small, tmp_path,
+                                                                         method):
+    """An int8 run's OUT/onnx gives the torch model's logits: same codes and scales (static: torch's
+    calibrated activation scales), integer kernels emulated exactly in torch, float pooler/classifier
+    in both, and residual paths that read float values in both."""
+    import slimtune
+    from slimtune.evaluate import predict_logits
+    from slimtune.models import load_tokenizer
+    from slimtune.runner import eval_dataset_for
+
+    recipe = {"model": str(classifier_dir), "data": {"train": str(sst2_small[0]), "eval": str(sst2_small[1]),
+                                                     "max_length": 64},
+              "stages": [{"stage": "quantize", "method": method, "calibration_batches": 4}]}
+    metrics = slimtune.run(recipe, tmp_path / "run", progress=False)
+    assert metrics["final"]["onnx"]["onnx_accuracy"] == metrics["final"]["onnx"]["torch_accuracy"]
+    model = load_model(tmp_path / "run" / "model")
+    tokenizer = load_tokenizer(tmp_path / "run" / "model")
+    ds = eval_dataset_for(tmp_path / "run" / "model", sst2_small[1], tokenizer,
+                          {str(k): int(v) for k, v in model.config.label2id.items()}, None, None)
+    want = predict_logits(model, ds, pad_id=0)
+    got = OnnxClassifier(tmp_path / "run" / "onnx" / "model.onnx").predict_logits(ds, 0)
+    gap = np.abs(got - want).max(-1)
+    # float noise in softmax / LayerNorm may move an activation code now and then (a tiny model here
+    # has few), so the bound is on the typical sentence, not every one
+    assert np.median(gap) <= 1e-6 and (gap <= 1e-4).mean() >= 0.95
+
+
+def test_weight_only_model_is_served_int8_and_int8_run_keeps_float_head(classifier_dir, sst2_small, tmp_path):
+    """A weight-only model (mixed, ternary, ...) asked for --quantize dynamic gets all its quantized
+    layers as integer matmuls; an int8 run's float pooler/classifier stay float (ORT's dynamic quantizer
+    renames each Gemm to <name>_MatMul first, which an exclusion by the Gemm's name alone missed)."""
+    import onnx
+
+    import slimtune
+
+    def integer_matmuls(onnx_dir):
+        graph = onnx.load(str(onnx_dir / "model.onnx")).graph
+        return sorted(n.name for n in graph.node if n.op_type == "MatMulInteger")
+
+    data = {"train": str(sst2_small[0]), "eval": str(sst2_small[1]), "max_length": 64}
+    for method in ("weight_only", "dynamic_int8"):
+        slimtune.run({"model": str(classifier_dir), "data": data,
+                      "stages": [{"stage": "quantize", "method": method}]}, tmp_path / method, progress=False)
+    export_onnx(tmp_path / "weight_only" / "model", tmp_path / "wo-onnx", quantize="dynamic", data=sst2_small[1],
+                sample_size=32)
+    served = integer_matmuls(tmp_path / "wo-onnx")
+    assert len(served) == 12 and all("encoder" in n for n in served)  # 2 layers x 6 Linears, no head
+    int8_run = integer_matmuls(tmp_path / "dynamic_int8" / "onnx")
+    assert int8_run == served
+
+
 def test_head_pruned_model_exports(classifier_dir, tmp_path):
     from slimtune.prune import structured as st
 

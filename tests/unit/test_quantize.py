@@ -214,6 +214,33 @@ def test_dynamic_activations_follow_each_tensors_range():
     assert torch.allclose(q, (torch.clamp(torch.round(x / scale) + round(1 / scale), 0, 255) - round(1 / scale)) * scale)
 
 
+@pytest.mark.parametrize("activations", ["dynamic", "static"])
+def test_int8_layers_compute_ort_integer_arithmetic_bit_for_bit(activations):
+    """MatMulInteger / MatMulIntegerToFloat: exact integer sums, then one multiply by s_x * s_w, then
+    the bias. Computed here in int64, independently of the module's float32 arithmetic."""
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 24)
+    codes, scale, _ = quantize_codes(linear.weight.detach(), 8, "symmetric", None)
+    layer = QuantizedLinear.from_linear(linear, codes, scale, None, layer_spec(activations=activations))
+    assert layer.integer_kernel
+    x = torch.randn(5, 7, 96) * 3
+    if activations == "static":
+        s, zp = qcodes.activation_params(-5.0, 7.0)
+        layer.act_scale.fill_(s)
+        layer.act_zero_point.fill_(zp)
+        s, zp = layer.act_scale, layer.act_zero_point
+    else:
+        s, zp = qcodes.dynamic_activation_params(x)
+    xq = (torch.clamp(torch.round(x / s) + zp, 0, 255) - zp).to(torch.int64)
+    acc = xq @ codes.to(torch.int64).T
+    want = acc.to(torch.float32) * (s * scale.view(-1)) + linear.bias.detach()
+    with torch.no_grad():
+        got = layer(x)
+    assert torch.equal(got, want)
+    # the float simulation (dequantize, then a float matmul) agrees up to rounding only
+    assert torch.allclose(got, linear.bias + qcodes.fake_quantize_activations(x, s, zp) @ layer.weight.T, atol=1e-4)
+
+
 def test_quantized_size_counts_codes_at_their_bit_width():
     model = tiny_bert()
     before = quantized_size_bytes(model)

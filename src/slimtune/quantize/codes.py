@@ -107,9 +107,15 @@ def fake_quantize(w: torch.Tensor, bits: int, scheme: str, group_size: int | Non
     return dequantize_codes(codes, scale, zero).to(w.dtype)
 
 
+def activation_codes(x: torch.Tensor, scale: torch.Tensor | float, zero_point: torch.Tensor | int) -> torch.Tensor:
+    """ONNX Runtime's QuantizeLinear to uint8 with the zero point taken off again: the integers
+    clamp(round(x / s) + zp, 0, 255) - zp (round half to even, like ORT), held in x's float dtype."""
+    return torch.clamp(torch.round(x / scale) + zero_point, 0, 255) - zero_point
+
+
 def fake_quantize_activations(x: torch.Tensor, scale: torch.Tensor | float, zero_point: torch.Tensor | int):
-    """ONNX Runtime's QuantizeLinear -> DequantizeLinear to uint8: clamp(round(x / s) + zp, 0, 255)."""
-    return (torch.clamp(torch.round(x / scale) + zero_point, 0, 255) - zero_point) * scale
+    """ONNX Runtime's QuantizeLinear -> DequantizeLinear to uint8."""
+    return activation_codes(x, scale, zero_point) * scale
 
 
 def activation_params(lo: float, hi: float) -> tuple[float, int]:
@@ -121,10 +127,16 @@ def activation_params(lo: float, hi: float) -> tuple[float, int]:
     return scale, int(min(max(round(-lo / scale), 0), 255))
 
 
-def dynamic_quantize_activations(x: torch.Tensor) -> torch.Tensor:
-    """ORT's DynamicQuantizeLinear: the range of this very tensor (with 0) gives scale and zero point."""
+def dynamic_activation_params(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ORT's DynamicQuantizeLinear parameters: the range of this very tensor, widened to hold 0, over
+    255 steps (float32 arithmetic, as ORT); scale 1 for an all-zero tensor."""
     lo, hi = x.detach().min().clamp(max=0), x.detach().max().clamp(min=0)
     scale = (hi - lo) / 255
     if scale == 0:
-        return x
-    return fake_quantize_activations(x, scale, torch.clamp(torch.round(-lo / scale), 0, 255))
+        return torch.ones_like(scale), torch.zeros_like(scale)
+    return scale, torch.clamp(torch.round(-lo / scale), 0, 255)
+
+
+def dynamic_quantize_activations(x: torch.Tensor) -> torch.Tensor:
+    """x as ORT's DynamicQuantizeLinear -> dequantize leaves it."""
+    return fake_quantize_activations(x, *dynamic_activation_params(x))

@@ -1,9 +1,11 @@
 """Integer-code Linear / Embedding modules and the in-place verbs that make and undo them.
 
 A quantized module keeps its weights as signed integer codes plus float scales (and zero points for
-asymmetric schemes) and simulates its integer arithmetic exactly in float: it dequantizes the codes,
-then runs the float op. Dynamic / static int8 activations are quantized the way ONNX Runtime does
-(uint8 asymmetric per tensor, round half to even), so the in-process accuracy is the deployed one.
+asymmetric schemes) and simulates its arithmetic in float: weight-only layers dequantize the codes and
+run the float op. Dynamic / static int8 activations are quantized the way ONNX Runtime does (uint8
+asymmetric per tensor, round half to even), and int8 x int8 layers then compute what ORT's integer
+kernels compute, bit for bit (exact integer sums, then one scale multiply), so the in-process accuracy
+is the deployed one up to the float noise of the ops around them (softmax, LayerNorm).
 
 Saved form (what `slimtune.models.load_model` reads back): a replaced module at path P has
 `P.qweight` (signed codes, int8; int16 for fixed point over 8 bits), `P.scale` float32 [rows, groups],
@@ -40,10 +42,11 @@ from slimtune.quantize.calibration import (
     sequential_groups,
 )
 from slimtune.quantize.codes import (
+    activation_codes,
     activation_params,
     code_dtype,
     dequantize_codes,
-    dynamic_quantize_activations,
+    dynamic_activation_params,
     fake_quantize,
     fake_quantize_activations,
     quantize_codes,
@@ -172,12 +175,30 @@ class QuantizedLinear(nn.Module):
         """Read-only float view, for code that inspects `.weight` (shape, dtype)."""
         return self.dequantized_weight()
 
+    @property
+    def integer_kernel(self) -> bool:
+        """Whether ONNX Runtime runs this layer as an integer matmul (MatMulInteger or its QDQ fusion):
+        int8 activations times symmetric per-channel int8 weight codes."""
+        return (self.activations is not None and self.scheme == "symmetric" and self.bits == 8
+                and self.group_size is None and self.input_scale is None)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.activations == "dynamic":
-            x = dynamic_quantize_activations(x)
-        elif self.activations == "static" and not self.observing:
-            x = fake_quantize_activations(x, self.act_scale, self.act_zero_point)
         bias = None if self.bias is None else self.bias.to(x.dtype)
+        if self.activations == "dynamic":
+            scale, zero_point = dynamic_activation_params(x)
+        elif self.activations == "static" and not self.observing:
+            scale, zero_point = self.act_scale, self.act_zero_point
+        else:
+            return F.linear(x, self.dequantized_weight().to(x.dtype), bias)
+        if self.integer_kernel and x.dtype == torch.float32:
+            # ORT's arithmetic bit for bit: integer products summed exactly (float32 holds integers up
+            # to 2^24, far above these sums), one multiply by s_x * s_w, then the bias. A float matmul
+            # of dequantized values rounds differently, and downstream each tiny difference that lands
+            # on an activation rounding boundary moves a code: a third more logit noise against ORT.
+            acc = F.linear(activation_codes(x, scale, zero_point), self.qweight.to(x.dtype))
+            y = acc * (scale * self.scale.view(-1))
+            return y if bias is None else bias + y
+        x = fake_quantize_activations(x, scale, zero_point)
         return F.linear(x, self.dequantized_weight().to(x.dtype), bias)
 
     def extra_repr(self) -> str:
