@@ -320,27 +320,26 @@ def _sample_batches(ds: EncodedDataset, pad: int, n_batches: int) -> list[dict]:
 
 def _quantize(graph: Path, work: Path, mode: str, scope: dict, batches: list[dict], ds: EncodedDataset,
               pad: int, threads: int | None, parity) -> tuple[Path, str, dict]:
-    """(graph, what was done, its parity report) of the unfused fp32 `graph`. Static int8 builds both
-    graph formats and keeps the fastest one that passes the parity check (else the most accurate, which
-    then fails the check)."""
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+    """(graph, what was done, its parity report) of the unfused fp32 `graph`. Static int8 builds its
+    candidate graphs and keeps the fastest one that passes the parity check (else the most accurate,
+    which then fails the check)."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
+    dynamic = _dynamic_graph(graph, work / "int8-dynamic.onnx", scope)
     if mode == "dynamic":
-        dest = work / "int8-dynamic.onnx"
-        ops = ["MatMul", "Gemm"] + (["Gather"] if scope["gather"] else [])
-        # MatMulConstBOnly: only weight matmuls, as slimtune's torch simulation (not the attention ones)
-        quantize_dynamic(str(graph), str(dest), per_channel=True, weight_type=QuantType.QInt8, op_types_to_quantize=ops,
-                         nodes_to_exclude=scope["exclude"], extra_options={"MatMulConstBOnly": True})
-        return dest, "dynamic (integer ops)", parity(dest)
+        return dynamic, "dynamic (integer ops)", parity(dynamic)
+    candidates = {}
+    if scope["overrides"] and _fixed_scale_graph(dynamic, work / "int8-static-integer.onnx", scope["overrides"]):
+        candidates["integer ops"] = work / "int8-static-integer.onnx"
     # Static ranges only for the inputs of weight matmuls (what slimtune's static_int8 simulates in
     # torch): quantizing softmax outputs, attention score matmuls and residual adds with calibrated
-    # min/max ranges cost 6.6 pt of SST-2 accuracy on MiniLM here. The integer-operator format must also
+    # min/max ranges cost 6.6 pt of SST-2 accuracy on MiniLM here. ORT's integer-operator format must
     # requantize every matmul's output to uint8 (QLinearMatMul); the QDQ graph can keep outputs float.
     excluded = _activation_matmuls(graph) + scope["exclude"]
     common = {"TensorQuantOverrides": scope["overrides"]} if scope["overrides"] else {}
-    formats = {"QOperator": (QuantFormat.QOperator, common),
-               "QDQ": (QuantFormat.QDQ, common | {"OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"]})}
-    candidates = {}
+    formats = {"QDQ": (QuantFormat.QDQ, common | {"OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"]})}
+    if not candidates:  # a plain model: no torch scales, ORT calibrates (and may requantize outputs)
+        formats["QOperator"] = (QuantFormat.QOperator, common)
     for name, (fmt, options) in formats.items():
         dest = work / f"int8-static-{name}.onnx"
         quantize_static(str(graph), str(dest), _CalibrationReader(graph, batches), quant_format=fmt,
@@ -349,13 +348,86 @@ def _quantize(graph: Path, work: Path, mode: str, scope: dict, batches: list[dic
                         extra_options=options)
         if fmt == QuantFormat.QDQ:
             _float_skip_inputs(dest)
-        candidates[name] = (dest, _speed(dest, ds, pad, threads), parity(dest))
-    passing = [k for k, v in candidates.items() if v[2]["parity"] == "pass"]
-    best = (min(passing, key=lambda k: candidates[k][1]) if passing else
-            max(candidates, key=lambda k: candidates[k][2].get("onnx_accuracy", candidates[k][2].get(
+        candidates[name] = dest
+    checked = {k: (dest, _speed(dest, ds, pad, threads), parity(dest)) for k, dest in candidates.items()}
+    passing = [k for k, v in checked.items() if v[2]["parity"] == "pass"]
+    best = (min(passing, key=lambda k: checked[k][1]) if passing else
+            max(checked, key=lambda k: checked[k][2].get("onnx_accuracy", checked[k][2].get(
                 "argmax_agreement", 0))))
-    notes = "; ".join(f"{k} {v[1]:.0f} ms, {v[2]['parity']}" for k, v in candidates.items())
-    return candidates[best][0], f"static {best} (sample: {notes})", candidates[best][2]
+    notes = "; ".join(f"{k} {v[1]:.0f} ms, {v[2]['parity']}" for k, v in checked.items())
+    return checked[best][0], f"static {best} (sample: {notes})", checked[best][2]
+
+
+def _dynamic_graph(graph: Path, dest: Path, scope: dict) -> Path:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    ops = ["MatMul", "Gemm"] + (["Gather"] if scope["gather"] else [])
+    # MatMulConstBOnly: only weight matmuls, as slimtune's torch simulation (not the attention ones)
+    quantize_dynamic(str(graph), str(dest), per_channel=True, weight_type=QuantType.QInt8, op_types_to_quantize=ops,
+                     nodes_to_exclude=scope["exclude"], extra_options={"MatMulConstBOnly": True})
+    return dest
+
+
+def _fixed_scale_graph(dynamic: Path, dest: Path, scales: dict) -> bool:
+    """Static int8 as integer ops: the dynamic graph with each DynamicQuantizeLinear replaced by a
+    QuantizeLinear at torch's calibrated scale / zero point. ORT then fuses MatMulInteger + scale Mul +
+    bias Add into one MatMulIntegerToFloat (from the QDQ graph it fuses no bias: 36 more passes over
+    MiniLM's activations). False when an activation has no torch scale."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(dynamic))
+    nodes = []
+    for node in model.graph.node:
+        if node.op_type != "DynamicQuantizeLinear":
+            nodes.append(node)
+            continue
+        if node.input[0] not in scales:
+            return False
+        scale, zero_point = scales[node.input[0]][0]["scale"], scales[node.input[0]][0]["zero_point"]
+        # the scale / zero point become initializers under the names the node produced them as, so
+        # the matmuls and scale multiplies that read them stay as they are
+        model.graph.initializer.extend([numpy_helper.from_array(scale.reshape(()), node.output[1]),
+                                        numpy_helper.from_array(zero_point.reshape(()), node.output[2])])
+        nodes.append(helper.make_node("QuantizeLinear", [node.input[0], node.output[1], node.output[2]],
+                                      [node.output[0]], name=node.name))
+    model.graph.ClearField("node")
+    model.graph.node.extend(_fused_integer_matmuls(nodes))
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    onnx.save(model, str(dest))
+    return True
+
+
+def _fused_integer_matmuls(nodes: list) -> list:
+    """MatMulInteger -> Cast -> Mul(a_scale * b_scale) [-> Add(bias)] as one MatMulIntegerToFloat (an ORT
+    contrib op: the same arithmetic in one pass). ORT fuses this itself only while a_scale is computed
+    at run time; with a constant a_scale, constant folding removes the scale Mul it looks for first."""
+    from onnx import helper
+
+    producer = {out: n for n in nodes for out in n.output}
+    readers: dict[str, list] = {}
+    for n in nodes:
+        for name in n.input:
+            readers.setdefault(name, []).append(n)
+    only_reader = lambda name: readers.get(name, [None])[0] if len(readers.get(name, [])) == 1 else None  # noqa: E731
+    dropped, fused = set(), {}
+    for mm in (n for n in nodes if n.op_type == "MatMulInteger"):
+        cast = only_reader(mm.output[0])
+        mul = cast and cast.op_type == "Cast" and only_reader(cast.output[0])
+        if not mul or mul.op_type != "Mul":
+            continue
+        scales = producer.get(next(i for i in mul.input if i != cast.output[0]))
+        if scales is None or scales.op_type != "Mul" or len(readers[scales.output[0]]) != 1:
+            continue
+        add = only_reader(mul.output[0])
+        bias = add and add.op_type == "Add" and next(i for i in add.input if i != mul.output[0])
+        last = add if bias else mul
+        fused[id(mm)] = helper.make_node(
+            "MatMulIntegerToFloat", [mm.input[0], mm.input[1], *scales.input, mm.input[2], mm.input[3]]
+            + ([bias] if bias else []), [last.output[0]], name=mm.name + "_fused", domain="com.microsoft")
+        dropped |= {id(cast), id(mul), id(scales)} | ({id(add)} if bias else set())
+    return [fused.get(id(n), n) for n in nodes if id(n) not in dropped]
 
 
 def _float_skip_inputs(graph: Path) -> None:

@@ -1,6 +1,7 @@
 """`slimtune export`: ONNX graphs that onnxruntime + tokenizers alone can run, with a parity check."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -91,6 +92,9 @@ def test_int8_run_writes_an_onnx_model_that_computes_what_torch_computes(classif
     # float noise in softmax / LayerNorm may move an activation code now and then (a tiny model here
     # has few), so the bound is on the typical sentence, not every one
     assert np.median(gap) <= 1e-6 and (gap <= 1e-4).mean() >= 0.95
+    if method == "static_int8":  # both static candidates were built from torch's scales and pass parity
+        fmt = metrics["final"]["onnx"]["int8_format"]
+        assert re.search(r"integer ops \d+ ms, pass", fmt) and re.search(r"QDQ \d+ ms, pass", fmt)
 
 
 def test_weight_only_model_is_served_int8_and_int8_run_keeps_float_head(classifier_dir, sst2_small, tmp_path):
