@@ -154,14 +154,15 @@ def train(model: nn.Module, train_ds: EncodedDataset, eval_ds: EncodedDataset | 
           eval_fn: EvalFn | None = None, phase: int = 0, lr: float | None = None,
           batch_size: int | None = None, max_epochs: float | None = None,
           on_eval: Callable[[dict], bool] | None = None,
-          on_step: Callable[[int], None] | None = None) -> TrainResult:
+          on_step: Callable[[int], None] | None = None, best_from_step: int = 0) -> TrainResult:
     """Train `model` in place on `train_ds`; evaluate on `eval_ds` each epoch (or `eval_every`).
 
     `lr`/`batch_size` override cfg (resolved `auto` values, or a phase's lr). `on_eval(record)`
     may return True to stop (the iterative method's phase criterion). `on_step(step)` runs after
     every optimizer step, before that step's eval and checkpoint (gradual pruning updates its masks
     there). A resumed run does not replay the steps it skips: the hook's state must live in the model
-    (saved with the checkpoint) or follow from the step number alone.
+    (saved with the checkpoint) or follow from the step number alone. Evaluations before
+    `best_from_step` are logged but cannot become the kept best (gradual pruning: masks still moving).
     """
     pad = ctx.pad_id
     make_batch = make_batch or (lambda ds, idx: collate(ds, idx, pad))
@@ -234,7 +235,7 @@ def train(model: nn.Module, train_ds: EncodedDataset, eval_ds: EncodedDataset | 
             scheduler.base_lrs = [base * g["lr"] / old if old > 0 else base for base, g, old
                                   in zip(scheduler.base_lrs, optimizer.param_groups, before, strict=True)]
         min_delta = cfg.early_stopping.min_delta if cfg.early_stopping else 0.0
-        if better(value, res.best_metric, cfg.metric, min_delta):
+        if step >= best_from_step and better(value, res.best_metric, cfg.metric, min_delta):
             res.best_metric, res.best_step, since_best = value, step, 0
             if cfg.keep_best and ctx.checkpoints is not None:
                 ctx.checkpoints.save_best(model, {"tag": ctx.tag, "step": step, cfg.metric: value})

@@ -40,9 +40,13 @@ def test_magnitude_oneshot_with_recovery_saves_a_plain_model_with_zeros(tmp_path
 def test_gradual_magnitude_reaches_its_target_during_recovery(tmp_path, tiny_model_dir, sst2_small):
     m = run(tmp_path, tiny_model_dir, sst2_small, FT,
             {"stage": "prune", "method": "magnitude", "sparsity": 0.8, "schedule": "gradual", "gradual_end": 0.5,
-             "recover": RECOVER | {"epochs": 2}}, EVAL)
+             "recover": RECOVER | {"epochs": 4}}, EVAL)
     assert m["stages"][1]["final_sparsity"] == pytest.approx(0.8, abs=0.01)
     assert encoder_zeros(tmp_path / "out") == pytest.approx(0.8, abs=0.01)
+    recover = m["stages"][1]["rounds"][0]["recover"]  # the kept best is one at the final sparsity
+    assert [h["step"] for h in recover["history"]] == [recover["steps"] // 4, recover["steps"] // 2,
+                                                       3 * recover["steps"] // 4, recover["steps"]]
+    assert recover["best_step"] >= recover["steps"] // 2
 
 
 def test_activation_two_four(tmp_path, tiny_model_dir, sst2_small):

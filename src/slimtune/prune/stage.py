@@ -95,11 +95,12 @@ def _recover(run: RunState, cfg: PruneStage, model, dense, phase: int, pruner=No
 
     ctx = run.train_context(phase=phase)
     ctx.resume = None  # the stage restarts from its beginning on resume (see the module docstring)
-    # gradual pruning changes the masks during training: an earlier "best" would bring denser masks back
-    rcfg = rc.model_copy(update={"keep_best": False}) if pruner is not None else rc
-    lr, bs = run.resolve_auto(rcfg, model, loss_fn)
-    res = train(model, run.data.train, run.data.eval, rcfg, ctx, loss_fn=loss_fn, phase=phase, lr=lr, batch_size=bs,
-                on_step=pruner.step if pruner is not None else None)
+    lr, bs = run.resolve_auto(rc, model, loss_fn)
+    # gradual pruning changes the masks until the ramp ends: a "best" from before would bring denser
+    # masks back, so only evaluations at the final sparsity compete
+    res = train(model, run.data.train, run.data.eval, rc, ctx, loss_fn=loss_fn, phase=phase, lr=lr, batch_size=bs,
+                on_step=pruner.step if pruner is not None else None,
+                best_from_step=pruner.final_step if pruner is not None else 0)
     return {"recover": res.summary()}
 
 

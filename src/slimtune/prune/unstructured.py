@@ -233,7 +233,7 @@ class GradualPruner:
     checkpoint. A resumed run loads the masks of step r and continues with on_step(r + 1): the same
     masks at the same steps as an uninterrupted run (and with fresh masks, the next call prunes up to
     the schedule). Beware `keep_best`: restoring an earlier best-dev state restores its less sparse
-    masks too; evaluate after `end_frac` or disable keep_best when pruning gradually.
+    masks too; let only evaluations from `final_step` on compete (`train(..., best_from_step=)`).
     """
 
     def __init__(self, model: nn.Module, final_sparsity: float, total_steps: int, *,
@@ -253,6 +253,12 @@ class GradualPruner:
 
     def sparsity_at(self, step: int) -> float:
         return cubic_sparsity(step, **self.schedule)
+
+    @property
+    def final_step(self) -> int:
+        """The first step at the final sparsity: the masks change no more from there."""
+        sch = self.schedule
+        return max(round(sch["end_frac"] * sch["total_steps"]), round(sch["start_frac"] * sch["total_steps"]))
 
     @torch.no_grad()
     def step(self, step: int) -> PruneReport | None:
