@@ -4,9 +4,9 @@
 
 Trains (or reuses, when RUNS_DIR/NAME/metrics.json exists) with `slimtune.run`, each from `--start`:
   magnitude-50       one-shot magnitude 50% (global, L1-normalised) + 1 recovery epoch
-  magnitude-80       gradual magnitude to 80% (cubic schedule, global, done half-way) over 3 recovery
+  magnitude-80       gradual magnitude to 80% (cubic schedule, global, done at 40%) over 4 recovery
                      epochs on the train set + 2 EDA copies (20.8k rows), learning the soft targets of
-                     the unpruned model (alpha 1)
+                     the unpruned model (alpha 1); the best dev epoch at 80% is kept
   activation-2:4     Wanda 2:4 from 8 calibration batches + 1 recovery epoch
   structured         1/3 of heads + 1/2 of FFN neurons removed (gradient importance) + 2 epochs of
                      recovery distilled from the unpruned model
@@ -34,8 +34,8 @@ RUNS = {
     # spread globally (layers differ in redundancy), and recovery learns only the dense model's soft
     # targets (alpha 1) on the train set plus 2 augmented copies, which the dense model labels
     "magnitude-80": {"method": "magnitude", "sparsity": 0.8, "schedule": "gradual", "scope": "global",
-                     "gradual_end": 0.5,
-                     "recover": RECOVER | {"epochs": 3, "lr": 1e-4, "distill_from_unpruned": True, "alpha": 1.0}},
+                     "gradual_end": 0.4,
+                     "recover": RECOVER | {"epochs": 4, "lr": 1e-4, "distill_from_unpruned": True, "alpha": 1.0}},
     "activation-2:4": {"method": "activation", "n_m": [2, 4], "recover": RECOVER | {"epochs": 1}},
     "structured": {"method": "structured", "heads": 0.33, "ffn": 0.5,
                    "recover": RECOVER | {"epochs": 2, "distill_from_unpruned": True}},
