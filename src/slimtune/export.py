@@ -279,7 +279,7 @@ def _quantization_scope(model: nn.Module, plain: nn.Module, graph: Path) -> dict
     nodes = {n.name: n for n in g.node if n.op_type in ("MatMul", "Gemm") and any(i in weights for i in n.input)}
     spec = (getattr(model.config, "slimtune_quantization", None) or {}).get("layers", {})
     if not spec:
-        return {"exclude": [], "gather": True, "overrides": {}}
+        return {"exclude": [], "gather": True, "overrides": {}, "per_channel": True}
     digests = {}
     for name, node in nodes.items():
         w = numpy_helper.to_array(weights[next(i for i in node.input if i in weights)])
@@ -308,7 +308,8 @@ def _quantization_scope(model: nn.Module, plain: nn.Module, graph: Path) -> dict
     # names, or the float pooler and classifier come out int8
     exclude = set(nodes) - keep
     exclude |= {f"{name}_MatMul" for name in exclude if nodes[name].op_type == "Gemm"}
-    return {"exclude": sorted(exclude), "gather": False, "overrides": overrides}
+    per_tensor = bool(served) and all(spec[layer].get("per_tensor") for layer in served)
+    return {"exclude": sorted(exclude), "gather": False, "overrides": overrides, "per_channel": not per_tensor}
 
 
 def _sample_batches(ds: EncodedDataset, pad: int, n_batches: int) -> list[dict]:
@@ -343,7 +344,7 @@ def _quantize(graph: Path, work: Path, mode: str, scope: dict, batches: list[dic
     for name, (fmt, options) in formats.items():
         dest = work / f"int8-static-{name}.onnx"
         quantize_static(str(graph), str(dest), _CalibrationReader(graph, batches), quant_format=fmt,
-                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        per_channel=scope["per_channel"], activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         op_types_to_quantize=["MatMul", "Gemm"], nodes_to_exclude=excluded,
                         extra_options=options)
         if fmt == QuantFormat.QDQ:
@@ -363,7 +364,8 @@ def _dynamic_graph(graph: Path, dest: Path, scope: dict) -> Path:
 
     ops = ["MatMul", "Gemm"] + (["Gather"] if scope["gather"] else [])
     # MatMulConstBOnly: only weight matmuls, as slimtune's torch simulation (not the attention ones)
-    quantize_dynamic(str(graph), str(dest), per_channel=True, weight_type=QuantType.QInt8, op_types_to_quantize=ops,
+    quantize_dynamic(str(graph), str(dest), per_channel=scope["per_channel"], weight_type=QuantType.QInt8,
+                     op_types_to_quantize=ops,
                      nodes_to_exclude=scope["exclude"], extra_options={"MatMulConstBOnly": True})
     return dest
 

@@ -267,6 +267,9 @@ class QuantizeStage(Strict):
     group_size: int | None = Field(None, ge=1, description="weights per scale along the input dim (None: per "
                                                              "output channel)")
     symmetric: bool = Field(True, description="symmetric (zero point 0) or asymmetric weights/activations")
+    weight_scales: Literal["per_channel", "per_tensor"] = Field(
+        "per_channel", description="dynamic_int8 / static_int8: one weight scale per output channel, or one per "
+                                   "matrix (what ONNX Runtime's quantize_dynamic does by default; faster at batch 1)")
     algorithm: Literal["rtn", "gptq", "awq"] = Field(
         "rtn", description="weight_only: round-to-nearest, GPTQ error compensation or AWQ activation-aware scaling")
     int_bits: int = Field(1, ge=0, le=15, description="fixed_point: integer bits m of Qm.n (sign bit extra)")

@@ -66,9 +66,10 @@ def test_int8_export_is_smaller_and_agrees(classifier_dir, sst2_small, tmp_path,
     assert saved["int8_format"].startswith(mode)
 
 
-@pytest.mark.parametrize("method", ["dynamic_int8", "static_int8"])
+@pytest.mark.parametrize("method, scales", [("dynamic_int8", "per_channel"), ("static_int8", "per_channel"),
+                                            ("dynamic_int8", "per_tensor")])
 def test_int8_run_writes_an_onnx_model_that_computes_what_torch_computes(classifier_dir, sst2_small, tmp_path,
-                                                                         method):
+                                                                         method, scales):
     """An int8 run's OUT/onnx gives the torch model's logits: same codes and scales (static: torch's
     calibrated activation scales), integer kernels emulated exactly in torch, float pooler/classifier
     in both, and residual paths that read float values in both."""
@@ -79,7 +80,7 @@ def test_int8_run_writes_an_onnx_model_that_computes_what_torch_computes(classif
 
     recipe = {"model": str(classifier_dir), "data": {"train": str(sst2_small[0]), "eval": str(sst2_small[1]),
                                                      "max_length": 64},
-              "stages": [{"stage": "quantize", "method": method, "calibration_batches": 4}]}
+              "stages": [{"stage": "quantize", "method": method, "calibration_batches": 4, "weight_scales": scales}]}
     metrics = slimtune.run(recipe, tmp_path / "run", progress=False)
     assert metrics["final"]["onnx"]["onnx_accuracy"] == metrics["final"]["onnx"]["torch_accuracy"]
     model = load_model(tmp_path / "run" / "model")
@@ -92,6 +93,13 @@ def test_int8_run_writes_an_onnx_model_that_computes_what_torch_computes(classif
     # float noise in softmax / LayerNorm may move an activation code now and then (a tiny model here
     # has few), so the bound is on the typical sentence, not every one
     assert np.median(gap) <= 1e-6 and (gap <= 1e-4).mean() >= 0.95
+    if scales == "per_tensor":  # ORT got one scale per weight matrix too
+        import onnx
+        from onnx import numpy_helper
+
+        graph = onnx.load(str(tmp_path / "run" / "onnx" / "model.onnx")).graph
+        weight_scales = [numpy_helper.to_array(i) for i in graph.initializer if i.name.endswith("_scale")]
+        assert weight_scales and all(w.size == 1 for w in weight_scales)
     if method == "static_int8":  # both static candidates were built from torch's scales and pass parity
         fmt = metrics["final"]["onnx"]["int8_format"]
         assert re.search(r"integer ops \d+ ms, pass", fmt) and re.search(r"QDQ \d+ ms, pass", fmt)

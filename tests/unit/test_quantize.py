@@ -397,6 +397,7 @@ def test_lora_adapter_is_merged_before_quantization(tmp_path, tiny_model_dir, ss
 
 @pytest.mark.parametrize("stage, message", [
     ({"method": "weight_only", "bits": 3}, "bits 3 not supported by method weight_only"),
+    ({"method": "weight_only", "weight_scales": "per_tensor"}, "weight_scales per_tensor applies to dynamic_int8"),
     ({"method": "weight_only", "bits": 4, "group_size": 24}, "group_size 24 does not divide the 32 input features of bert.encoder.layer.0.attention.self.query"),
     ({"targets": ["nothing_like_this"]}, "match no nn.Linear"),
     ({"method": "mixed", "mixed": {"bits": [5, 8]}}, r"mixed.bits \[5\] not supported"),

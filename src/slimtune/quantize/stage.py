@@ -56,6 +56,8 @@ EMBEDDING_SPEC = layer_spec(kind="embedding", bits=8, scheme="asymmetric", per_t
 def check_config(cfg: QuantizeStage) -> None:
     """Checks that need the stage config only."""
     method, explicit = cfg.method, cfg.model_fields_set
+    if cfg.weight_scales == "per_tensor" and method not in ("dynamic_int8", "static_int8"):
+        raise SlimtuneError(f"quantize: weight_scales per_tensor applies to dynamic_int8 / static_int8, not {method}")
     if method in METHOD_BITS and cfg.bits not in METHOD_BITS[method]:
         raise SlimtuneError(f"quantize: bits {cfg.bits} not supported by method {method} "
                             f"(supported: {', '.join(map(str, METHOD_BITS[method]))})")
@@ -148,7 +150,8 @@ def _weight_spec(cfg: QuantizeStage, bits: int | None = None) -> dict:
         return layer_spec(scheme="fixed_point", bits=1 + cfg.int_bits + cfg.frac_bits, int_bits=cfg.int_bits,
                           frac_bits=cfg.frac_bits)
     activations = {"dynamic_int8": "dynamic", "static_int8": "static"}.get(cfg.method)
-    return layer_spec(bits=bits or cfg.bits, scheme=scheme, group_size=cfg.group_size, activations=activations)
+    return layer_spec(bits=bits or cfg.bits, scheme=scheme, group_size=cfg.group_size, activations=activations,
+                      per_tensor=activations is not None and cfg.weight_scales == "per_tensor")
 
 
 def _saturation(targets: dict[str, nn.Linear], cfg: QuantizeStage) -> dict[str, float]:
