@@ -162,7 +162,8 @@ def train(model: nn.Module, train_ds: EncodedDataset, eval_ds: EncodedDataset | 
     every optimizer step, before that step's eval and checkpoint (gradual pruning updates its masks
     there). A resumed run does not replay the steps it skips: the hook's state must live in the model
     (saved with the checkpoint) or follow from the step number alone. Evaluations before
-    `best_from_step` are logged but cannot become the kept best (gradual pruning: masks still moving).
+    `best_from_step` are logged only: they cannot become the kept best nor count towards early
+    stopping's patience (gradual pruning: the masks are still moving).
     """
     pad = ctx.pad_id
     make_batch = make_batch or (lambda ds, idx: collate(ds, idx, pad))
@@ -235,7 +236,9 @@ def train(model: nn.Module, train_ds: EncodedDataset, eval_ds: EncodedDataset | 
             scheduler.base_lrs = [base * g["lr"] / old if old > 0 else base for base, g, old
                                   in zip(scheduler.base_lrs, optimizer.param_groups, before, strict=True)]
         min_delta = cfg.early_stopping.min_delta if cfg.early_stopping else 0.0
-        if step >= best_from_step and better(value, res.best_metric, cfg.metric, min_delta):
+        if step < best_from_step:
+            pass  # neither a best nor a miss for early stopping: the model is still being changed under it
+        elif better(value, res.best_metric, cfg.metric, min_delta):
             res.best_metric, res.best_step, since_best = value, step, 0
             if cfg.keep_best and ctx.checkpoints is not None:
                 ctx.checkpoints.save_best(model, {"tag": ctx.tag, "step": step, cfg.metric: value})

@@ -114,6 +114,16 @@ def test_early_stopping_and_keep_best(ds):
     assert all(torch.equal(v, snapshots[1][k]) for k, v in model.state_dict().items())
 
 
+def test_evaluations_before_best_from_step_neither_win_nor_stop(ds):
+    """Gradual pruning: while the masks still move, a dev score is neither the kept best nor a miss."""
+    cfg = stage(epochs=10, early_stopping=EarlyStopping(patience=0), keep_best=True)
+    steps_per_epoch = train(tiny_model(), ds, None, stage(epochs=1), TrainContext(progress=False)).steps
+    res = train(tiny_model(), ds, None, cfg, TrainContext(progress=False), best_from_step=3 * steps_per_epoch,
+                eval_fn=scripted_eval([0.9, 0.5, 0.4, 0.6, 0.7, 0.65]))
+    assert len(res.history) == 6 and res.stopped_early  # no stop before eval 3; best at 5, miss at 6
+    assert res.best_metric == 0.7 and res.best_step == 5 * steps_per_epoch
+
+
 def test_min_delta_counts_small_gains_as_no_gain(ds):
     cfg = stage(epochs=10, early_stopping=EarlyStopping(patience=0, min_delta=0.05))
     res = train(tiny_model(), ds, None, cfg, TrainContext(progress=False),
