@@ -206,6 +206,12 @@ def _prune_to_(linears: dict[str, nn.Linear], sparsity: float, scope: str, norm:
 # --- gradual (Zhu & Gupta 2017) ---------------------------------------------------------------
 
 
+def ramp_steps(total_steps: int, start_frac: float, end_frac: float) -> tuple[int, int]:
+    """(t0, t1): the steps where the cubic ramp starts and where it reaches the final sparsity."""
+    start = round(start_frac * total_steps)
+    return start, max(round(end_frac * total_steps), start)
+
+
 def cubic_sparsity(step: int, total_steps: int, final_sparsity: float, initial_sparsity: float = 0.0,
                    start_frac: float = 0.0, end_frac: float = 0.8, every: int | None = None) -> float:
     """s_t = s_f + (s_i - s_f)(1 - (t - t0)/(t1 - t0))³ between t0 = start_frac·total and
@@ -213,8 +219,7 @@ def cubic_sparsity(step: int, total_steps: int, final_sparsity: float, initial_s
     0 before t0 (dense training), s_f from t1 on. Prunes fast early, when many weights are redundant,
     and slowly near the end, giving the network time to recover."""
     _check_schedule(total_steps, final_sparsity, initial_sparsity, start_frac, end_frac, every)
-    start = round(start_frac * total_steps)
-    end = max(round(end_frac * total_steps), start)
+    start, end = ramp_steps(total_steps, start_frac, end_frac)
     if step < start:
         return 0.0
     if step >= end:
@@ -258,7 +263,7 @@ class GradualPruner:
     def final_step(self) -> int:
         """The first step at the final sparsity: the masks change no more from there."""
         sch = self.schedule
-        return max(round(sch["end_frac"] * sch["total_steps"]), round(sch["start_frac"] * sch["total_steps"]))
+        return ramp_steps(sch["total_steps"], sch["start_frac"], sch["end_frac"])[1]
 
     @torch.no_grad()
     def step(self, step: int) -> PruneReport | None:
