@@ -326,11 +326,12 @@ def _quantize(graph: Path, work: Path, mode: str, scope: dict, batches: list[dic
     which then fails the check)."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
-    dynamic = _dynamic_graph(graph, work / "int8-dynamic.onnx", scope)
     if mode == "dynamic":
+        dynamic = _dynamic_graph(graph, work / "int8-dynamic.onnx", scope)
         return dynamic, "dynamic (integer ops)", parity(dynamic)
     candidates = {}
-    if scope["overrides"] and _fixed_scale_graph(dynamic, work / "int8-static-integer.onnx", scope["overrides"]):
+    if scope["overrides"] and _fixed_scale_graph(_dynamic_graph(graph, work / "int8-dynamic.onnx", scope),
+                                                 work / "int8-static-integer.onnx", scope["overrides"]):
         candidates["integer ops"] = work / "int8-static-integer.onnx"
     # Static ranges only for the inputs of weight matmuls (what slimtune's static_int8 simulates in
     # torch): quantizing softmax outputs, attention score matmuls and residual adds with calibrated

@@ -177,8 +177,8 @@ class QuantizedLinear(nn.Module):
 
     @property
     def integer_kernel(self) -> bool:
-        """Whether ONNX Runtime runs this layer as an integer matmul (MatMulInteger or its QDQ fusion):
-        int8 activations times symmetric per-channel int8 weight codes."""
+        """Whether ONNX Runtime runs this layer as an integer matmul (MatMulInteger or its fusions):
+        int8 activations times symmetric int8 weight codes, one scale per row or per matrix."""
         return (self.activations is not None and self.scheme == "symmetric" and self.bits == 8
                 and self.group_size is None and self.input_scale is None)
 
