@@ -30,7 +30,7 @@ from common import HERE, add_common_args, export_onnx_cached, measure, report, r
 RECOVER = {"lr": 5e-5, "batch_size": 32, "seed": 42}
 RUNS = {
     "magnitude-50": {"method": "magnitude", "sparsity": 0.5, "scope": "global", "recover": RECOVER | {"epochs": 1}},
-    # 80% of the encoder weights is a lot for a 6-layer model: the ramp ends half-way, sparsity is
+    # 80% of the encoder weights is a lot for a 6-layer model: the ramp ends at 40%, sparsity is
     # spread globally (layers differ in redundancy), and recovery learns only the dense model's soft
     # targets (alpha 1) on the train set plus 2 augmented copies, which the dense model labels
     "magnitude-80": {"method": "magnitude", "sparsity": 0.8, "schedule": "gradual", "scope": "global",

@@ -137,8 +137,7 @@ def main() -> None:
                      f"| {r['throughput_eps'] / peer['throughput_eps']:.2f}x |")
         r["torch_accuracy"], r["packed_mb"] = ta, pk
     checks = []
-    for name in ("static-int8 (static ORT)", "dynamic-int8 (dynamic ORT)", "static-int8-pt (static ORT)",
-                 "dynamic-int8-pt (dynamic ORT)"):
+    for name in (f"{run} ({mode} ORT)" for run, mode in EXPORT.items() if "int8" in run):
         r = rows[name]
         drop = 100 * (base["accuracy"] - r["accuracy"])
         speed = r["throughput_eps"] / peer["throughput_eps"]
