@@ -27,7 +27,7 @@ from torch import nn
 
 from slimtune.checkpoint import stage_start_snapshot
 from slimtune.errors import SlimtuneError
-from slimtune.prune.stage import _recover
+from slimtune.prune.stage import _recover, validate_recover
 from slimtune.prune.unstructured import select_linears
 from slimtune.recipe import LowrankStage
 from slimtune.train import seed_everything
@@ -193,6 +193,7 @@ def validate_lowrank(run: RunState, cfg: LowrankStage) -> None:
     if (cfg.rank is None) == (cfg.energy is None):
         raise SlimtuneError("lowrank: set exactly one of rank or energy")
     _targets(run.model, cfg)
+    validate_recover(run, cfg.recover)
 
 
 def run_lowrank(run: RunState, cfg: LowrankStage) -> dict:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from slimtune.errors import SlimtuneError
 
@@ -192,12 +192,21 @@ class DistillStage(LoopConfig):
 
 
 class RecoverConfig(LoopConfig):
-    """Fine-tuning after pruning, on the one loop; optionally distilled from the unpruned model."""
+    """Fine-tuning after pruning, on the one loop; optionally distilled from the unpruned model or from
+    a (stronger) fine-tuned teacher."""
 
     epochs: float = Field(1, gt=0)
     distill_from_unpruned: bool = False
+    teacher: str | None = Field(None, description="soft targets of this fine-tuned classifier (dir or alias), "
+                                                  "computed once on the train texts and cached")
     temperature: float = Field(2.0, gt=0)
-    alpha: float = Field(0.5, ge=0, le=1, description="weight of the unpruned model's soft targets")
+    alpha: float = Field(0.5, ge=0, le=1, description="weight of the soft targets (unpruned model or teacher)")
+
+    @model_validator(mode="after")
+    def _one_teacher(self):
+        if self.teacher is not None and self.distill_from_unpruned:
+            raise ValueError("recover: choose one source of soft targets, teacher or distill_from_unpruned")
+        return self
 
 
 class IterativePruneConfig(Strict):

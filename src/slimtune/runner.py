@@ -118,6 +118,7 @@ STAGE_HANDLERS: dict[str, Callable[[RunState, object], dict]] = {
 # Input checks a stage can make from configs alone, run before OUT is touched (bad input leaves nothing).
 STAGE_VALIDATORS: dict[str, Callable[[RunState, object], None]] = {
     "distill": lazy("slimtune.distill.stage", "validate_distill"),
+    "prune": lazy("slimtune.prune.stage", "validate_prune"),
     "quantize": lazy("slimtune.quantize.stage", "validate_quantize"),
     "lowrank": lazy("slimtune.lowrank", "validate_lowrank")}
 # Stages that change the model's structure (or tokenizer): on --resume past them, the runner rebuilds

@@ -98,8 +98,46 @@ def test_iterative_rounds_stop_past_max_drop_and_keep_the_last_good_round(tmp_pa
     assert encoder_zeros(tmp_path / "out") == pytest.approx(0.3, abs=0.01)
 
 
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory, tiny_model_dir, sst2_small):
+    """A tiny classifier fine-tuned on the 300 rows: a recovery teacher."""
+    out = tmp_path_factory.mktemp("teacher")
+    run(out, tiny_model_dir, sst2_small, {"stage": "finetune", "epochs": 2, "lr": 2e-3, "batch_size": 16}, EVAL)
+    return out / "out" / "model"
+
+
+def test_recovery_learns_a_cached_teachers_soft_targets(tmp_path, tiny_model_dir, sst2_small, teacher_dir,
+                                                        monkeypatch):
+    import slimtune.prune.stage as stage
+    from slimtune.train import model_inputs
+
+    monkeypatch.setenv("SLIMTUNE_HOME", str(tmp_path / "home"))
+    seen = []
+
+    def spy(temperature, alpha):  # records what the loss is given
+        inner = cached_distill_loss(temperature, alpha)
+        return lambda m, batch: seen.append(batch) or inner(m, batch)
+
+    cached_distill_loss = stage.cached_distill_loss
+    monkeypatch.setattr(stage, "cached_distill_loss", spy)
+    m = run(tmp_path, tiny_model_dir, sst2_small,
+            {"stage": "prune", "method": "magnitude", "sparsity": 0.3,
+             "recover": RECOVER | {"teacher": str(teacher_dir), "alpha": 1.0, "temperature": 3.0}}, EVAL)
+    assert len(list((tmp_path / "home" / "teacher-cache").glob("*.safetensors"))) == 1  # labelled once, kept
+    assert len(seen) == m["stages"][0]["rounds"][0]["recover"]["steps"]
+    teacher = slimtune.load_model(teacher_dir).eval()
+    with torch.no_grad():  # every batch's soft targets are the teacher's own distribution at T = 3
+        for batch in seen[:3]:
+            want = torch.softmax(teacher(**model_inputs(batch)).logits / 3.0, dim=-1)
+            assert torch.allclose(batch["soft_targets"], want, atol=1e-5)
+    assert m["stages"][0]["final_sparsity"] == pytest.approx(0.3, abs=0.01)
+
+
 @pytest.mark.parametrize(("stage", "message"), [
     ({"method": "magnitude", "sparsity": 1.0}, "sparsity: Input should be less than 1"),
+    ({"method": "magnitude", "sparsity": 0.5, "recover": {"teacher": "/nowhere/teacher"}}, "/nowhere/teacher"),
+    ({"method": "magnitude", "sparsity": 0.5, "recover": {"teacher": "t", "distill_from_unpruned": True}},
+     "choose one source of soft targets"),
     ({"method": "magnitude", "sparsity": 0.5, "targets": ["nothing_like_this"]}, "match no nn.Linear module"),
     ({"method": "structured", "heads": 0.9}, "pruning every head would remove the layer"),
     ({"method": "structured"}, "structured needs heads, ffn or layers"),

@@ -32,6 +32,12 @@ def logit_mse_loss(student_logits: torch.Tensor, soft_targets: torch.Tensor, tem
     return F.mse_loss(center(student_logits), center(teacher))
 
 
+def mixed_distill_loss(logits: torch.Tensor, soft_targets: torch.Tensor, labels: torch.Tensor, temperature: float,
+                       alpha: float) -> torch.Tensor:
+    """alpha * soft-target KL + (1 - alpha) * hard-label cross-entropy."""
+    return alpha * soft_target_loss(logits, soft_targets, temperature) + (1 - alpha) * F.cross_entropy(logits, labels)
+
+
 def online_distill_loss(teacher: nn.Module, temperature: float, alpha: float):
     """loss_fn(model, batch) for `train`: soft targets of a frozen `teacher` run on the same batch (the
     model a prune / low-rank / QAT stage started from), mixed with the labels by `alpha`."""
@@ -40,8 +46,18 @@ def online_distill_loss(teacher: nn.Module, temperature: float, alpha: float):
         logits = logits_of(m(**model_inputs(batch)))
         with torch.no_grad():
             target = torch.softmax(logits_of(teacher(**model_inputs(batch))) / temperature, dim=-1)
-        return alpha * soft_target_loss(logits, target, temperature) + (1 - alpha) * F.cross_entropy(
-            logits, batch["labels"])
+        return mixed_distill_loss(logits, target, batch["labels"], temperature, alpha)
+
+    return loss_fn
+
+
+def cached_distill_loss(temperature: float, alpha: float):
+    """loss_fn(model, batch) for `train` when the batch carries precomputed `soft_targets` [B, C]
+    (a teacher labelled the train set once; see `teacher_soft_targets`)."""
+
+    def loss_fn(m, batch):
+        logits = logits_of(m(**model_inputs(batch)))
+        return mixed_distill_loss(logits, batch["soft_targets"], batch["labels"], temperature, alpha)
 
     return loss_fn
 

@@ -144,6 +144,17 @@ def cached_teacher_outputs(teachers: list[Teacher], texts: list[str], pairs: lis
     return outputs
 
 
+def teacher_soft_targets(teacher: str, ds: EncodedDataset, id2label: dict[int, str], max_length: int,
+                         temperature: float, log=print) -> torch.Tensor:
+    """[N, C] softened distribution of one fine-tuned `teacher` (dir or alias) on every text of `ds`, in
+    order; the teacher runs once per data and is cached like the distill stage's (recovery training)."""
+    from slimtune.recipe import TeacherSpec
+
+    teachers = load_teachers([TeacherSpec(path=teacher)], id2label)
+    out = cached_teacher_outputs(teachers, list(ds.texts), ds.pairs, max_length, [], None, log=log)
+    return torch.softmax(out[0]["logits"] / temperature, dim=-1)
+
+
 def _metadata(path: Path) -> dict:
     from safetensors import safe_open
 

@@ -19,11 +19,12 @@ import torch
 
 from slimtune.batching import batch_indices, collate
 from slimtune.checkpoint import stage_start_snapshot
-from slimtune.distill.losses import online_distill_loss
+from slimtune.distill.losses import cached_distill_loss, online_distill_loss
+from slimtune.distill.teachers import check_teacher, teacher_soft_targets
 from slimtune.errors import SlimtuneError
 from slimtune.prune import structured as st
 from slimtune.prune import unstructured as un
-from slimtune.recipe import PruneStage
+from slimtune.recipe import PruneStage, TeacherSpec
 from slimtune.train import (
     cross_entropy_loss,
     optimizer_steps,
@@ -85,20 +86,40 @@ def _masks_(model, cfg: PruneStage, method: str, batches: list[dict], share: flo
     return {"sparsity": round(report.overall, 4)}
 
 
+def validate_recover(run: RunState, rc) -> None:
+    """A recovery teacher must exist and classify exactly the data's labels (checked before the run)."""
+    if rc is not None and rc.teacher is not None:
+        check_teacher(TeacherSpec(path=rc.teacher), run.data.id2label)
+
+
+def validate_prune(run: RunState, cfg: PruneStage) -> None:
+    validate_recover(run, cfg.recover)
+
+
 def _recover(run: RunState, cfg: PruneStage, model, dense, phase: int, pruner=None) -> dict:
     rc = cfg.recover
     if rc is None:
         return {}
-    loss_fn = cross_entropy_loss
+    loss_fn, make_batch = cross_entropy_loss, None
     if rc.distill_from_unpruned:  # soft targets of the unpruned model, mixed with the labels
         loss_fn = online_distill_loss(dense.eval().requires_grad_(False), rc.temperature, rc.alpha)
+    elif rc.teacher is not None:  # a stronger fine-tuned teacher, run once over the train texts
+        from slimtune.runner import console
+
+        soft = teacher_soft_targets(rc.teacher, run.data.train, run.data.id2label, run.data_cfg.max_length,
+                                    rc.temperature, log=console.print)
+        loss_fn = cached_distill_loss(rc.temperature, rc.alpha)
+
+        def make_batch(ds, idx):
+            return collate(ds, idx, run.pad_id) | {"soft_targets": soft[torch.tensor(idx)]}
 
     ctx = run.train_context(phase=phase)
     ctx.resume = None  # the stage restarts from its beginning on resume (see the module docstring)
-    lr, bs = run.resolve_auto(rc, model, loss_fn)
+    lr, bs = run.resolve_auto(rc, model, loss_fn, make_batch=make_batch)
     # gradual pruning changes the masks until the ramp ends: a "best" from before would bring denser
     # masks back, so only evaluations at the final sparsity compete
-    res = train(model, run.data.train, run.data.eval, rc, ctx, loss_fn=loss_fn, phase=phase, lr=lr, batch_size=bs,
+    res = train(model, run.data.train, run.data.eval, rc, ctx, loss_fn=loss_fn, make_batch=make_batch, phase=phase,
+                lr=lr, batch_size=bs,
                 on_step=pruner.step if pruner is not None else None,
                 best_from_step=pruner.final_step if pruner is not None else 0)
     return {"recover": res.summary()}
