@@ -153,7 +153,12 @@ class StudentSpec(Strict):
     arch: Literal["bilstm", "cnn"] | None = None  # word-level student trained from scratch
     hidden: int = Field(256, ge=1, description="word students: LSTM units per direction / CNN filters per width")
     embed_dim: int = Field(300, ge=1, description="word students without teacher-initialised embeddings")
-    init_embeddings: bool = True  # word students: start from the teacher's word-piece embeddings
+    init_embeddings: bool | Literal["input", "contextual"] = Field(
+        "input", description="word students: input = mean of the teacher's sub-token input embeddings; contextual "
+                             "= the teacher's hidden state of each word alone (Model2Vec-style); false = random")
+    embedding_layer: int | None = Field(None, ge=0, description="contextual: teacher hidden state to read (0 = "
+                                                                "embedding output; default the middle layer)")
+    freeze_embeddings: bool = Field(False, description="word students: keep the initialised embeddings fixed")
     max_vocab: int = Field(30000, ge=10)
     dropout: float = Field(0.2, ge=0, lt=1)
 

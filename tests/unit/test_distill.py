@@ -229,6 +229,24 @@ def test_word_level_student_distilled_saves_and_predicts(tmp_path, teacher_dir, 
     assert len(pred) == 2 and set(pred[0]["probabilities"]) == {"0", "1"}
 
 
+def test_word_student_with_frozen_contextual_embeddings_keeps_them(tmp_path, teacher_dir, sst2_small):
+    from transformers import AutoTokenizer
+
+    from slimtune.distill.wordlevel import contextual_word_vectors
+
+    stage = DISTILL | {"teacher": str(teacher_dir), "epochs": 1, "lr": 3e-3,
+                       "student": {"arch": "bilstm", "hidden": 16, "init_embeddings": "contextual",
+                                   "freeze_embeddings": True}}
+    m = slimtune.run(recipe(teacher_dir, sst2_small, stage, EVAL), tmp_path / "out", progress=False)
+    model = slimtune.load_model(tmp_path / "out" / "model")
+    emb = model.get_input_embeddings().weight.detach()
+    assert m["stages"][0]["trainable_params"] == m["final"]["params"] - emb.numel()
+    tok = slimtune.models.load_tokenizer(tmp_path / "out" / "model")
+    teacher = slimtune.load_model(teacher_dir)
+    want = contextual_word_vectors(["film", "the"], teacher, AutoTokenizer.from_pretrained(teacher_dir))  # layer 1 of 2
+    torch.testing.assert_close(emb[[tok.vocab["film"], tok.vocab["the"]]], want, atol=1e-5, rtol=1e-5)
+
+
 def test_intermediate_loss_with_a_word_student_is_refused(tmp_path, teacher_dir, sst2_small):
     stage = DISTILL | {"teacher": str(teacher_dir), "student": {"arch": "bilstm"}, "intermediate": {"loss": "mse"}}
     with pytest.raises(slimtune.SlimtuneError, match="the bilstm student has no transformer layers"):

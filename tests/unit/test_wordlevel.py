@@ -11,6 +11,7 @@ from slimtune.distill.wordlevel import (
     WordCNNClassifier,
     WordTokenizer,
     build_word_student,
+    contextual_word_vectors,
     init_embeddings_from_teacher,
 )
 from slimtune.errors import SlimtuneError
@@ -143,3 +144,26 @@ def test_init_embeddings_from_teacher_uses_the_mean_of_sub_token_rows(tiny_model
     small, small_tok = student("cnn")
     with pytest.raises(SlimtuneError, match="embed_dim 16 != teacher embedding size 32"):
         init_embeddings_from_teacher(small, small_tok, teacher, teacher_tok)
+
+
+def test_contextual_init_is_the_teachers_hidden_state_of_each_word_alone(tiny_model_dir):
+    from transformers import AutoModel, AutoTokenizer
+
+    teacher = AutoModel.from_pretrained(tiny_model_dir, local_files_only=True).eval()
+    teacher_tok = AutoTokenizer.from_pretrained(tiny_model_dir, local_files_only=True)
+    texts = [*TEXTS, "unbelievably distillation"]
+    model, tok = build_word_student("bilstm", texts, ID2LABEL, hidden=8, teacher=teacher, teacher_tokenizer=teacher_tok,
+                                    init_from_teacher="contextual", embedding_layer=1)
+    rows = model.get_input_embeddings().weight.detach()
+    for word in ("distillation", "good"):  # [CLS] pieces [SEP]: the mean over the pieces at layer 1
+        enc = teacher_tok(word, return_tensors="pt")
+        with torch.no_grad():
+            hidden = teacher(**enc, output_hidden_states=True).hidden_states[1][0, 1:-1]
+        torch.testing.assert_close(rows[tok.vocab[word]], hidden.mean(0), atol=1e-5, rtol=1e-5)
+    assert torch.count_nonzero(rows[0]) == 0  # [PAD] stays zero
+    # padding in a batch of words of different lengths does not change a word's vector
+    alone = contextual_word_vectors(["distillation"], teacher, teacher_tok, layer=2)
+    batched = contextual_word_vectors(["good", "distillation", "a"], teacher, teacher_tok, layer=2)
+    torch.testing.assert_close(batched[1], alone[0], atol=1e-5, rtol=1e-5)
+    with pytest.raises(SlimtuneError, match="embedding_layer 3: the teacher has hidden states 0-2"):
+        contextual_word_vectors(["good"], teacher, teacher_tok, layer=3)

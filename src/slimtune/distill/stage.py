@@ -108,6 +108,8 @@ def setup_distill(run: RunState, cfg: DistillStage) -> DistillSetup:
                             teacher_model=first.model, teacher_tokenizer=first.tokenizer,
                             id2label=run.data.id2label, texts=texts)
     student.model.requires_grad_(True)  # a layer selection copies the (frozen) teacher
+    if cfg.student.freeze_embeddings:  # the teacher-initialised vectors stay as they are while training
+        student.model.get_input_embeddings().requires_grad_(False)
     mapping, granularity = _intermediate_plan(cfg, student.kind, student.model.config, first.model.config,
                                               _same_tokenizer(student.tokenizer, first.tokenizer))
     if cfg.intermediate is not None and "attention" in cfg.intermediate.loss:
@@ -182,8 +184,9 @@ def run_distill(run: RunState, cfg: DistillStage) -> dict:
     ctx.pad_id = pad
     lr, bs = run.resolve_auto(cfg, model, loss_fn, train_ds=train_ds, make_batch=make_batch)
     res = train(model, train_ds, eval_ds, cfg, ctx, loss_fn=loss_fn, make_batch=make_batch, lr=lr, batch_size=bs)
-    _adopt_student(run, setup, eval_ds)
     params = sum(p.numel() for p in student.model.parameters())
+    trainable = sum(p.numel() for p in student.model.parameters() if p.requires_grad)
+    _adopt_student(run, setup, eval_ds)
     return {"stage": "distill", "student": student.kind, "student_source": student.source,
             "teachers": [{"model": t.name, "weight": t.weight, "params": sum(p.numel() for p in t.model.parameters()),
                           "dev_accuracy": teacher_acc[t.name]} for t in setup.teachers],
@@ -191,7 +194,7 @@ def run_distill(run: RunState, cfg: DistillStage) -> dict:
             "intermediate": {"mapping": [list(p) for p in setup.mapping], "granularity": setup.granularity,
                              "loss": cfg.intermediate.loss} if cfg.intermediate else None,
             "transfer_rows": len(setup.texts), "augmented_transfer_rows": len(setup.texts) - sum(setup.labelled),
-            "trainable_params": params, "trainable_pct": 100.0, **res.summary()}
+            "trainable_params": trainable, "trainable_pct": round(100 * trainable / params, 3), **res.summary()}
 
 
 def _losses(cfg: DistillStage) -> str:

@@ -270,18 +270,48 @@ def init_embeddings_from_teacher(model: nn.Module, word_tokenizer: WordTokenizer
     return done
 
 
+@torch.no_grad()
+def contextual_word_vectors(words: Sequence[str], teacher_model: nn.Module, teacher_tokenizer, layer: int | None = None,
+                            batch_size: int = 256) -> torch.Tensor:
+    """[len(words), H]: each word run alone through the teacher, its hidden state at `layer` (0 = the
+    embedding output; default the middle layer) averaged over the word's own sub-tokens (specials left
+    out). Model2Vec's idea (Tulkens & van Dongen 2024): a transformer's output for a single word is a
+    better static vector than its input embedding; a fine-tuned teacher's also carries the task. On
+    SST-2 the middle layer of the fine-tuned MPNet gave the best bag-of-vectors classifier here."""
+    n_layers = int(getattr(teacher_model.config, "num_hidden_layers", 0) or 0)
+    layer = n_layers // 2 if layer is None else layer
+    if not 0 <= layer <= n_layers:
+        raise SlimtuneError(f"embedding_layer {layer}: the teacher has hidden states 0-{n_layers}")
+    teacher_model.eval()
+    out = None
+    for start in range(0, len(words), batch_size):
+        chunk = list(words[start:start + batch_size])
+        enc = teacher_tokenizer(chunk, return_tensors="pt", padding=True, return_special_tokens_mask=True)
+        keep = (enc["attention_mask"].bool() & ~enc.pop("special_tokens_mask").bool()).unsqueeze(-1).float()
+        inputs = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        hidden = teacher_model(**inputs, output_hidden_states=True).hidden_states[layer]
+        vectors = (hidden * keep).sum(1) / keep.sum(1).clamp(min=1)
+        out = vectors.new_zeros(len(words), vectors.shape[1]) if out is None else out
+        out[start:start + len(chunk)] = vectors
+    return out
+
+
 def build_word_student(arch: str, texts: Iterable[str], id2label: dict[int, str],
                        label2id: dict[str, int] | None = None, *, hidden: int = 256, embed_dim: int = 300,
                        chinese: bool = False, lowercase: bool = True, max_vocab: int = 30000, min_freq: int = 1,
-                       teacher: nn.Module | None = None, teacher_tokenizer=None, init_from_teacher: bool = True,
+                       teacher: nn.Module | None = None, teacher_tokenizer=None,
+                       init_from_teacher: str | None = "input", embedding_layer: int | None = None,
                        dropout: float = 0.2, num_layers: int = 1,
                        kernel_sizes: Sequence[int] = (3, 4, 5)) -> tuple[nn.Module, WordTokenizer]:
     """Vocabulary from `texts` + a fresh word classifier (random init from the caller's torch seed).
 
-    With a teacher and `init_from_teacher`, embed_dim becomes the teacher's embedding size and the
-    word embeddings start as the teacher's (mean of each word's sub-token rows).
+    With a teacher and `init_from_teacher` ("input": the mean of each word's sub-token input embeddings;
+    "contextual": `contextual_word_vectors`), embed_dim becomes the teacher's hidden size and the word
+    embeddings start from the teacher; None leaves them random.
     """
-    use_teacher = teacher is not None and init_from_teacher
+    if init_from_teacher not in (None, "input", "contextual"):
+        raise SlimtuneError(f"init_embeddings {init_from_teacher!r}: expected input, contextual or false")
+    use_teacher = teacher is not None and init_from_teacher is not None
     if use_teacher and teacher_tokenizer is None:
         raise SlimtuneError("initialising word embeddings from the teacher needs the teacher's tokenizer")
     tokenizer = WordTokenizer.build(texts, max_vocab=max_vocab, min_freq=min_freq, lowercase=lowercase,
@@ -291,6 +321,12 @@ def build_word_student(arch: str, texts: Iterable[str], id2label: dict[int, str]
     config = word_config(arch, tokenizer.vocab_size, id2label, label2id, embed_dim=embed_dim, hidden=hidden,
                          num_layers=num_layers, kernel_sizes=kernel_sizes, dropout=dropout)
     model = WORD_ARCHS[arch](config)
-    if use_teacher:
+    if use_teacher and init_from_teacher == "contextual":
+        words = tokenizer.words[len(SPECIALS):]
+        if words:
+            vectors = contextual_word_vectors(words, teacher, teacher_tokenizer, embedding_layer)
+            with torch.no_grad():
+                model.get_input_embeddings().weight[len(SPECIALS):] = vectors.to(model.embeddings.weight.dtype)
+    elif use_teacher:
         init_embeddings_from_teacher(model, tokenizer, teacher, teacher_tokenizer)
     return model, tokenizer
