@@ -196,6 +196,9 @@ def test_teacher_with_other_labels_is_refused(tmp_path, teacher_dir, sst2_small)
 @pytest.mark.parametrize(("stage", "message"), [
     ({"teacher": "/nonexistent/teacher"}, "model '/nonexistent/teacher': path not found"),
     ({"student": {"layers": [0, 5]}}, r"student.layers: index 5 out of range \(the model has 2"),
+    ({"student": {"arch": "bilstm", "init_embeddings": "contextual", "embedding_layer": 3}},
+     r"student.embedding_layer 3: the teacher has hidden states 0-2"),
+    ({"student": {"arch": "bilstm", "init_embeddings": "output"}}, "init_embeddings"),
 ])
 def test_bad_teacher_or_student(tmp_path, teacher_dir, sst2_small, stage, message):
     stage = DISTILL | {"teacher": str(teacher_dir)} | stage

@@ -97,6 +97,9 @@ def validate_distill(run: RunState, cfg: DistillStage) -> None:
                                                 teacher_tokenizer=teacher_tokenizer)
     same = tokenizer is not None and _same_tokenizer(tokenizer, teacher_tokenizer)
     _intermediate_plan(cfg, kind, config, teacher_config, same)
+    layer, n_layers = cfg.student.embedding_layer, int(getattr(teacher_config, "num_hidden_layers", 0) or 0)
+    if cfg.student.init_embeddings == "contextual" and layer is not None and layer > n_layers:
+        raise SlimtuneError(f"student.embedding_layer {layer}: the teacher has hidden states 0-{n_layers}")
 
 
 def setup_distill(run: RunState, cfg: DistillStage) -> DistillSetup:
