@@ -159,6 +159,8 @@ class StudentSpec(Strict):
     embedding_layer: int | None = Field(None, ge=0, description="contextual: teacher hidden state to read (0 = "
                                                                 "embedding output; default the middle layer)")
     freeze_embeddings: bool = Field(False, description="word students: keep the initialised embeddings fixed")
+    extend_vocab: bool = Field(False, description="contextual word students: add the teacher tokenizer's whole "
+                                                  "words to the vocabulary (fewer [UNK] on new text)")
     max_vocab: int = Field(30000, ge=10)
     dropout: float = Field(0.2, ge=0, lt=1)
 

@@ -199,6 +199,7 @@ def test_teacher_with_other_labels_is_refused(tmp_path, teacher_dir, sst2_small)
     ({"student": {"arch": "bilstm", "init_embeddings": "contextual", "embedding_layer": 3}},
      r"student.embedding_layer 3: the teacher has hidden states 0-2"),
     ({"student": {"arch": "bilstm", "init_embeddings": "output"}}, "init_embeddings"),
+    ({"student": {"arch": "bilstm", "extend_vocab": True}}, "extend_vocab needs init_embeddings: contextual"),
 ])
 def test_bad_teacher_or_student(tmp_path, teacher_dir, sst2_small, stage, message):
     stage = DISTILL | {"teacher": str(teacher_dir)} | stage

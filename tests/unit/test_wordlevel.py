@@ -13,6 +13,7 @@ from slimtune.distill.wordlevel import (
     build_word_student,
     contextual_word_vectors,
     init_embeddings_from_teacher,
+    teacher_whole_words,
 )
 from slimtune.errors import SlimtuneError
 from slimtune.models import load_tokenizer, save_hf_model
@@ -167,3 +168,24 @@ def test_contextual_init_is_the_teachers_hidden_state_of_each_word_alone(tiny_mo
     torch.testing.assert_close(batched[1], alone[0], atol=1e-5, rtol=1e-5)
     with pytest.raises(SlimtuneError, match="embedding_layer 3: the teacher has hidden states 0-2"):
         contextual_word_vectors(["good"], teacher, teacher_tok, layer=3)
+
+
+def test_extend_vocab_gives_the_teachers_whole_words_a_contextual_vector(tiny_model_dir):
+    from transformers import AutoModel, AutoTokenizer
+
+    teacher = AutoModel.from_pretrained(tiny_model_dir, local_files_only=True).eval()
+    teacher_tok = AutoTokenizer.from_pretrained(tiny_model_dir, local_files_only=True)
+    whole = teacher_whole_words(teacher_tok)
+    assert "adored" in whole and "the" in whole
+    assert not any(w.startswith("#") or not w.isalpha() for w in whole)  # no pieces, digits or marks
+    assert all(len(teacher_tok(w, add_special_tokens=False)["input_ids"]) == 1 for w in whole[:500])
+    model, tok = build_word_student("bilstm", TEXTS, ID2LABEL, hidden=8, teacher=teacher, teacher_tokenizer=teacher_tok,
+                                    init_from_teacher="contextual", extend_vocab=True, max_vocab=50000)
+    plain = WordTokenizer.build(TEXTS)
+    assert tok.words[: len(plain)] == plain.words  # the texts' words first, in their usual order
+    assert "adored" not in plain.vocab and tok._ids("adored") != [UNK_ID]  # a new word is no longer [UNK]
+    rows = model.get_input_embeddings().weight.detach()
+    want = contextual_word_vectors(["adored"], teacher, teacher_tok)
+    torch.testing.assert_close(rows[tok.vocab["adored"]], want[0], atol=1e-5, rtol=1e-5)
+    with pytest.raises(SlimtuneError, match="extend_vocab needs init_embeddings: contextual"):
+        build_word_student("bilstm", TEXTS, ID2LABEL, teacher=teacher, teacher_tokenizer=teacher_tok, extend_vocab=True)

@@ -100,6 +100,9 @@ def validate_distill(run: RunState, cfg: DistillStage) -> None:
     layer, n_layers = cfg.student.embedding_layer, int(getattr(teacher_config, "num_hidden_layers", 0) or 0)
     if cfg.student.init_embeddings == "contextual" and layer is not None and layer > n_layers:
         raise SlimtuneError(f"student.embedding_layer {layer}: the teacher has hidden states 0-{n_layers}")
+    if cfg.student.extend_vocab and cfg.student.init_embeddings != "contextual":
+        raise SlimtuneError("student.extend_vocab needs init_embeddings: contextual (only the teacher can give the "
+                            "added words a vector)")
 
 
 def setup_distill(run: RunState, cfg: DistillStage) -> DistillSetup:

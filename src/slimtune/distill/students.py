@@ -109,7 +109,7 @@ def _word_student(spec: StudentSpec, teacher_model, teacher_tokenizer, id2label,
         spec.arch, texts, id2label, label2id, hidden=spec.hidden, embed_dim=spec.embed_dim, chinese=chinese,
         max_vocab=spec.max_vocab, dropout=spec.dropout, teacher=teacher_model, teacher_tokenizer=teacher_tokenizer,
         init_from_teacher={True: "input", False: None}.get(spec.init_embeddings, spec.init_embeddings),
-        embedding_layer=spec.embedding_layer)
+        embedding_layer=spec.embedding_layer, extend_vocab=spec.extend_vocab)
     return Student(model, tokenizer, spec.arch, f"{spec.arch} (vocabulary of {len(tokenizer)} words)")
 
 

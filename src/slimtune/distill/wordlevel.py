@@ -50,13 +50,16 @@ class WordTokenizer:
 
     @classmethod
     def build(cls, texts: Iterable[str], max_vocab: int = 30000, min_freq: int = 1, lowercase: bool = True,
-              chinese: bool = False) -> WordTokenizer:
-        """The `max_vocab` (specials included) most frequent words; ties alphabetical, so it is deterministic."""
+              chinese: bool = False, extra_words: Iterable[str] = ()) -> WordTokenizer:
+        """The `max_vocab` (specials included) most frequent words; ties alphabetical, so it is deterministic.
+        `extra_words` not in the texts come after them (alphabetical), as far as max_vocab allows."""
         tok = cls(SPECIALS, lowercase, chinese)
         counts = Counter(w for text in texts for w in tok.tokenize(text))
         ranked = sorted((w for w, n in counts.items() if n >= min_freq and w not in tok.vocab),
                         key=lambda w: (-counts[w], w))
-        return cls([*SPECIALS, *ranked[: max(0, max_vocab - len(SPECIALS))]], lowercase, chinese)
+        seen = set(ranked) | set(SPECIALS)
+        extra = sorted({w.lower() if lowercase else w for w in extra_words} - seen)
+        return cls([*SPECIALS, *(ranked + extra)[: max(0, max_vocab - len(SPECIALS))]], lowercase, chinese)
 
     def tokenize(self, text: str) -> list[str]:
         if self.lowercase:
@@ -296,26 +299,41 @@ def contextual_word_vectors(words: Sequence[str], teacher_model: nn.Module, teac
     return out
 
 
+def teacher_whole_words(teacher_tokenizer) -> list[str]:
+    """Words the teacher's tokenizer holds as one token when they stand alone (letters only, 2+ chars):
+    WordPiece and BPE vocabularies alike, without knowing their continuation markers."""
+    candidates = sorted({teacher_tokenizer.convert_tokens_to_string([t]).strip()
+                         for t in teacher_tokenizer.get_vocab()})
+    candidates = [w for w in candidates if len(w) > 1 and w.isalpha()]
+    pieces = teacher_tokenizer(candidates, add_special_tokens=False)["input_ids"] if candidates else []
+    return [w for w, ids in zip(candidates, pieces, strict=True) if len(ids) == 1]
+
+
 def build_word_student(arch: str, texts: Iterable[str], id2label: dict[int, str],
                        label2id: dict[str, int] | None = None, *, hidden: int = 256, embed_dim: int = 300,
                        chinese: bool = False, lowercase: bool = True, max_vocab: int = 30000, min_freq: int = 1,
                        teacher: nn.Module | None = None, teacher_tokenizer=None,
                        init_from_teacher: str | None = "input", embedding_layer: int | None = None,
-                       dropout: float = 0.2, num_layers: int = 1,
+                       extend_vocab: bool = False, dropout: float = 0.2, num_layers: int = 1,
                        kernel_sizes: Sequence[int] = (3, 4, 5)) -> tuple[nn.Module, WordTokenizer]:
     """Vocabulary from `texts` + a fresh word classifier (random init from the caller's torch seed).
 
     With a teacher and `init_from_teacher` ("input": the mean of each word's sub-token input embeddings;
     "contextual": `contextual_word_vectors`), embed_dim becomes the teacher's hidden size and the word
-    embeddings start from the teacher; None leaves them random.
+    embeddings start from the teacher; None leaves them random. `extend_vocab` (contextual only) also
+    gives a vector to every whole word of the teacher's vocabulary, so words the texts lack are not [UNK].
     """
     if init_from_teacher not in (None, "input", "contextual"):
         raise SlimtuneError(f"init_embeddings {init_from_teacher!r}: expected input, contextual or false")
     use_teacher = teacher is not None and init_from_teacher is not None
     if use_teacher and teacher_tokenizer is None:
         raise SlimtuneError("initialising word embeddings from the teacher needs the teacher's tokenizer")
+    if extend_vocab and not (use_teacher and init_from_teacher == "contextual"):
+        raise SlimtuneError("extend_vocab needs init_embeddings: contextual (only the teacher can give the added "
+                            "words a vector)")
     tokenizer = WordTokenizer.build(texts, max_vocab=max_vocab, min_freq=min_freq, lowercase=lowercase,
-                                    chinese=chinese)
+                                    chinese=chinese,
+                                    extra_words=teacher_whole_words(teacher_tokenizer) if extend_vocab else ())
     if use_teacher:
         embed_dim = teacher.get_input_embeddings().weight.shape[1]
     config = word_config(arch, tokenizer.vocab_size, id2label, label2id, embed_dim=embed_dim, hidden=hidden,
