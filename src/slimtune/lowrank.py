@@ -19,7 +19,6 @@ from `runner_state["lowrank_spec"]`, and the checkpoint's weights fill them.
 
 from __future__ import annotations
 
-import copy
 from typing import TYPE_CHECKING
 
 import torch
@@ -27,7 +26,7 @@ from torch import nn
 
 from slimtune.checkpoint import stage_start_snapshot
 from slimtune.errors import SlimtuneError
-from slimtune.prune.stage import _recover, validate_recover
+from slimtune.prune.stage import _recover, recovery_loss, validate_recover
 from slimtune.prune.unstructured import select_linears
 from slimtune.recipe import LowrankStage
 from slimtune.train import seed_everything
@@ -211,7 +210,7 @@ def run_lowrank(run: RunState, cfg: LowrankStage) -> dict:
         stage_start_snapshot(run, model)
     params_before = sum(p.numel() for p in model.parameters())
     start_acc = run.eval_accuracy(model)
-    dense = copy.deepcopy(model) if cfg.recover and cfg.recover.distill_from_unpruned else None
+    loss = recovery_loss(run, cfg.recover, model)
 
     targets = _targets(model, cfg)
     report = factorize_(model, choose_ranks(model, list(targets), rank=cfg.rank, energy=cfg.energy))
@@ -223,7 +222,7 @@ def run_lowrank(run: RunState, cfg: LowrankStage) -> dict:
     metrics["accuracy_before_recovery"] = run.eval_accuracy(model) if report["layers"] else start_acc
     if cfg.recover is not None:
         seed_everything(cfg.seed)
-        metrics |= _recover(run, cfg, model, dense, phase=0)
+        metrics |= _recover(run, cfg, model, loss, phase=0)
         metrics["accuracy"] = run.eval_accuracy(model)
     else:
         metrics["accuracy"] = metrics["accuracy_before_recovery"]

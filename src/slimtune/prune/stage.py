@@ -96,23 +96,32 @@ def validate_prune(run: RunState, cfg: PruneStage) -> None:
     validate_recover(run, cfg.recover)
 
 
-def _recover(run: RunState, cfg: PruneStage, model, dense, phase: int, pruner=None) -> dict:
+def recovery_loss(run: RunState, rc, model) -> tuple:
+    """(loss_fn, make_batch) of a stage's recovery, prepared once at stage start, before anything is
+    pruned or factorised: the labels alone, the soft targets of a frozen copy of `model` (the stage-start
+    model), or those of a fine-tuned teacher run once over the train texts (cached on disk)."""
+    if rc is None or not (rc.distill_from_unpruned or rc.teacher is not None):
+        return cross_entropy_loss, None
+    if rc.distill_from_unpruned:
+        frozen = copy.deepcopy(model).eval().requires_grad_(False)
+        return online_distill_loss(frozen, rc.temperature, rc.alpha), None
+    from slimtune.runner import console
+
+    soft = teacher_soft_targets(rc.teacher, run.data.train, run.data.id2label, run.data_cfg.max_length,
+                                rc.temperature, log=console.print)
+
+    def make_batch(ds, idx):
+        return collate(ds, idx, run.pad_id) | {"soft_targets": soft[torch.tensor(idx)]}
+
+    return cached_distill_loss(rc.temperature, rc.alpha), make_batch
+
+
+def _recover(run: RunState, cfg: PruneStage, model, loss: tuple, phase: int, pruner=None) -> dict:
+    """Recovery training with the `recovery_loss` prepared at stage start."""
     rc = cfg.recover
     if rc is None:
         return {}
-    loss_fn, make_batch = cross_entropy_loss, None
-    if rc.distill_from_unpruned:  # soft targets of the unpruned model, mixed with the labels
-        loss_fn = online_distill_loss(dense.eval().requires_grad_(False), rc.temperature, rc.alpha)
-    elif rc.teacher is not None:  # a stronger fine-tuned teacher, run once over the train texts
-        from slimtune.runner import console
-
-        soft = teacher_soft_targets(rc.teacher, run.data.train, run.data.id2label, run.data_cfg.max_length,
-                                    rc.temperature, log=console.print)
-        loss_fn = cached_distill_loss(rc.temperature, rc.alpha)
-
-        def make_batch(ds, idx):
-            return collate(ds, idx, run.pad_id) | {"soft_targets": soft[torch.tensor(idx)]}
-
+    loss_fn, make_batch = loss
     ctx = run.train_context(phase=phase)
     ctx.resume = None  # the stage restarts from its beginning on resume (see the module docstring)
     lr, bs = run.resolve_auto(rc, model, loss_fn, make_batch=make_batch)
@@ -125,7 +134,7 @@ def _recover(run: RunState, cfg: PruneStage, model, dense, phase: int, pruner=No
     return {"recover": res.summary()}
 
 
-def _one_round(run: RunState, cfg: PruneStage, model, dense, method: str, share: float, phase: int,
+def _one_round(run: RunState, cfg: PruneStage, model, loss: tuple, method: str, share: float, phase: int,
                batches: list[dict], origin: dict | None) -> dict:
     seed_everything(cfg.seed + phase)
     record: dict = {"round": phase, "share": round(share, 4)}
@@ -141,7 +150,7 @@ def _one_round(run: RunState, cfg: PruneStage, model, dense, method: str, share:
                                   targets=cfg.targets, ignore=cfg.ignore, end_frac=cfg.gradual_end)
     else:
         record |= _masks_(model, cfg, method, batches, share)
-    record |= _recover(run, cfg, model, dense, phase, pruner)
+    record |= _recover(run, cfg, model, loss, phase, pruner)
     if method != "structured":
         record["sparsity"] = round(un.sparsity_report(model, _targets(model, cfg)).overall, 4)
     record["accuracy"] = run.eval_accuracy(model)
@@ -169,7 +178,7 @@ def run_prune(run: RunState, cfg: PruneStage) -> dict:
     batches = _calibration(run, cfg)
     params_before = sum(p.numel() for p in model.parameters())
     start_acc = run.eval_accuracy(model)
-    dense = copy.deepcopy(model) if (cfg.recover and cfg.recover.distill_from_unpruned) else None
+    loss = recovery_loss(run, cfg.recover, model)
     rounds = cfg.iterative.rounds if cfg.method == "iterative" else 1
     rewind = copy.deepcopy(model.state_dict()) if cfg.method == "iterative" and cfg.iterative.rewind else None
     if rewind is not None and method == "structured":
@@ -180,7 +189,7 @@ def run_prune(run: RunState, cfg: PruneStage) -> dict:
         before = copy.deepcopy(model) if rounds > 1 else None
         if rewind is not None and k > 0:  # survivors back to their stage-start values, masks kept
             _rewind_(model, rewind)
-        record = _one_round(run, cfg, model, dense, method, (k + 1) / rounds, k, batches, origin)
+        record = _one_round(run, cfg, model, loss, method, (k + 1) / rounds, k, batches, origin)
         records.append(record)
         if rounds > 1 and start_acc - record["accuracy"] > cfg.iterative.max_drop:
             record["stopped"] = f"dev accuracy {record['accuracy']:.4f} fell more than {cfg.iterative.max_drop} " \
