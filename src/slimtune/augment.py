@@ -1,5 +1,7 @@
 """EDA-style text augmentation (Wei & Zou 2019): synonym replacement, random insertion, random swap
-and random deletion.
+and random deletion; and n-gram sampling (Tang et al. 2019), which turns a sentence into one of its
+phrases, as SST's phrase-level training set does with parse trees: a teacher labelling such phrases
+teaches a small student what each part of a sentence contributes.
 
 Written by hand rather than with nlpaug or WordNet because those need downloads (NLTK corpora, word
 vectors) and slimtune runs offline. Synonyms are the nearest neighbours of a word in the model's own
@@ -267,12 +269,23 @@ def random_deletion(words: list[str], rng: random.Random, cfg: AugmentConfig, sy
     return kept or [rng.choice(words)]
 
 
+def random_span(words: list[str], rng: random.Random, cfg: AugmentConfig, synonyms=None) -> list[str]:
+    """A random contiguous span of 1 .. p_span * n words (never the whole text when it has two or more)."""
+    if len(words) == 1:
+        return list(words)
+    longest = min(len(words) - 1, max(1, round(cfg.p_span * len(words))))
+    length = rng.randint(1, longest)
+    start = rng.randint(0, len(words) - length)
+    return words[start:start + length]
+
+
 Operation = Callable[[list[str], random.Random, AugmentConfig, EmbeddingSynonyms | None], list[str]]
 OPERATIONS: dict[str, tuple[Operation, str, bool]] = {  # name -> (function, probability field, needs synonyms)
     "synonym": (synonym_replacement, "p_synonym", True),
     "insert": (random_insertion, "p_insert", True),
     "swap": (random_swap, "p_swap", False),
     "delete": (random_deletion, "p_delete", False),
+    "span": (random_span, "p_span", False),
 }
 
 

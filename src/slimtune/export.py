@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from slimtune import onnx_graph
 from slimtune.batching import EncodedDataset, batch_indices, collate
 from slimtune.errors import SlimtuneError
 from slimtune.evaluate import batched_logits, predict_logits, time_forward
@@ -118,6 +119,8 @@ def export_onnx(model_dir: str | Path, out: str | Path, *, quantize: str | None 
         # dynamic-int8 MiniLM 0.66x as fast as the unfused one here
         graph, report["fusion"] = (_maybe_fuse(plain, fp32, work, sample, pad, threads) if optimize and not quantize
                                    else (fp32, "not applied before int8" if quantize else "off"))
+        if optimize and graph == fp32:
+            graph, report["static_reshapes"] = _static_reshapes(plain, fp32, work / "static.onnx", sample, pad)
         if quantize:
             scope = _quantization_scope(model, plain, graph)
             batches = calibration or _sample_batches(sample, pad, calibration_batches)
@@ -267,6 +270,18 @@ def _maybe_fuse(model: nn.Module, fp32: Path, work: Path, ds: EncodedDataset, pa
     return fp32, f"dropped (fused {fused_ms:.0f} ms vs {plain_ms:.0f} ms unfused on the sample)"
 
 
+def _static_reshapes(model: nn.Module, graph: Path, dest: Path, ds: EncodedDataset, pad: int) -> tuple[Path, int]:
+    """`graph` with constant reshape targets (see slimtune.onnx_graph), kept if its logits still match."""
+    g = onnx_graph.load(graph)
+    n = onnx_graph.static_reshapes_(g)
+    if not n:
+        return graph, 0
+    onnx_graph.save(g, dest)
+    if _max_abs_diff(model, OnnxClassifier(dest), ds, pad) > FP32_TOLERANCE:
+        return graph, 0
+    return dest, n
+
+
 def _quantization_scope(model: nn.Module, plain: nn.Module, graph: Path) -> dict:
     """Which graph nodes ONNX Runtime may quantize. A plain model: every weight matmul and the embedding.
     A slimtune-quantized model: exactly its quantized layers (found by their weights, which the float
@@ -289,12 +304,14 @@ def _quantization_scope(model: nn.Module, plain: nn.Module, graph: Path) -> dict
     # float, as in torch). A weight-only model (mixed, ternary, ...) is served int8 by all its quantized
     # layers: ORT then quantizes activations that torch keeps float, which the parity check measures.
     served = [layer for layer in linears if spec[layer].get("activations")] or linears
-    keep, overrides = set(), {}
+    keep, overrides, codes = set(), {}, {}
     for layer in served:
         w = plain.get_submodule(layer).weight.detach().numpy()
         node = digests.get(hash(np.ascontiguousarray(w).tobytes()))
         keep.add(node)
         quantized = model.get_submodule(layer)
+        if node is not None and nodes[node].op_type == "MatMul" and hasattr(quantized, "qweight"):
+            codes[next(i for i in nodes[node].input if i in weights)] = _onnx_codes(quantized, spec[layer])
         if node is not None and getattr(quantized, "act_scale", None) is not None:
             # static: ORT takes torch's calibrated scale / zero point instead of calibrating its own
             # (its float graph sees other ranges than torch's already-int8 layers did)
@@ -308,8 +325,22 @@ def _quantization_scope(model: nn.Module, plain: nn.Module, graph: Path) -> dict
     # names, or the float pooler and classifier come out int8
     exclude = set(nodes) - keep
     exclude |= {f"{name}_MatMul" for name in exclude if nodes[name].op_type == "Gemm"}
-    per_tensor = bool(served) and all(spec[layer].get("per_tensor") for layer in served)
-    return {"exclude": sorted(exclude), "gather": False, "overrides": overrides, "per_channel": not per_tensor}
+    per_tensor = [bool(spec[layer].get("per_tensor")) for layer in served]
+    # ORT's static QDQ quantizer writes its own weight codes, with one granularity for the whole graph
+    qdq_exact = len(set(per_tensor)) <= 1 and not any(spec[layer].get("scale_group") for layer in served)
+    return {"exclude": sorted(exclude), "gather": False, "overrides": overrides,
+            "per_channel": not (per_tensor and all(per_tensor)), "codes": codes, "qdq": qdq_exact}
+
+
+def _onnx_codes(layer: nn.Module, spec: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """A quantized Linear's codes as ONNX MatMul reads them ([in, out]), its scale and zero point: one
+    value for a per-tensor layer, one per output column otherwise."""
+    q = layer.qweight.detach().numpy().T
+    scale = layer.scale.detach().numpy()[:, 0]
+    zero = None if layer.zero_point is None else layer.zero_point.detach().numpy()[:, 0]
+    if spec.get("per_tensor"):
+        scale, zero = scale[:1].reshape(()), None if zero is None else zero[:1].reshape(())
+    return q, scale, zero
 
 
 def _sample_batches(ds: EncodedDataset, pad: int, n_batches: int) -> list[dict]:
@@ -339,7 +370,8 @@ def _quantize(graph: Path, work: Path, mode: str, scope: dict, batches: list[dic
     # requantize every matmul's output to uint8 (QLinearMatMul); the QDQ graph can keep outputs float.
     excluded = _activation_matmuls(graph) + scope["exclude"]
     common = {"TensorQuantOverrides": scope["overrides"]} if scope["overrides"] else {}
-    formats = {"QDQ": (QuantFormat.QDQ, common | {"OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"]})}
+    formats = ({"QDQ": (QuantFormat.QDQ, common | {"OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"]})}
+               if scope.get("qdq", True) or not candidates else {})
     if not candidates:  # a plain model: no torch scales, ORT calibrates (and may requantize outputs)
         formats["QOperator"] = (QuantFormat.QOperator, common)
     for name, (fmt, options) in formats.items():
@@ -368,6 +400,15 @@ def _dynamic_graph(graph: Path, dest: Path, scope: dict) -> Path:
     quantize_dynamic(str(graph), str(dest), per_channel=scope["per_channel"], weight_type=QuantType.QInt8,
                      op_types_to_quantize=ops,
                      nodes_to_exclude=scope["exclude"], extra_options={"MatMulConstBOnly": True})
+    if scope.get("codes"):
+        # ORT quantizes every weight with one granularity; the torch model may mix per-channel,
+        # per-tensor and shared scales: its own codes make the graph compute exactly what it does
+        model = onnx_graph.load(dest)
+        missing = onnx_graph.write_weight_codes_(model, scope["codes"])
+        if missing:
+            raise SlimtuneError(f"ONNX export: no int8 weight found in the quantized graph for {missing[:3]}")
+        onnx_graph.fuse_shared_input_matmuls_(model)
+        onnx_graph.save(model, dest)
     return dest
 
 

@@ -23,8 +23,8 @@ class Strict(BaseModel):
 
 # --------------------------------------------------------------------------------------------- data
 class AugmentConfig(Strict):
-    """EDA-style augmentation (Wei & Zou 2019). Each `p_*` is the fraction of words an operation
-    touches in one copy; 0 disables it. Synonyms are nearest neighbours in the model's own
+    """EDA-style augmentation (Wei & Zou 2019) plus n-gram sampling. Each `p_*` is the fraction of
+    words an operation touches in one copy; 0 disables it. Synonyms are nearest neighbours in the model's own
     word-embedding table, so this works offline and in any language the vocabulary covers."""
 
     copies: int = Field(4, ge=0, description="augmented copies added per training example")
@@ -32,6 +32,8 @@ class AugmentConfig(Strict):
     p_insert: float = Field(0.1, ge=0, le=1)
     p_swap: float = Field(0.1, ge=0, le=1)
     p_delete: float = Field(0.1, ge=0, le=1)
+    p_span: float = Field(0.0, ge=0, le=1, description="n-gram sampling (Tang et al. 2019): a copy is a random "
+                                                        "contiguous span of up to this fraction of the words")
     neighbours: int = Field(10, ge=1, description="candidate synonyms per word (embedding top-k)")
     min_similarity: float = Field(0.5, ge=-1, le=1, description="cosine floor for a synonym")
     seed: int = 0
@@ -283,9 +285,13 @@ class QuantizeStage(Strict):
     group_size: int | None = Field(None, ge=1, description="weights per scale along the input dim (None: per "
                                                              "output channel)")
     symmetric: bool = Field(True, description="symmetric (zero point 0) or asymmetric weights/activations")
-    weight_scales: Literal["per_channel", "per_tensor"] = Field(
-        "per_channel", description="dynamic_int8 / static_int8: one weight scale per output channel, or one per "
-                                   "matrix (what ONNX Runtime's quantize_dynamic does by default; faster at batch 1)")
+    weight_scales: Literal["per_channel", "per_tensor", "auto"] = Field(
+        "auto", description="dynamic_int8 / static_int8: one weight scale per output channel, one per "
+                                   "matrix (what ONNX Runtime's quantize_dynamic does by default; faster at batch 1), "
+                                   "or auto: per channel only where a layer needs it (see per_channel_ratio), one "
+                                   "scale shared by layers reading the same input elsewhere")
+    per_channel_ratio: float = Field(10.0, gt=1, description="weight_scales auto: per channel when one scale per "
+                                                            "matrix gives this many times the weight error")
     algorithm: Literal["rtn", "gptq", "awq"] = Field(
         "rtn", description="weight_only: round-to-nearest, GPTQ error compensation or AWQ activation-aware scaling")
     int_bits: int = Field(1, ge=0, le=15, description="fixed_point: integer bits m of Qm.n (sign bit extra)")

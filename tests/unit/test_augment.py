@@ -11,6 +11,7 @@ from slimtune.augment import (
     eda,
     is_candidate_word,
     random_deletion,
+    random_span,
     random_swap,
 )
 from slimtune.recipe import AugmentConfig
@@ -135,6 +136,29 @@ def test_deletion_never_empties():
     for _ in range(20):
         assert len(random_deletion(["just", "two"], rng, cfg)) == 1
     assert eda("alone", rng, cfg, None, "delete") == "alone"
+
+
+def test_span_is_a_contiguous_phrase_no_longer_than_p_span():
+    words = "one two three four five six seven eight nine ten".split()
+    rng, seen = random.Random(0), set()
+    for _ in range(200):
+        span = random_span(words, rng, AugmentConfig(p_span=0.3))
+        start = words.index(span[0])
+        assert span == words[start:start + len(span)] and 1 <= len(span) <= 3
+        seen.add(len(span))
+    assert seen == {1, 2, 3}  # every allowed length occurs
+    long = {len(random_span(words, rng, AugmentConfig(p_span=1.0))) for _ in range(300)}
+    assert max(long) == 9  # never the whole text
+    assert random_span(["alone"], rng, AugmentConfig(p_span=1.0)) == ["alone"]
+
+
+def test_span_only_copies_are_phrases_of_their_original():
+    cfg = AugmentConfig(copies=3, **NO_OPS, p_span=0.5)
+    out, labels, _ = augment_texts(TEXTS, LABELS, cfg, None)
+    assert len(out) == 12 and labels[3:] == [1] * 3 + [0] * 3 + [1] * 3
+    for i, text in enumerate(TEXTS):
+        for copy in out[3 + 3 * i: 6 + 3 * i]:
+            assert copy in text and len(copy.split()) <= round(0.5 * len(text.split()))
 
 
 def test_swap_keeps_the_words():

@@ -66,18 +66,36 @@ def test_int8_export_is_smaller_and_agrees(classifier_dir, sst2_small, tmp_path,
     assert saved["int8_format"].startswith(mode)
 
 
+@pytest.fixture(scope="module")
+def outlier_classifier_dir(tmp_path_factory, classifier_dir):
+    """classifier_dir with BERT's outlier pattern in layer 0's FFN output: one output row 40x larger."""
+    from slimtune.models import load_tokenizer, save_hf_model
+
+    model = load_model(classifier_dir)
+    with torch.no_grad():
+        model.bert.encoder.layer[0].output.dense.weight[3] *= 40
+    out = tmp_path_factory.mktemp("clf-outlier")
+    save_hf_model(model, load_tokenizer(classifier_dir), out, {"max_length": 64, "text_field": "text",
+                                                               "label_field": "label"})
+    return out
+
+
 @pytest.mark.parametrize("method, scales", [("dynamic_int8", "per_channel"), ("static_int8", "per_channel"),
-                                            ("dynamic_int8", "per_tensor")])
-def test_int8_run_writes_an_onnx_model_that_computes_what_torch_computes(classifier_dir, sst2_small, tmp_path,
-                                                                         method, scales):
+                                            ("dynamic_int8", "per_tensor"), ("dynamic_int8", "auto"),
+                                            ("static_int8", "auto")])
+def test_int8_run_writes_an_onnx_model_that_computes_what_torch_computes(classifier_dir, outlier_classifier_dir,
+                                                                         sst2_small, tmp_path, method, scales):
     """An int8 run's OUT/onnx gives the torch model's logits: same codes and scales (static: torch's
     calibrated activation scales), integer kernels emulated exactly in torch, float pooler/classifier
-    in both, and residual paths that read float values in both."""
+    in both, and residual paths that read float values in both. With weight_scales auto, per-channel,
+    per-tensor and shared scales are mixed in one graph, and query/key/value run as one matmul."""
     import slimtune
     from slimtune.evaluate import predict_logits
     from slimtune.models import load_tokenizer
     from slimtune.runner import eval_dataset_for
 
+    if scales == "auto":
+        classifier_dir = outlier_classifier_dir
     recipe = {"model": str(classifier_dir), "data": {"train": str(sst2_small[0]), "eval": str(sst2_small[1]),
                                                      "max_length": 64},
               "stages": [{"stage": "quantize", "method": method, "calibration_batches": 4, "weight_scales": scales}]}
@@ -100,7 +118,20 @@ def test_int8_run_writes_an_onnx_model_that_computes_what_torch_computes(classif
         graph = onnx.load(str(tmp_path / "run" / "onnx" / "model.onnx")).graph
         weight_scales = [numpy_helper.to_array(i) for i in graph.initializer if i.name.endswith("_scale")]
         assert weight_scales and all(w.size == 1 for w in weight_scales)
-    if method == "static_int8":  # both static candidates were built from torch's scales and pass parity
+    if scales == "auto":
+        import onnx
+        from onnx import numpy_helper
+
+        graph = onnx.load(str(tmp_path / "run" / "onnx" / "model.onnx")).graph
+        chosen = metrics["stages"][0]["weight_scales"]
+        assert chosen["bert.encoder.layer.0.output.dense"].startswith("per_channel")
+        assert chosen["bert.encoder.layer.1.attention.self.key"].startswith(
+            "per_tensor, shared with bert.encoder.layer.1.attention.self.query")
+        assert sum(n.op_type == "Split" for n in graph.node) == 2  # one query/key/value matmul per layer
+        vectors = [i.name for i in graph.initializer if i.name.endswith("_scale")
+                   and numpy_helper.to_array(i).size > 1]
+        assert len(vectors) == 1  # the outlier layer's per-column scales; every other weight has one
+    if method == "static_int8" and scales != "auto":  # both candidates were built from torch's scales
         fmt = metrics["final"]["onnx"]["int8_format"]
         assert re.search(r"integer ops \d+ ms, pass", fmt) and re.search(r"QDQ \d+ ms, pass", fmt)
 
@@ -176,3 +207,30 @@ def test_cli_export(classifier_dir, tmp_path):
     assert json.loads(res.stdout)["parity"] == "pass" and "parity pass" in res.stderr
     res = slimtune("export", classifier_dir, "--out", tmp_path / "x", "--format", "tflite")
     assert res.returncode == 2 and "only onnx" in res.stderr and not (tmp_path / "x").exists()
+
+
+def test_static_reshapes_keep_dynamic_batch_and_sequence(classifier_dir, tmp_path):
+    """The exported graph's reshape targets become constants (0 = keep this dimension) and the shape
+    chains feeding them go; any batch size and sentence length still run, with the torch logits."""
+    import onnx
+
+    from slimtune import onnx_graph
+
+    report = export_onnx(classifier_dir, tmp_path / "fp32", sample_size=16)
+    assert report["static_reshapes"] >= 4  # query/key/value/context views of each of the 2 layers
+    graph = onnx.load(str(tmp_path / "fp32" / "model.onnx")).graph
+    constants = {i.name for i in graph.initializer}
+    assert sum(n.op_type == "Reshape" and n.input[1] in constants for n in graph.node) >= 4
+    model = load_model(classifier_dir)
+    clf = OnnxClassifier(tmp_path / "fp32" / "model.onnx")
+    for batch, length in ((1, 5), (3, 17)):
+        ids = torch.randint(1000, 2000, (batch, length))
+        mask = torch.ones_like(ids)
+        mask[-1, length // 2:] = 0
+        with torch.no_grad():
+            want = model(input_ids=ids, attention_mask=mask).logits.numpy()
+        got = clf.session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy(),
+                                     "token_type_ids": np.zeros_like(ids.numpy())})[0]
+        assert np.abs(got - want).max() < 1e-4
+    plain = onnx_graph.load(tmp_path / "fp32" / "model.onnx")
+    assert onnx_graph.static_reshapes_(plain) == 0  # nothing left to rewrite

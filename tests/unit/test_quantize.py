@@ -398,6 +398,7 @@ def test_lora_adapter_is_merged_before_quantization(tmp_path, tiny_model_dir, ss
 @pytest.mark.parametrize("stage, message", [
     ({"method": "weight_only", "bits": 3}, "bits 3 not supported by method weight_only"),
     ({"method": "weight_only", "weight_scales": "per_tensor"}, "weight_scales per_tensor applies to dynamic_int8"),
+    ({"method": "mixed", "weight_scales": "auto"}, "weight_scales auto applies to dynamic_int8"),
     ({"method": "weight_only", "bits": 4, "group_size": 24}, "group_size 24 does not divide the 32 input features of bert.encoder.layer.0.attention.self.query"),
     ({"targets": ["nothing_like_this"]}, "match no nn.Linear"),
     ({"method": "mixed", "mixed": {"bits": [5, 8]}}, r"mixed.bits \[5\] not supported"),
@@ -431,3 +432,46 @@ def test_resume_past_a_finished_quantize_stage_rebuilds_the_quantized_modules(tm
     assert rebuilt == ["weight_only"]
     assert resumed["final"]["accuracy"] == first["final"]["accuracy"]
     assert isinstance(load_model(out / "model").bert.encoder.layer[1].output.dense, QuantizedLinear)
+
+
+# ------------------------------------------------------------------------ weight_scales: auto
+def test_shared_input_groups_are_each_attention_blocks_query_key_value():
+    from slimtune.quantize.granularity import shared_input_groups
+
+    model = tiny_bert()
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and ENCODER in n}
+    groups = shared_input_groups(model, linears, batches(1)[0])
+    assert groups == [[f"{ENCODER}.{i}.attention.self.{p}" for p in ("query", "key", "value")] for i in range(2)]
+
+
+def test_auto_scales_per_channel_only_for_outlier_rows_and_shares_query_key_value_scale():
+    from slimtune.quantize.granularity import choose_weight_scales
+
+    model = tiny_bert()
+    with torch.no_grad():
+        model.bert.encoder.layer[1].output.dense.weight[5] *= 40  # BERT's outlier-dimension pattern
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and ENCODER in n}
+    chosen = choose_weight_scales(model, linears, batches(1)[0], ratio=10)
+    per_channel = [n for n, c in chosen.items() if not c["per_tensor"]]
+    assert per_channel == [f"{ENCODER}.1.output.dense"]
+    assert chosen[f"{ENCODER}.0.attention.self.value"]["scale_group"] == f"{ENCODER}.0.attention.self.query"
+    assert chosen[f"{ENCODER}.0.intermediate.dense"]["scale_group"] is None
+    specs = {n: layer_spec(activations="dynamic", per_tensor=c["per_tensor"], scale_group=c["scale_group"])
+             for n, c in chosen.items()}
+    weights = {n: m.weight.detach().clone() for n, m in linears.items()}
+    quantize_(model, specs)
+    group = [f"{ENCODER}.0.attention.self.{p}" for p in ("query", "key", "value")]
+    # the shared scale is the per-tensor scale of the three matrices stacked: the largest |w| / 127
+    want = torch.cat([weights[n] for n in group]).abs().max() / 127
+    for n in group:
+        layer = model.get_submodule(n)
+        assert torch.allclose(layer.scale, want.expand_as(layer.scale))
+        assert torch.equal(layer.qweight, torch.round(weights[n] / want).to(torch.int8))
+    outlier = model.get_submodule(f"{ENCODER}.1.output.dense")
+    assert len(set(outlier.scale.flatten().tolist())) > 1
+
+
+def test_scale_group_needs_per_tensor():
+    model = tiny_bert()
+    with pytest.raises(SlimtuneError, match="scale_group needs per_tensor"):
+        quantize_(model, {f"{ENCODER}.0.attention.self.query": layer_spec(scale_group="g")})

@@ -65,16 +65,18 @@ ALGORITHMS = ("rtn", "gptq", "awq")
 # ------------------------------------------------------------------------------------------ specs
 def layer_spec(kind: str = "linear", bits: int = 8, scheme: str = "symmetric", group_size: int | None = None,
                int_bits: int | None = None, frac_bits: int | None = None, activations: str | None = None,
-               input_scale: bool = False, per_tensor: bool = False) -> dict:
-    """One layer's entry of the contract's `layers` mapping."""
+               input_scale: bool = False, per_tensor: bool = False, scale_group: str | None = None) -> dict:
+    """One layer's entry of the contract's `layers` mapping. `scale_group`: per-tensor layers naming the
+    same group share one scale (that of their concatenated weights)."""
     spec = {"kind": kind, "bits": bits, "scheme": scheme, "group_size": group_size, "int_bits": int_bits,
             "frac_bits": frac_bits, "activations": activations}
-    return spec | ({"input_scale": True} if input_scale else {}) | ({"per_tensor": True} if per_tensor else {})
+    return (spec | ({"input_scale": True} if input_scale else {}) | ({"per_tensor": True} if per_tensor else {})
+            | ({"scale_group": scale_group} if scale_group else {}))
 
 
 def check_spec(name: str, module: nn.Module, spec: dict) -> dict:
     """`spec` completed with defaults; SlimtuneError naming the module if it cannot apply to `module`."""
-    unknown = set(spec) - set(layer_spec(input_scale=True, per_tensor=True))
+    unknown = set(spec) - set(layer_spec(input_scale=True, per_tensor=True, scale_group="g"))
     if unknown:
         raise SlimtuneError(f"quantize: {name}: unknown spec keys {sorted(unknown)}")
     spec = layer_spec(**{k: v for k, v in spec.items() if v is not None or k == "group_size"})
@@ -106,6 +108,8 @@ def check_spec(name: str, module: nn.Module, spec: dict) -> dict:
                             f"not to {'embeddings' if kind == 'embedding' else 'fixed point'}")
     if gs is not None and (gs < 1 or cols % gs):
         raise SlimtuneError(f"quantize: {name}: group_size {gs} does not divide its {cols} input features")
+    if spec.get("scale_group") and not spec.get("per_tensor"):
+        raise SlimtuneError(f"quantize: {name}: scale_group needs per_tensor (one scale shared by the group)")
     if spec["activations"] not in (None, "dynamic", "static") or (spec["activations"] and kind == "embedding"):
         raise SlimtuneError(f"quantize: {name}: activations {spec['activations']!r} (null, dynamic or static; "
                             f"Linear layers only)")
@@ -314,13 +318,42 @@ def _replace(model: nn.Module, name: str, module: nn.Module, spec: dict, codes, 
 
 
 def _codes_of(module: nn.Module, spec: dict):
-    return quantize_codes(_float_weight(module), spec["bits"], spec["scheme"], spec["group_size"],
-                          spec["int_bits"], spec["frac_bits"], spec.get("per_tensor", False))
+    return _codes_of_weight(_float_weight(module), spec)
+
+
+def _codes_of_weight(w: torch.Tensor, spec: dict):
+    return quantize_codes(w, spec["bits"], spec["scheme"], spec["group_size"], spec["int_bits"], spec["frac_bits"],
+                          spec.get("per_tensor", False))
+
+
+def _shared_scale_codes(modules: dict, specs: dict, names: list[str]) -> dict:
+    """Per-tensor codes of layers sharing one scale: those of their weights stacked as one matrix."""
+    first = specs[names[0]]
+    if any(specs[n]["kind"] != "linear" or {**specs[n], "scale_group": None} != {**first, "scale_group": None}
+           for n in names):
+        raise SlimtuneError(f"quantize: scale_group {first['scale_group']!r}: its layers {names} differ in spec")
+    weights = [_float_weight(modules[n]) for n in names]
+    if len({w.shape[1] for w in weights}) != 1:
+        raise SlimtuneError(f"quantize: scale_group {first['scale_group']!r}: its layers {names} differ in "
+                            f"input width")
+    codes, scale, zero = _codes_of_weight(torch.cat(weights), first)
+    out, row = {}, 0
+    for n, w in zip(names, weights, strict=True):
+        rows = slice(row, row + w.shape[0])
+        out[n] = (codes[rows], scale[rows], None if zero is None else zero[rows])
+        row += w.shape[0]
+    return out
 
 
 def _quantize_rtn_(model: nn.Module, specs: dict, calibration: list[dict] | None) -> dict:
     modules = {name: model.get_submodule(name) for name in specs}
-    quantized = {name: _codes_of(modules[name], spec) for name, spec in specs.items()}
+    groups: dict[str, list[str]] = {}
+    for name, spec in specs.items():
+        if spec.get("scale_group"):
+            groups.setdefault(spec["scale_group"], []).append(name)
+    quantized = {name: _codes_of(modules[name], spec) for name, spec in specs.items() if not spec.get("scale_group")}
+    for names in groups.values():
+        quantized |= _shared_scale_codes(modules, specs, names)
     report, diffs = {}, {}
     for name, (codes, scale, zero) in quantized.items():
         w = _float_weight(modules[name])

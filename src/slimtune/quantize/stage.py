@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 METHOD_BITS = {"weight_only": (8, 4), "qat": (8, 4), "dynamic_int8": (8,), "static_int8": (8,)}
 MIXED_BITS = (2, 3, 4, 8)
 QAT_METHODS = ("binary", "ternary", "qat")
+INT8_ACTIVATIONS = ("dynamic_int8", "static_int8")  # ONNX Runtime integer matmuls: weight_scales applies
 NO_GROUPS = ("dynamic_int8", "static_int8", "fixed_point")  # ORT int8 is per channel; Qm.n has no scale
 
 
@@ -56,8 +57,9 @@ EMBEDDING_SPEC = layer_spec(kind="embedding", bits=8, scheme="asymmetric", per_t
 def check_config(cfg: QuantizeStage) -> None:
     """Checks that need the stage config only."""
     method, explicit = cfg.method, cfg.model_fields_set
-    if cfg.weight_scales == "per_tensor" and method not in ("dynamic_int8", "static_int8"):
-        raise SlimtuneError(f"quantize: weight_scales per_tensor applies to dynamic_int8 / static_int8, not {method}")
+    if "weight_scales" in explicit and cfg.weight_scales != "per_channel" and method not in INT8_ACTIVATIONS:
+        raise SlimtuneError(f"quantize: weight_scales {cfg.weight_scales} applies to dynamic_int8 / static_int8, "
+                            f"not {method}")
     if method in METHOD_BITS and cfg.bits not in METHOD_BITS[method]:
         raise SlimtuneError(f"quantize: bits {cfg.bits} not supported by method {method} "
                             f"(supported: {', '.join(map(str, METHOD_BITS[method]))})")
@@ -191,6 +193,16 @@ def run_quantize(run: RunState, cfg: QuantizeStage) -> dict:
         extra = {"bits_per_layer": bits, "sensitivity": {"measure": mc.sensitivity, "bits": min(mc.bits),
                                                          "per_layer": sensitivity},
                  "average_bits": round(average_bits(bits, targets), 4), "budget_bits": mc.budget_bits}
+    elif cfg.method in INT8_ACTIVATIONS and cfg.weight_scales == "auto":
+        from slimtune.quantize.granularity import choose_weight_scales
+
+        chosen = choose_weight_scales(model, targets, batches[0], cfg.per_channel_ratio,
+                                      "symmetric" if cfg.symmetric else "asymmetric")
+        specs = {name: _weight_spec(cfg) | ({"per_tensor": True} if c["per_tensor"] else {})
+                 | ({"scale_group": c["scale_group"]} if c["scale_group"] else {}) for name, c in chosen.items()}
+        extra["weight_scales"] = {name: ("per_tensor" if c["per_tensor"] else "per_channel")
+                                  + (f", shared with {c['scale_group']}" if c["scale_group"] else "")
+                                  + f" (per-tensor error x{c['error_ratio']})" for name, c in chosen.items()}
     else:
         specs = {name: _weight_spec(cfg) for name in targets}
     if cfg.method == "fixed_point":

@@ -1,0 +1,208 @@
+"""Rewrites of an exported ONNX graph that make it cheaper to run and keep what it computes.
+
+ONNX Runtime's own optimizer does not do these (measured on MiniLM, one 20-token sentence, 2 threads):
+
+- `static_reshapes_`: the TorchScript exporter turns each `view(batch, seq, heads, dim)` into a chain
+  Shape -> Gather -> Unsqueeze -> Concat that runs on every call; with the output shape known
+  symbolically, the target becomes a constant using ONNX's 0 ("copy this dimension") and the chain
+  goes (MiniLM: 26 of 27 reshapes, 37 fewer nodes after ORT's optimizer, ~2% at batch 1).
+- `fuse_shared_input_matmuls_`: the query, key and value projections read the same int8 activation;
+  one MatMulInteger over their concatenated weights, then a Split, replaces three (~5% at batch 1,
+  where each small GEMM call costs more than its arithmetic). Exact: integer sums do not change when
+  columns are concatenated; the weight scales must be one shared scalar or per-column vectors.
+- `write_weight_codes_`: puts the torch model's own int8 codes and scales into the graph ONNX
+  Runtime's quantizer wrote, so layers with per-tensor, shared or per-channel scales all compute
+  what the torch simulation computes (ORT's quantizer has one granularity for the whole graph).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+# ONNX Runtime's quantizer names a weight's int8 copy, scale and zero point by these suffixes
+# (onnxruntime.quantization.quant_utils: TENSOR_NAME_QUANT_SUFFIX, ...)
+QUANT_SUFFIXES = ("_quantized", "_scale", "_zero_point")
+
+
+def load(path: Path):
+    import onnx
+
+    return onnx.load(str(path))
+
+
+def save(model, path: Path) -> Path:
+    import onnx
+
+    drop_dead_nodes_(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def drop_dead_nodes_(model) -> int:
+    """Remove nodes no graph output depends on, then initializers nothing reads; returns nodes removed."""
+    g = model.graph
+    needed = {o.name for o in g.output}
+    keep = []
+    for node in reversed(g.node):
+        if any(o in needed for o in node.output):
+            keep.append(node)
+            needed.update(i for i in node.input if i)
+    removed = len(g.node) - len(keep)
+    del g.node[:]
+    g.node.extend(reversed(keep))
+    unused = [init for init in g.initializer if init.name not in needed]
+    for init in unused:
+        g.initializer.remove(init)
+    return removed
+
+
+def static_reshapes_(model) -> int:
+    """Give every Reshape whose output shape is known in terms of its input's dimensions a constant
+    target (0 = keep that input dimension, at most one -1); returns how many were rewritten."""
+    from onnx import numpy_helper
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    shapes = {}
+    for vi in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
+        dims = vi.type.tensor_type.shape.dim
+        shapes[vi.name] = [d.dim_param if d.HasField("dim_param") else
+                           (d.dim_value if d.HasField("dim_value") else None) for d in dims]
+    constants = {init.name for init in model.graph.initializer}
+    rewritten = 0
+    for node in model.graph.node:
+        if node.op_type != "Reshape" or node.input[1] in constants:
+            continue
+        src, out = shapes.get(node.input[0]), shapes.get(node.output[0])
+        if not src or not out or None in src or None in out:
+            continue
+        target = [d if isinstance(d, int) and d > 0 else 0 if j < len(src) and src[j] == d else -1
+                  for j, d in enumerate(out)]
+        if target.count(-1) > 1 or any(isinstance(d, int) and d <= 0 for d in out):
+            continue
+        name = f"{node.output[0]}_static_shape"
+        model.graph.initializer.append(numpy_helper.from_array(np.array(target, dtype=np.int64), name))
+        node.input[1] = name
+        rewritten += 1
+    return rewritten
+
+
+def write_weight_codes_(model, codes: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]]) -> list[str]:
+    """For each float weight name: its int8 codes [K, N] (as MatMul reads them), scale (scalar or [N])
+    and zero point replace the ones the quantizer wrote. Returns the names it found no int8 copy of."""
+    from onnx import numpy_helper
+
+    inits = {init.name: init for init in model.graph.initializer}
+    missing = []
+    for weight, (q, scale, zero) in codes.items():
+        q_name, s_name, z_name = (weight + suffix for suffix in QUANT_SUFFIXES)
+        if q_name not in inits or s_name not in inits:
+            missing.append(weight)
+            continue
+        zero = np.zeros_like(scale, dtype=q.dtype) if zero is None else zero.astype(q.dtype)
+        for name, value in ((q_name, q), (s_name, scale.astype(np.float32)), (z_name, zero)):
+            if name in inits:
+                inits[name].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(value), name))
+    return missing
+
+
+def _integer_matmul_chains(model) -> dict[tuple, list[dict]]:
+    """MatMulInteger -> Cast -> Mul(a_scale * b_scale) -> Add(bias) chains with constant weights, grouped
+    by the int8 activation (and its scale and zero point) they read."""
+    g = model.graph
+    inits = {init.name for init in g.initializer}
+    readers, producer = defaultdict(list), {}
+    for node in g.node:
+        for name in node.input:
+            readers[name].append(node)
+        for name in node.output:
+            producer[name] = node
+
+    def constant(name):
+        """The initializer behind `name`, also through Identity nodes (the exporter writes one initializer
+        for equal tensors, e.g. the all-zero biases of a fresh model, and Identity copies of it)."""
+        node = producer.get(name)
+        if node is not None and node.op_type == "Identity":
+            name = node.input[0]
+        return name if name in inits else None
+
+    def only_reader(name, op):
+        r = readers.get(name, [])
+        return r[0] if len(r) == 1 and r[0].op_type == op else None
+
+    groups = defaultdict(list)
+    for mm in g.node:
+        if mm.op_type != "MatMulInteger" or len(mm.input) < 4 or mm.input[1] not in inits or mm.input[3] not in inits:
+            continue
+        cast = only_reader(mm.output[0], "Cast")
+        mul = cast and only_reader(cast.output[0], "Mul")
+        add = mul and only_reader(mul.output[0], "Add")
+        scales = mul and producer.get(next(i for i in mul.input if i != cast.output[0]))
+        if not add or scales is None or scales.op_type != "Mul" or len(readers[scales.output[0]]) != 1:
+            continue
+        b_scale = [i for i in scales.input if i in inits]
+        a_scale = [i for i in scales.input if i not in inits]
+        bias = [constant(i) for i in add.input if constant(i)]
+        if len(b_scale) != 1 or len(a_scale) != 1 or len(bias) != 1:
+            continue
+        groups[(mm.input[0], mm.input[2], a_scale[0])].append(
+            {"nodes": (mm, cast, mul, add, scales), "w": mm.input[1], "zp": mm.input[3], "scale": b_scale[0],
+             "bias": bias[0], "out": add.output[0]})
+    return groups
+
+
+def fuse_shared_input_matmuls_(model) -> int:
+    """One integer matmul + Split for each group of matmuls reading the same int8 activation, when their
+    weight scales (and zero points) are one shared scalar or all per-column; returns groups fused."""
+    from onnx import helper, numpy_helper
+
+    g = model.graph
+    values = {init.name: init for init in g.initializer}
+    array = lambda name: numpy_helper.to_array(values[name])  # noqa: E731
+    replaced, removed, fused = {}, set(), 0
+    for (a, a_zp, a_scale), chain in _integer_matmul_chains(model).items():
+        if len(chain) < 2:
+            continue
+        scales, zps = [array(c["scale"]) for c in chain], [array(c["zp"]) for c in chain]
+        weights = [array(c["w"]) for c in chain]
+        scalar = all(s.size == 1 for s in scales + zps)
+        if scalar and not (all(s.item() == scales[0].item() for s in scales)
+                           and all(z.item() == zps[0].item() for z in zps)):
+            continue  # different per-tensor scales would need a per-column vector: slower at batch 1
+        if not scalar and not all(s.size == w.shape[1] and z.size == w.shape[1]
+                                  for s, z, w in zip(scales, zps, weights, strict=True)):
+            continue
+        base = f"{chain[0]['nodes'][0].name}_shared_input{fused}"
+        fused_values = {
+            "_w": np.concatenate(weights, axis=1),
+            "_zp": zps[0] if scalar else np.concatenate(zps),
+            "_scale": scales[0] if scalar else np.concatenate(scales),
+            "_bias": np.concatenate([array(c["bias"]) for c in chain]),
+            "_split": np.array([w.shape[1] for w in weights], dtype=np.int64)}
+        for suffix, value in fused_values.items():
+            g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value), base + suffix))
+        # the same op chain ORT's quantizer writes, so its MatMulIntegerToFloat fusion applies
+        # nodes are keyed by their first output (unique in an ONNX graph): protobuf hands out a new
+        # Python wrapper, with a new id(), each time a node is read
+        replaced[chain[0]["nodes"][0].output[0]] = [
+            helper.make_node("Mul", [a_scale, base + "_scale"], [base + "_ab_scale"], name=base + "_scales_mul"),
+            helper.make_node("MatMulInteger", [a, base + "_w", a_zp, base + "_zp"], [base + "_int"],
+                             name=base + "_quant"),
+            helper.make_node("Cast", [base + "_int"], [base + "_float"], name=base + "_cast", to=1),
+            helper.make_node("Mul", [base + "_float", base + "_ab_scale"], [base + "_scaled"], name=base + "_mul"),
+            helper.make_node("Add", [base + "_scaled", base + "_bias"], [base + "_out"], name=base + "_add"),
+            helper.make_node("Split", [base + "_out", base + "_split"], [c["out"] for c in chain],
+                             name=base + "_split", axis=-1)]
+        removed.update(n.output[0] for c in chain for n in c["nodes"])
+        fused += 1
+    nodes = []
+    for node in g.node:
+        nodes.extend(replaced.get(node.output[0], []))
+        if node.output[0] not in removed:
+            nodes.append(node)
+    del g.node[:]
+    g.node.extend(nodes)
+    return fused
