@@ -119,8 +119,8 @@ def export_onnx(model_dir: str | Path, out: str | Path, *, quantize: str | None 
         # dynamic-int8 MiniLM 0.66x as fast as the unfused one here
         graph, report["fusion"] = (_maybe_fuse(plain, fp32, work, sample, pad, threads) if optimize and not quantize
                                    else (fp32, "not applied before int8" if quantize else "off"))
-        if optimize and graph == fp32:
-            graph, report["static_reshapes"] = _static_reshapes(plain, fp32, work / "static.onnx", sample, pad)
+        if optimize:
+            graph, report["static_reshapes"] = _static_reshapes(plain, graph, work / "static.onnx", sample, pad)
         if quantize:
             scope = _quantization_scope(model, plain, graph)
             batches = calibration or _sample_batches(sample, pad, calibration_batches)
@@ -361,14 +361,14 @@ def _quantize(graph: Path, work: Path, mode: str, scope: dict, batches: list[dic
         dynamic = _dynamic_graph(graph, work / "int8-dynamic.onnx", scope)
         return dynamic, "dynamic (integer ops)", parity(dynamic)
     candidates = {}
-    if scope["overrides"] and _fixed_scale_graph(_dynamic_graph(graph, work / "int8-dynamic.onnx", scope),
+    if scope["overrides"] and onnx_graph.fixed_scale_graph(_dynamic_graph(graph, work / "int8-dynamic.onnx", scope),
                                                  work / "int8-static-integer.onnx", scope["overrides"]):
         candidates["integer ops"] = work / "int8-static-integer.onnx"
     # Static ranges only for the inputs of weight matmuls (what slimtune's static_int8 simulates in
     # torch): quantizing softmax outputs, attention score matmuls and residual adds with calibrated
     # min/max ranges cost 6.6 pt of SST-2 accuracy on MiniLM here. ORT's integer-operator format must
     # requantize every matmul's output to uint8 (QLinearMatMul); the QDQ graph can keep outputs float.
-    excluded = _activation_matmuls(graph) + scope["exclude"]
+    excluded = onnx_graph.activation_matmuls(graph) + scope["exclude"]
     common = {"TensorQuantOverrides": scope["overrides"]} if scope["overrides"] else {}
     formats = ({"QDQ": (QuantFormat.QDQ, common | {"OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"]})}
                if scope.get("qdq", True) or not candidates else {})
@@ -381,7 +381,7 @@ def _quantize(graph: Path, work: Path, mode: str, scope: dict, batches: list[dic
                         op_types_to_quantize=["MatMul", "Gemm"], nodes_to_exclude=excluded,
                         extra_options=options)
         if fmt == QuantFormat.QDQ:
-            _float_skip_inputs(dest)
+            onnx_graph.float_skip_inputs(dest)
         candidates[name] = dest
     checked = {k: (dest, _speed(dest, ds, pad, threads), parity(dest)) for k, dest in candidates.items()}
     passing = [k for k, v in checked.items() if v[2]["parity"] == "pass"]
@@ -410,101 +410,6 @@ def _dynamic_graph(graph: Path, dest: Path, scope: dict) -> Path:
         onnx_graph.fuse_shared_input_matmuls_(model)
         onnx_graph.save(model, dest)
     return dest
-
-
-def _fixed_scale_graph(dynamic: Path, dest: Path, scales: dict) -> bool:
-    """Static int8 as integer ops: the dynamic graph with each DynamicQuantizeLinear replaced by a
-    QuantizeLinear at torch's calibrated scale / zero point. ORT then fuses MatMulInteger + scale Mul +
-    bias Add into one MatMulIntegerToFloat (from the QDQ graph it fuses no bias: 36 more passes over
-    MiniLM's activations). False when an activation has no torch scale."""
-    import onnx
-    from onnx import helper, numpy_helper
-
-    model = onnx.load(str(dynamic))
-    nodes = []
-    for node in model.graph.node:
-        if node.op_type != "DynamicQuantizeLinear":
-            nodes.append(node)
-            continue
-        if node.input[0] not in scales:
-            return False
-        scale, zero_point = scales[node.input[0]][0]["scale"], scales[node.input[0]][0]["zero_point"]
-        # the scale / zero point become initializers under the names the node produced them as, so
-        # the matmuls and scale multiplies that read them stay as they are
-        model.graph.initializer.extend([numpy_helper.from_array(scale.reshape(()), node.output[1]),
-                                        numpy_helper.from_array(zero_point.reshape(()), node.output[2])])
-        nodes.append(helper.make_node("QuantizeLinear", [node.input[0], node.output[1], node.output[2]],
-                                      [node.output[0]], name=node.name))
-    model.graph.ClearField("node")
-    model.graph.node.extend(_fused_integer_matmuls(nodes))
-    if not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    onnx.save(model, str(dest))
-    return True
-
-
-def _fused_integer_matmuls(nodes: list) -> list:
-    """MatMulInteger -> Cast -> Mul(a_scale * b_scale) [-> Add(bias)] as one MatMulIntegerToFloat (an ORT
-    contrib op: the same arithmetic in one pass). ORT fuses this itself only while a_scale is computed
-    at run time; with a constant a_scale, constant folding removes the scale Mul it looks for first."""
-    from onnx import helper
-
-    producer = {out: n for n in nodes for out in n.output}
-    readers: dict[str, list] = {}
-    for n in nodes:
-        for name in n.input:
-            readers.setdefault(name, []).append(n)
-    only_reader = lambda name: readers.get(name, [None])[0] if len(readers.get(name, [])) == 1 else None  # noqa: E731
-    dropped, fused = set(), {}
-    for mm in (n for n in nodes if n.op_type == "MatMulInteger"):
-        cast = only_reader(mm.output[0])
-        mul = cast and cast.op_type == "Cast" and only_reader(cast.output[0])
-        if not mul or mul.op_type != "Mul":
-            continue
-        scales = producer.get(next(i for i in mul.input if i != cast.output[0]))
-        if scales is None or scales.op_type != "Mul" or len(readers[scales.output[0]]) != 1:
-            continue
-        add = only_reader(mul.output[0])
-        bias = add and add.op_type == "Add" and next(i for i in add.input if i != mul.output[0])
-        last = add if bias else mul
-        fused[id(mm)] = helper.make_node(
-            "MatMulIntegerToFloat", [mm.input[0], mm.input[1], *scales.input, mm.input[2], mm.input[3]]
-            + ([bias] if bias else []), [last.output[0]], name=mm.name + "_fused", domain="com.microsoft")
-        dropped |= {id(cast), id(mul), id(scales)} | ({id(add)} if bias else set())
-    return [fused.get(id(n), n) for n in nodes if id(n) not in dropped]
-
-
-def _float_skip_inputs(graph: Path) -> None:
-    """Give the float tensor back to every consumer of a quantized activation that is not a matmul.
-
-    ORT's QDQ quantizer puts QuantizeLinear -> DequantizeLinear on a tensor and hands the dequantized
-    copy to all its consumers, so the residual Add after a LayerNorm reads rounded values; in torch (and
-    in ORT's integer-operator graphs) only the matmul reads them. Rewired, the graph computes what the
-    torch model does (SST-2: 16 of 872 predictions differed before, across 0.07 mean |logit diff|)."""
-    import onnx
-
-    model = onnx.load(str(graph))
-    g = model.graph
-    quantized_from = {n.output[0]: n.input[0] for n in g.node if n.op_type == "QuantizeLinear"}
-    float_of = {n.output[0]: quantized_from[n.input[0]] for n in g.node
-                if n.op_type == "DequantizeLinear" and n.input[0] in quantized_from}
-    for node in g.node:
-        if node.op_type not in ("MatMul", "Gemm", "QuantizeLinear"):
-            for k, name in enumerate(node.input):
-                if name in float_of:
-                    node.input[k] = float_of[name]
-    onnx.save(model, str(graph))
-
-
-def _activation_matmuls(graph: Path) -> list[str]:
-    """MatMul nodes with no weight input (attention scores, attention x values)."""
-    import onnx
-
-    g = onnx.load(str(graph), load_external_data=False).graph
-    weights = {init.name for init in g.initializer}
-    # a weight may reach its MatMul through a Transpose/Cast of an initializer
-    weights |= {n.output[0] for n in g.node if n.op_type in ("Transpose", "Cast") and n.input[0] in weights}
-    return [n.name for n in g.node if n.op_type == "MatMul" and not any(i in weights for i in n.input)]
 
 
 class _CalibrationReader:

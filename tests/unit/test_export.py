@@ -138,7 +138,7 @@ def test_int8_run_writes_an_onnx_model_that_computes_what_torch_computes(classif
 
 def test_weight_only_model_is_served_int8_and_int8_run_keeps_float_head(classifier_dir, sst2_small, tmp_path):
     """A weight-only model (mixed, ternary, ...) asked for --quantize dynamic gets all its quantized
-    layers as integer matmuls; an int8 run's float pooler/classifier stay float (ORT's dynamic quantizer
+    layers as integer matmuls (per-channel scales: query/key/value still fuse, their scales concatenate); an int8 run's float pooler/classifier stay float (ORT's dynamic quantizer
     renames each Gemm to <name>_MatMul first, which an exclusion by the Gemm's name alone missed)."""
     import onnx
 
@@ -155,7 +155,9 @@ def test_weight_only_model_is_served_int8_and_int8_run_keeps_float_head(classifi
     export_onnx(tmp_path / "weight_only" / "model", tmp_path / "wo-onnx", quantize="dynamic", data=sst2_small[1],
                 sample_size=32)
     served = integer_matmuls(tmp_path / "wo-onnx")
-    assert len(served) == 12 and all("encoder" in n for n in served)  # 2 layers x 6 Linears, no head
+    # 2 layers x 6 Linears, no head; query/key/value read one input and run as one matmul
+    assert len(served) == 8 and all("encoder" in n for n in served)
+    assert sum("shared_input" in n for n in served) == 2
     int8_run = integer_matmuls(tmp_path / "dynamic_int8" / "onnx")
     assert int8_run == served
 
@@ -212,17 +214,19 @@ def test_cli_export(classifier_dir, tmp_path):
 def test_static_reshapes_keep_dynamic_batch_and_sequence(classifier_dir, tmp_path):
     """The exported graph's reshape targets become constants (0 = keep this dimension) and the shape
     chains feeding them go; any batch size and sentence length still run, with the torch logits."""
-    import onnx
-
     from slimtune import onnx_graph
+    from slimtune.export import plain_float_model, torch_to_onnx
 
-    report = export_onnx(classifier_dir, tmp_path / "fp32", sample_size=16)
-    assert report["static_reshapes"] >= 4  # query/key/value/context views of each of the 2 layers
-    graph = onnx.load(str(tmp_path / "fp32" / "model.onnx")).graph
-    constants = {i.name for i in graph.initializer}
-    assert sum(n.op_type == "Reshape" and n.input[1] in constants for n in graph.node) >= 4
-    model = load_model(classifier_dir)
-    clf = OnnxClassifier(tmp_path / "fp32" / "model.onnx")
+    model = plain_float_model(load_model(classifier_dir))
+    torch_to_onnx(model, tmp_path / "plain.onnx", with_token_types=True)
+    graph = onnx_graph.load(tmp_path / "plain.onnx")
+    before = len(graph.graph.node)
+    assert onnx_graph.static_reshapes_(graph) >= 8  # query/key/value/context views of each of the 2 layers
+    onnx_graph.save(graph, tmp_path / "static.onnx")
+    constants = {i.name for i in graph.graph.initializer}
+    assert sum(n.op_type == "Reshape" and n.input[1] in constants for n in graph.graph.node) >= 8
+    assert len(graph.graph.node) < before  # the Shape -> Gather -> Unsqueeze -> Concat chains are gone
+    clf = OnnxClassifier(tmp_path / "static.onnx")
     for batch, length in ((1, 5), (3, 17)):
         ids = torch.randint(1000, 2000, (batch, length))
         mask = torch.ones_like(ids)
@@ -232,5 +236,4 @@ def test_static_reshapes_keep_dynamic_batch_and_sequence(classifier_dir, tmp_pat
         got = clf.session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy(),
                                      "token_type_ids": np.zeros_like(ids.numpy())})[0]
         assert np.abs(got - want).max() < 1e-4
-    plain = onnx_graph.load(tmp_path / "fp32" / "model.onnx")
-    assert onnx_graph.static_reshapes_(plain) == 0  # nothing left to rewrite
+    assert onnx_graph.static_reshapes_(graph) == 0  # nothing left to rewrite
