@@ -210,11 +210,15 @@ class RecoverConfig(LoopConfig):
                                                   "computed once on the train texts and cached")
     temperature: float = Field(2.0, gt=0)
     alpha: float = Field(0.5, ge=0, le=1, description="weight of the soft targets (unpruned model or teacher)")
+    hidden_weight: float = Field(0.0, ge=0, description="distill_from_unpruned: weight of the token-level MSE "
+                                                        "between every hidden state and the unpruned model's")
 
     @model_validator(mode="after")
     def _one_teacher(self):
         if self.teacher is not None and self.distill_from_unpruned:
             raise ValueError("recover: choose one source of soft targets, teacher or distill_from_unpruned")
+        if self.hidden_weight and not self.distill_from_unpruned:
+            raise ValueError("recover: hidden_weight needs distill_from_unpruned (the hidden states it matches)")
         return self
 
 

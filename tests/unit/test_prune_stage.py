@@ -141,6 +141,9 @@ def test_recovery_learns_a_cached_teachers_soft_targets(tmp_path, tiny_model_dir
     ({"method": "magnitude", "sparsity": 0.5, "targets": ["nothing_like_this"]}, "match no nn.Linear module"),
     ({"method": "structured", "heads": 0.9}, "pruning every head would remove the layer"),
     ({"method": "structured"}, "structured needs heads, ffn or layers"),
+    ({"method": "magnitude", "sparsity": 0.5, "recover": {"hidden_weight": 1.0}}, "hidden_weight needs distill_from"),
+    ({"method": "structured", "layers": 1, "recover": {"distill_from_unpruned": True, "hidden_weight": 1.0}},
+     "cannot follow removing whole layers"),
 ])
 def test_bad_prune_input(tmp_path, tiny_model_dir, sst2_small, stage, message):
     with pytest.raises(slimtune.SlimtuneError, match=message):
@@ -160,3 +163,35 @@ def test_resume_past_a_structured_prune_rebuilds_the_shapes(tmp_path, tiny_model
     again = slimtune.run(recipe, out, resume=True, progress=False)
     assert again["final"]["accuracy"] == first["final"]["accuracy"]
     assert again["final"]["params"] == first["final"]["params"]
+
+
+def test_hidden_state_loss_is_zero_for_the_frozen_copy_and_grows_with_pruning():
+    """recover.hidden_weight: the token-level MSE of every hidden state against the unpruned model's,
+    padding left out; the model itself scores exactly the soft-target loss alone."""
+    import copy
+
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from slimtune.distill.losses import hidden_state_mse, online_distill_loss
+    from slimtune.prune.unstructured import prune_magnitude_
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                                                     num_attention_heads=2, intermediate_size=64)).eval()
+    frozen = copy.deepcopy(model)
+    batch = {"input_ids": torch.randint(1, 100, (4, 9)), "attention_mask": torch.ones(4, 9, dtype=torch.long),
+             "labels": torch.tensor([0, 1, 0, 1])}
+    batch["attention_mask"][0, 5:] = 0
+    plain, with_hidden = online_distill_loss(frozen, 2.0, 1.0), online_distill_loss(frozen, 2.0, 1.0, 10.0)
+    assert with_hidden(model, batch).item() == pytest.approx(plain(model, batch).item(), abs=1e-7)
+    prune_magnitude_(model, sparsity=0.5)
+    gap = with_hidden(model, batch) - plain(model, batch)
+    with torch.no_grad():
+        s = model(**{k: v for k, v in batch.items() if k != "labels"}, output_hidden_states=True).hidden_states
+        t = frozen(**{k: v for k, v in batch.items() if k != "labels"}, output_hidden_states=True).hidden_states
+    assert gap.item() == pytest.approx(10.0 * hidden_state_mse(s, t, batch["attention_mask"]).item(), rel=1e-5)
+    assert gap.item() > 0
+    # padded positions do not count: changing a padded token's hidden state changes nothing
+    moved = tuple(h.clone() for h in s)
+    moved[-1][0, 7] += 100.0
+    assert hidden_state_mse(moved, t, batch["attention_mask"]) == hidden_state_mse(s, t, batch["attention_mask"])

@@ -38,17 +38,39 @@ def mixed_distill_loss(logits: torch.Tensor, soft_targets: torch.Tensor, labels:
     return alpha * soft_target_loss(logits, soft_targets, temperature) + (1 - alpha) * F.cross_entropy(logits, labels)
 
 
-def online_distill_loss(teacher: nn.Module, temperature: float, alpha: float):
+def online_distill_loss(teacher: nn.Module, temperature: float, alpha: float, hidden_weight: float = 0.0):
     """loss_fn(model, batch) for `train`: soft targets of a frozen `teacher` run on the same batch (the
-    model a prune / low-rank / QAT stage started from), mixed with the labels by `alpha`."""
+    model a prune / low-rank / QAT stage started from), mixed with the labels by `alpha`; with
+    `hidden_weight`, plus that times the token-level MSE of every hidden state (embeddings and each
+    layer's output) against the teacher's, which must have the same layer count and width."""
+    extra = {"output_hidden_states": True} if hidden_weight else {}
 
     def loss_fn(m, batch):
-        logits = logits_of(m(**model_inputs(batch)))
+        inputs = model_inputs(batch)
+        out = m(**inputs, **extra)
         with torch.no_grad():
-            target = torch.softmax(logits_of(teacher(**model_inputs(batch))) / temperature, dim=-1)
-        return mixed_distill_loss(logits, target, batch["labels"], temperature, alpha)
+            teacher_out = teacher(**inputs, **extra)
+            target = torch.softmax(logits_of(teacher_out) / temperature, dim=-1)
+        loss = mixed_distill_loss(logits_of(out), target, batch["labels"], temperature, alpha)
+        if hidden_weight:
+            loss = loss + hidden_weight * hidden_state_mse(out.hidden_states, teacher_out.hidden_states,
+                                                           inputs["attention_mask"])
+        return loss
 
     return loss_fn
+
+
+def hidden_state_mse(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...],
+                     mask: torch.Tensor) -> torch.Tensor:
+    """Mean over layers of the per-element squared error of real (unpadded) tokens' hidden states."""
+    if len(student) != len(teacher) or student[-1].shape[-1] != teacher[-1].shape[-1]:
+        raise SlimtuneError(f"hidden-state loss: the model has {len(student) - 1} layers of width "
+                            f"{student[-1].shape[-1]}, the frozen copy {len(teacher) - 1} of width "
+                            f"{teacher[-1].shape[-1]}; it needs the same (not after dropping layers)")
+    m = mask.unsqueeze(-1).to(student[0].dtype)
+    per_layer = [((s - t) ** 2 * m).sum() / (m.sum() * s.shape[-1]).clamp(min=1)
+                 for s, t in zip(student, teacher, strict=True)]
+    return torch.stack(per_layer).mean()
 
 
 def cached_distill_loss(temperature: float, alpha: float):

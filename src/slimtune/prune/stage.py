@@ -94,6 +94,9 @@ def validate_recover(run: RunState, rc) -> None:
 
 def validate_prune(run: RunState, cfg: PruneStage) -> None:
     validate_recover(run, cfg.recover)
+    if cfg.recover is not None and cfg.recover.hidden_weight and cfg.layers:
+        raise SlimtuneError(f"prune: recover.hidden_weight matches every layer's hidden states with the unpruned "
+                            f"model's, which cannot follow removing whole layers (layers: {cfg.layers})")
 
 
 def recovery_loss(run: RunState, rc, model) -> tuple:
@@ -104,7 +107,7 @@ def recovery_loss(run: RunState, rc, model) -> tuple:
         return cross_entropy_loss, None
     if rc.distill_from_unpruned:
         frozen = copy.deepcopy(model).eval().requires_grad_(False)
-        return online_distill_loss(frozen, rc.temperature, rc.alpha), None
+        return online_distill_loss(frozen, rc.temperature, rc.alpha, rc.hidden_weight), None
     from slimtune.runner import console
 
     soft = teacher_soft_targets(rc.teacher, run.data.train, run.data.id2label, run.data_cfg.max_length,
