@@ -294,7 +294,7 @@ def _quantization_scope(model: nn.Module, plain: nn.Module, graph: Path) -> dict
     nodes = {n.name: n for n in g.node if n.op_type in ("MatMul", "Gemm") and any(i in weights for i in n.input)}
     spec = (getattr(model.config, "slimtune_quantization", None) or {}).get("layers", {})
     if not spec:
-        return {"exclude": [], "gather": True, "overrides": {}, "per_channel": True}
+        return {"exclude": [], "gather": True, "overrides": {}, "per_channel": True, "codes": {}, "qdq": True}
     digests = {}
     for name, node in nodes.items():
         w = numpy_helper.to_array(weights[next(i for i in node.input if i in weights)])
@@ -361,8 +361,8 @@ def _quantize(graph: Path, work: Path, mode: str, scope: dict, batches: list[dic
         dynamic = _dynamic_graph(graph, work / "int8-dynamic.onnx", scope)
         return dynamic, "dynamic (integer ops)", parity(dynamic)
     candidates = {}
-    if scope["overrides"] and onnx_graph.fixed_scale_graph(_dynamic_graph(graph, work / "int8-dynamic.onnx", scope),
-                                                 work / "int8-static-integer.onnx", scope["overrides"]):
+    dynamic = scope["overrides"] and _dynamic_graph(graph, work / "int8-dynamic.onnx", scope)
+    if dynamic and onnx_graph.fixed_scale_graph(dynamic, work / "int8-static-integer.onnx", scope["overrides"]):
         candidates["integer ops"] = work / "int8-static-integer.onnx"
     # Static ranges only for the inputs of weight matmuls (what slimtune's static_int8 simulates in
     # torch): quantizing softmax outputs, attention score matmuls and residual adds with calibrated
@@ -371,7 +371,7 @@ def _quantize(graph: Path, work: Path, mode: str, scope: dict, batches: list[dic
     excluded = onnx_graph.activation_matmuls(graph) + scope["exclude"]
     common = {"TensorQuantOverrides": scope["overrides"]} if scope["overrides"] else {}
     formats = ({"QDQ": (QuantFormat.QDQ, common | {"OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"]})}
-               if scope.get("qdq", True) or not candidates else {})
+               if scope["qdq"] or not candidates else {})
     if not candidates:  # a plain model: no torch scales, ORT calibrates (and may requantize outputs)
         formats["QOperator"] = (QuantFormat.QOperator, common)
     for name, (fmt, options) in formats.items():
@@ -400,7 +400,7 @@ def _dynamic_graph(graph: Path, dest: Path, scope: dict) -> Path:
     quantize_dynamic(str(graph), str(dest), per_channel=scope["per_channel"], weight_type=QuantType.QInt8,
                      op_types_to_quantize=ops,
                      nodes_to_exclude=scope["exclude"], extra_options={"MatMulConstBOnly": True})
-    if scope.get("codes"):
+    if scope["codes"]:
         # ORT quantizes every weight with one granularity; the torch model may mix per-channel,
         # per-tensor and shared scales: its own codes make the graph compute exactly what it does
         model = onnx_graph.load(dest)

@@ -112,17 +112,41 @@ def write_weight_codes_(model, codes: dict[str, tuple[np.ndarray, np.ndarray, np
     return missing
 
 
+def _node_index(nodes) -> tuple[dict[str, list], dict[str, object]]:
+    """(readers: tensor -> the nodes reading it, producer: tensor -> the node writing it)."""
+    readers, producer = defaultdict(list), {}
+    for node in nodes:
+        for name in node.input:
+            readers[name].append(node)
+        for name in node.output:
+            producer[name] = node
+    return readers, producer
+
+
+def _integer_matmul_tail(mm, readers: dict, producer: dict) -> tuple | None:
+    """(cast, mul, scales, add or None) of ORT's dynamic-quantizer chain after a MatMulInteger:
+    Cast -> Mul by (a_scale * b_scale, a Mul read by it alone) [-> Add(bias)], each node the only
+    reader of the one before; None when the chain is not there."""
+    def only_reader(name, op):
+        r = readers.get(name, [])
+        return r[0] if len(r) == 1 and r[0].op_type == op else None
+
+    cast = only_reader(mm.output[0], "Cast")
+    mul = cast and only_reader(cast.output[0], "Mul")
+    if not mul:
+        return None
+    scales = producer.get(next(i for i in mul.input if i != cast.output[0]))
+    if scales is None or scales.op_type != "Mul" or len(readers[scales.output[0]]) != 1:
+        return None
+    return cast, mul, scales, only_reader(mul.output[0], "Add")
+
+
 def _integer_matmul_chains(model) -> dict[tuple, list[dict]]:
     """MatMulInteger -> Cast -> Mul(a_scale * b_scale) -> Add(bias) chains with constant weights, grouped
     by the int8 activation (and its scale and zero point) they read."""
     g = model.graph
     inits = {init.name for init in g.initializer}
-    readers, producer = defaultdict(list), {}
-    for node in g.node:
-        for name in node.input:
-            readers[name].append(node)
-        for name in node.output:
-            producer[name] = node
+    readers, producer = _node_index(g.node)
 
     def constant(name):
         """The initializer behind `name`, also through Identity nodes (the exporter writes one initializer
@@ -132,20 +156,14 @@ def _integer_matmul_chains(model) -> dict[tuple, list[dict]]:
             name = node.input[0]
         return name if name in inits else None
 
-    def only_reader(name, op):
-        r = readers.get(name, [])
-        return r[0] if len(r) == 1 and r[0].op_type == op else None
-
     groups = defaultdict(list)
     for mm in g.node:
         if mm.op_type != "MatMulInteger" or len(mm.input) < 4 or mm.input[1] not in inits or mm.input[3] not in inits:
             continue
-        cast = only_reader(mm.output[0], "Cast")
-        mul = cast and only_reader(cast.output[0], "Mul")
-        add = mul and only_reader(mul.output[0], "Add")
-        scales = mul and producer.get(next(i for i in mul.input if i != cast.output[0]))
-        if not add or scales is None or scales.op_type != "Mul" or len(readers[scales.output[0]]) != 1:
+        tail = _integer_matmul_tail(mm, readers, producer)
+        if tail is None or tail[3] is None:
             continue
+        cast, mul, scales, add = tail
         b_scale = [i for i in scales.input if i in inits]
         a_scale = [i for i in scales.input if i not in inits]
         bias = [constant(i) for i in add.input if constant(i)]
@@ -249,23 +267,14 @@ def fused_integer_matmuls(nodes: list) -> list:
     at run time; with a constant a_scale, constant folding removes the scale Mul it looks for first."""
     from onnx import helper
 
-    producer = {out: n for n in nodes for out in n.output}
-    readers: dict[str, list] = {}
-    for n in nodes:
-        for name in n.input:
-            readers.setdefault(name, []).append(n)
-    only_reader = lambda name: readers.get(name, [None])[0] if len(readers.get(name, [])) == 1 else None  # noqa: E731
+    readers, producer = _node_index(nodes)
     dropped, fused = set(), {}
     for mm in (n for n in nodes if n.op_type == "MatMulInteger"):
-        cast = only_reader(mm.output[0])
-        mul = cast and cast.op_type == "Cast" and only_reader(cast.output[0])
-        if not mul or mul.op_type != "Mul":
+        tail = _integer_matmul_tail(mm, readers, producer)
+        if tail is None:
             continue
-        scales = producer.get(next(i for i in mul.input if i != cast.output[0]))
-        if scales is None or scales.op_type != "Mul" or len(readers[scales.output[0]]) != 1:
-            continue
-        add = only_reader(mul.output[0])
-        bias = add and add.op_type == "Add" and next(i for i in add.input if i != mul.output[0])
+        cast, mul, scales, add = tail
+        bias = add and next(i for i in add.input if i != mul.output[0])
         last = add if bias else mul
         fused[id(mm)] = helper.make_node(
             "MatMulIntegerToFloat", [mm.input[0], mm.input[1], *scales.input, mm.input[2], mm.input[3]]

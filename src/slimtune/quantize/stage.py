@@ -43,7 +43,7 @@ METHOD_BITS = {"weight_only": (8, 4), "qat": (8, 4), "dynamic_int8": (8,), "stat
 MIXED_BITS = (2, 3, 4, 8)
 QAT_METHODS = ("binary", "ternary", "qat")
 INT8_ACTIVATIONS = ("dynamic_int8", "static_int8")  # ONNX Runtime integer matmuls: weight_scales applies
-NO_GROUPS = ("dynamic_int8", "static_int8", "fixed_point")  # ORT int8 is per channel; Qm.n has no scale
+NO_GROUPS = (*INT8_ACTIVATIONS, "fixed_point")  # ORT int8 has no weight groups; Qm.n has no scale
 
 
 # ------------------------------------------------------------------------------------ validation
