@@ -104,6 +104,8 @@ class LoopConfig(Strict):
     eval_every: int | None = Field(None, ge=1, description="steps between dev evals (default: epoch)")
     early_stopping: EarlyStopping | None = None
     keep_best: bool = True  # restore the best dev weights at the end
+    ema_decay: float | None = Field(None, gt=0, lt=1, description="keep a moving average of the weights (this "
+                                    "decay per optimizer step); evals, the kept best and the final model use it")
     seed: int = 42
     checkpoint_every: int | None = Field(None, ge=1, description="steps; epoch ends always checkpoint")
     bucket_by_length: bool = True

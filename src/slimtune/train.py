@@ -9,6 +9,7 @@ pure function of (seed, phase, epoch), so a resumed run replays exactly the batc
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from torch import nn
 
 from slimtune.batching import EncodedDataset, batch_indices, collate
 from slimtune.checkpoint import CheckpointStore, load_weights, read_checkpoint
+from slimtune.ema import WeightEMA
 from slimtune.recipe import LoopConfig
 
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
@@ -163,7 +165,9 @@ def train(model: nn.Module, train_ds: EncodedDataset, eval_ds: EncodedDataset | 
     there). A resumed run does not replay the steps it skips: the hook's state must live in the model
     (saved with the checkpoint) or follow from the step number alone. Evaluations before
     `best_from_step` are logged only: they cannot become the kept best nor count towards early
-    stopping's patience (gradual pruning: the masks are still moving).
+    stopping's patience (gradual pruning: the masks are still moving). With `cfg.ema_decay`, a moving
+    average of the weights starts at `best_from_step`; evaluations, the kept best and the final model
+    then use the averaged weights.
     """
     pad = ctx.pad_id
     make_batch = make_batch or (lambda ds, idx: collate(ds, idx, pad))
@@ -187,6 +191,7 @@ def train(model: nn.Module, train_ds: EncodedDataset, eval_ds: EncodedDataset | 
     epoch, batch_pos, step, since_best = 0, 0, 0, 0
     torch.manual_seed(cfg.seed + 1000 * phase)
 
+    ema: WeightEMA | None = None
     state, trainer = read_checkpoint(ctx.resume) if ctx.resume is not None else ({}, {})
     if state.get("tag") != ctx.tag and ctx.checkpoints is not None:
         ctx.checkpoints.clear_best()  # a fresh loop: an earlier stage's best must not leak in
@@ -197,6 +202,9 @@ def train(model: nn.Module, train_ds: EncodedDataset, eval_ds: EncodedDataset | 
         if plateau is not None:
             plateau.load_state_dict(trainer["plateau"])
         torch.set_rng_state(trainer["torch_rng"])
+        if trainer.get("ema") is not None:
+            ema = WeightEMA(model, cfg.ema_decay)
+            ema.load_state_dict(trainer["ema"])
         loop = state["loop"]
         epoch, batch_pos, step, since_best = (loop[k] for k in ("epoch", "batch_pos", "step", "since_best"))
         for k in RESUMED_RESULT_FIELDS:
@@ -212,17 +220,25 @@ def train(model: nn.Module, train_ds: EncodedDataset, eval_ds: EncodedDataset | 
                    "torch_rng": torch.get_rng_state()}
         if plateau is not None:
             trainer["plateau"] = plateau.state_dict()
+        if ema is not None:
+            trainer["ema"] = ema.state_dict()
         loop = {"epoch": epoch, "batch_pos": batch_pos, "step": step, "since_best": since_best,
                 **{k: getattr(res, k) for k in RESUMED_RESULT_FIELDS},
                 "finished": finished, "epochs_run": res.epochs_run}
         ctx.checkpoints.save(model, trainer, {"tag": ctx.tag, "loop": loop, "runner": ctx.runner_state})
 
     def evaluate() -> bool:
-        """Dev eval; returns True when training should stop."""
-        nonlocal since_best
+        """Dev eval (of the averaged weights once `ema` runs); returns True when training should stop."""
         if eval_fn is None:
             return False
+        with ema.swapped_in() if ema is not None else contextlib.nullcontext():
+            return _evaluate()
+
+    def _evaluate() -> bool:
+        nonlocal since_best
         rec = {"step": step, "epoch": round(epoch + batch_pos / batches_per_epoch, 3), **eval_fn(model)}
+        if ema is not None:
+            rec["weights"] = "ema"
         res.history.append(rec)
         model.train()
         for k in ("loss", "accuracy", "f1_macro"):
@@ -283,6 +299,10 @@ def train(model: nn.Module, train_ds: EncodedDataset, eval_ds: EncodedDataset | 
                 step += 1
                 if on_step is not None:
                     on_step(step)
+                if ema is not None:
+                    ema.update()
+                elif cfg.ema_decay and step >= best_from_step:  # the average starts from these weights
+                    ema = WeightEMA(model, cfg.ema_decay)
                 elapsed = time.perf_counter() - t0
                 res.train_seconds += elapsed
                 res.examples_seen += seen
@@ -307,6 +327,8 @@ def train(model: nn.Module, train_ds: EncodedDataset, eval_ds: EncodedDataset | 
     res.epochs_run = round(min(epochs, step * cfg.grad_accum / batches_per_epoch), 3)
     if cfg.keep_best and res.best_step is not None and res.best_step != step:
         _restore_best(model, ctx, res)
+    elif ema is not None:  # the average is what was evaluated last
+        ema.copy_to_model()
     checkpoint(finished=True)  # the final weights, so a resume after this point skips the loop
     return res
 

@@ -47,7 +47,8 @@ def test_seeded_runs_are_identical_and_seed_matters(ds):
 
 
 @pytest.mark.parametrize("kw", [dict(grad_accum=1, schedule="linear"), dict(grad_accum=2, schedule="cosine"),
-                                dict(grad_accum=1, schedule="plateau", eval_every=3)])
+                                dict(grad_accum=1, schedule="plateau", eval_every=3),
+                                dict(grad_accum=1, schedule="linear", eval_every=5, ema_decay=0.9)])
 def test_resume_after_a_crash_ends_with_identical_weights(ds, tmp_path, kw):
     cfg = stage(checkpoint_every=4, epochs=3, **kw)
     eval_ds = ds.subset(range(20))
@@ -122,6 +123,47 @@ def test_evaluations_before_best_from_step_neither_win_nor_stop(ds):
                 eval_fn=scripted_eval([0.9, 0.5, 0.4, 0.6, 0.7, 0.65]))
     assert len(res.history) == 6 and res.stopped_early  # no stop before eval 3; best at 5, miss at 6
     assert res.best_metric == 0.7 and res.best_step == 5 * steps_per_epoch
+
+
+def trainable(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("start", [0, 7])
+def test_ema_is_what_is_evaluated_and_kept(ds, start):
+    """With ema_decay the evaluations and the final model hold the running average of the weights
+    after each optimizer step, from `best_from_step` on (gradual pruning: once the masks stop moving)."""
+    model = tiny_model()
+    model.bert.embeddings.requires_grad_(False)  # frozen tensors are not averaged (and stay as they are)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    reference, seen = {}, []
+
+    def on_step(step):  # runs after the optimizer step, before the loop's own average is updated
+        if step < start:
+            return
+        for n, w in trainable(model).items():
+            reference[n] = w if n not in reference else 0.9 * reference[n] + 0.1 * w
+
+    def eval_fn(m):
+        if reference:  # before `start`, evaluations see the trained weights themselves
+            seen.append(all(torch.allclose(w, reference[n], atol=1e-6) for n, w in trainable(m).items()))
+        return {"accuracy": 0.5, "loss": 0.0, "f1_macro": 0.0}
+
+    res = train(model, ds, None, stage(ema_decay=0.9, keep_best=False, eval_every=4), TrainContext(progress=False),
+                eval_fn=eval_fn, on_step=on_step, best_from_step=start)
+    assert seen and all(seen)
+    assert [h.get("weights") for h in res.history] == [None if h["step"] < start else "ema" for h in res.history]
+    assert all(torch.allclose(w, reference[n], atol=1e-6) for n, w in trainable(model).items())
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)
+    plain = tiny_model()
+    train(plain, ds, None, stage(keep_best=False), TrainContext(progress=False))
+    assert not same_weights(plain, model)
+
+
+def test_ema_decay_must_be_a_fraction():
+    for bad in (0, 1, 1.5):
+        with pytest.raises(ValueError, match="ema_decay"):
+            stage(ema_decay=bad)
 
 
 def test_min_delta_counts_small_gains_as_no_gain(ds):
