@@ -165,8 +165,19 @@ class StudentSpec(Strict):
     freeze_embeddings: bool = Field(False, description="word students: keep the initialised embeddings fixed")
     extend_vocab: bool = Field(False, description="contextual word students: add the teacher tokenizer's whole "
                                                   "words to the vocabulary (fewer [UNK] on new text)")
-    max_vocab: int = Field(30000, ge=10)
+    extra_words: int | Path | None = Field(
+        None, description="contextual word students: also give these words a vector: N = the language's N most "
+                          "frequent words (the wordfreq package), or a text file with one word per line")
+    max_vocab: int = Field(30000, ge=10, description="word students: the texts' most frequent words kept (specials "
+                                                     "included); extend_vocab / extra_words come on top")
     dropout: float = Field(0.2, ge=0, lt=1)
+
+    @field_validator("extra_words")
+    @classmethod
+    def _positive_count(cls, v):
+        if isinstance(v, int) and v < 1:
+            raise ValueError("extra_words must be a word count >= 1 or a file")
+        return v
 
 
 class IntermediateConfig(Strict):
@@ -429,6 +440,8 @@ def _absolute_stage_paths(stage, base: Path) -> None:
             stage.teacher = stage.teacher.model_copy(update={"path": fix(stage.teacher.path)})
         if stage.student.from_:
             stage.student = stage.student.model_copy(update={"from_": fix(stage.student.from_)})
+        if isinstance(stage.student.extra_words, Path):
+            stage.student = stage.student.model_copy(update={"extra_words": _absolute(stage.student.extra_words, base)})
         if stage.cache is not None:
             stage.cache = _absolute(stage.cache, base)
 

@@ -200,6 +200,10 @@ def test_teacher_with_other_labels_is_refused(tmp_path, teacher_dir, sst2_small)
      r"student.embedding_layer 3: the teacher has hidden states 0-2"),
     ({"student": {"arch": "bilstm", "init_embeddings": "output"}}, "init_embeddings"),
     ({"student": {"arch": "bilstm", "extend_vocab": True}}, "extend_vocab needs init_embeddings: contextual"),
+    ({"student": {"arch": "bilstm", "extra_words": 100}}, "extra_words needs init_embeddings: contextual"),
+    ({"student": {"arch": "bilstm", "init_embeddings": "contextual", "extra_words": "/nonexistent/words.txt"}},
+     "/nonexistent/words.txt: cannot read the word list"),
+    ({"student": {"arch": "bilstm", "init_embeddings": "contextual", "extra_words": 0}}, "extra_words must be"),
 ])
 def test_bad_teacher_or_student(tmp_path, teacher_dir, sst2_small, stage, message):
     stage = DISTILL | {"teacher": str(teacher_dir)} | stage

@@ -74,3 +74,11 @@ def test_model_path_relative_to_recipe(tmp_path):
     (tmp_path / "r.yaml").write_text("model: ./models/m\ndata: {train: t.jsonl}\nstages: [{stage: evaluate}]\n")
     assert load_recipe(tmp_path / "r.yaml").model == str(tmp_path / "models" / "m")
     assert Path(load_recipe(tmp_path / "r.yaml").data.train).is_absolute()
+
+
+def test_word_student_extra_words_file_is_relative_to_the_recipe_and_a_count_stays_a_count(tmp_path):
+    stage = "{stage: distill, teacher: ./t, student: {arch: bilstm, init_embeddings: contextual, extra_words: %s}}"
+    (tmp_path / "r.yaml").write_text(f"model: minilm\ndata: {{train: t.jsonl}}\nstages: [{stage % 'w/words.txt'}]\n")
+    assert load_recipe(tmp_path / "r.yaml").stages[0].student.extra_words == tmp_path / "w" / "words.txt"
+    (tmp_path / "r.yaml").write_text(f"model: minilm\ndata: {{train: t.jsonl}}\nstages: [{stage % '50000'}]\n")
+    assert load_recipe(tmp_path / "r.yaml").stages[0].student.extra_words == 50000

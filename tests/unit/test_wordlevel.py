@@ -11,8 +11,10 @@ from slimtune.distill.wordlevel import (
     WordCNNClassifier,
     WordTokenizer,
     build_word_student,
+    common_words,
     contextual_word_vectors,
     init_embeddings_from_teacher,
+    read_word_list,
     teacher_whole_words,
 )
 from slimtune.errors import SlimtuneError
@@ -189,3 +191,44 @@ def test_extend_vocab_gives_the_teachers_whole_words_a_contextual_vector(tiny_mo
     torch.testing.assert_close(rows[tok.vocab["adored"]], want[0], atol=1e-5, rtol=1e-5)
     with pytest.raises(SlimtuneError, match="extend_vocab needs init_embeddings: contextual"):
         build_word_student("bilstm", TEXTS, ID2LABEL, teacher=teacher, teacher_tokenizer=teacher_tok, extend_vocab=True)
+
+
+def test_extra_words_get_contextual_vectors_on_top_of_max_vocab(tiny_model_dir):
+    from transformers import AutoModel, AutoTokenizer
+
+    teacher = AutoModel.from_pretrained(tiny_model_dir, local_files_only=True).eval()
+    teacher_tok = AutoTokenizer.from_pretrained(tiny_model_dir, local_files_only=True)
+    extra = ["Valueless", "rehashed", "good", "don't", "scattershot"]
+    model, tok = build_word_student("bilstm", TEXTS, ID2LABEL, hidden=8, teacher=teacher, teacher_tokenizer=teacher_tok,
+                                    init_from_teacher="contextual", extra_words=extra, max_vocab=8)
+    assert tok.words[:8] == WordTokenizer.build(TEXTS, max_vocab=8).words  # the cap is on the texts' words
+    # lowercased like the texts; "good" is already there; "don't" would be split into 3 words: never looked up
+    assert tok.words[8:] == ["rehashed", "scattershot", "valueless"]
+    rows = model.get_input_embeddings().weight.detach()
+    torch.testing.assert_close(rows[tok.vocab["scattershot"]], contextual_word_vectors(["scattershot"], teacher,
+                                                                                       teacher_tok)[0])
+    assert tok("utterly valueless")["input_ids"][1] != UNK_ID
+    with pytest.raises(SlimtuneError, match="extra_words needs init_embeddings: contextual"):
+        build_word_student("bilstm", TEXTS, ID2LABEL, teacher=teacher, teacher_tokenizer=teacher_tok,
+                           extra_words=extra)
+
+
+def test_common_words_are_the_most_frequent_first():
+    words = common_words(1000)
+    assert len(words) >= 990 and words[0] == "the" and "movie" in words
+    assert "的" in common_words(50, chinese=True)
+
+
+def test_word_list_file_errors_name_the_file_and_line(tmp_path):
+    good = tmp_path / "words.txt"
+    good.write_text("alpha\n\n beta \n", encoding="utf-8")
+    assert read_word_list(good) == ["alpha", "beta"]
+    bad = tmp_path / "bad.txt"
+    bad.write_text("alpha\ntwo words\n", encoding="utf-8")
+    with pytest.raises(SlimtuneError, match=r"bad.txt, line 2: one word per line"):
+        read_word_list(bad)
+    (tmp_path / "empty.txt").write_text("\n", encoding="utf-8")
+    with pytest.raises(SlimtuneError, match="the word list is empty"):
+        read_word_list(tmp_path / "empty.txt")
+    with pytest.raises(SlimtuneError, match="missing.txt: cannot read the word list"):
+        read_word_list(tmp_path / "missing.txt")

@@ -16,7 +16,7 @@ import torch
 from slimtune.batching import EncodedDataset, collate, encode
 from slimtune.data import TaskData
 from slimtune.distill.losses import DistillModel, layer_mapping, make_distill_loss
-from slimtune.distill.students import Student, build_student, encoder_shape, student_blueprint
+from slimtune.distill.students import Student, build_student, encoder_shape, extra_word_list, student_blueprint
 from slimtune.distill.teachers import Teacher, cached_teacher_outputs, check_teacher, combine_teachers, load_teachers
 from slimtune.errors import SlimtuneError
 from slimtune.models import load_tokenizer
@@ -100,9 +100,17 @@ def validate_distill(run: RunState, cfg: DistillStage) -> None:
     layer, n_layers = cfg.student.embedding_layer, int(getattr(teacher_config, "num_hidden_layers", 0) or 0)
     if cfg.student.init_embeddings == "contextual" and layer is not None and layer > n_layers:
         raise SlimtuneError(f"student.embedding_layer {layer}: the teacher has hidden states 0-{n_layers}")
-    if cfg.student.extend_vocab and cfg.student.init_embeddings != "contextual":
-        raise SlimtuneError("student.extend_vocab needs init_embeddings: contextual (only the teacher can give the "
-                            "added words a vector)")
+    for key in ("extend_vocab", "extra_words"):
+        if getattr(cfg.student, key) not in (None, False) and cfg.student.init_embeddings != "contextual":
+            raise SlimtuneError(f"student.{key} needs init_embeddings: contextual (only the teacher can give the "
+                                "added words a vector)")
+    if cfg.student.arch is not None:
+        extra_word_list(cfg.student.model_copy(update={"extra_words": _probe(cfg.student.extra_words)}))
+
+
+def _probe(extra_words):
+    """A word file is read in full; a word count only checks that wordfreq is there (one word)."""
+    return 1 if isinstance(extra_words, int) else extra_words
 
 
 def setup_distill(run: RunState, cfg: DistillStage) -> DistillSetup:

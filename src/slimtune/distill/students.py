@@ -109,8 +109,20 @@ def _word_student(spec: StudentSpec, teacher_model, teacher_tokenizer, id2label,
         spec.arch, texts, id2label, label2id, hidden=spec.hidden, embed_dim=spec.embed_dim, chinese=chinese,
         max_vocab=spec.max_vocab, dropout=spec.dropout, teacher=teacher_model, teacher_tokenizer=teacher_tokenizer,
         init_from_teacher={True: "input", False: None}.get(spec.init_embeddings, spec.init_embeddings),
-        embedding_layer=spec.embedding_layer, extend_vocab=spec.extend_vocab)
+        embedding_layer=spec.embedding_layer, extend_vocab=spec.extend_vocab,
+        extra_words=extra_word_list(spec, chinese))
     return Student(model, tokenizer, spec.arch, f"{spec.arch} (vocabulary of {len(tokenizer)} words)")
+
+
+def extra_word_list(spec: StudentSpec, chinese: bool = False) -> list[str]:
+    """`student.extra_words` as words: a count of the language's most frequent words, or a file's lines."""
+    from slimtune.distill.wordlevel import common_words, read_word_list
+
+    if spec.extra_words is None:
+        return []
+    if isinstance(spec.extra_words, int):
+        return common_words(spec.extra_words, chinese)
+    return read_word_list(spec.extra_words)
 
 
 def _is_cjk(ch: str) -> bool:
