@@ -255,9 +255,42 @@ def test_word_student_with_frozen_contextual_embeddings_keeps_them(tmp_path, tea
     torch.testing.assert_close(emb[[tok.vocab["film"], tok.vocab["the"]]], want, atol=1e-5, rtol=1e-5)
 
 
-def test_intermediate_loss_with_a_word_student_is_refused(tmp_path, teacher_dir, sst2_small):
-    stage = DISTILL | {"teacher": str(teacher_dir), "student": {"arch": "bilstm"}, "intermediate": {"loss": "mse"}}
-    with pytest.raises(slimtune.SlimtuneError, match="the bilstm student has no transformer layers"):
+def test_bilstm_learns_the_teachers_pooled_state_through_a_projection(tmp_path, teacher_dir, sst2_small):
+    """A BiLSTM's hidden states are its word vectors (0) and its outputs (1): its mean-pooled outputs learn the
+    teacher's mean-pooled layer (standardised per dimension) through a learned projection."""
+    from slimtune.distill.losses import DistillModel, make_distill_loss
+    from slimtune.distill.wordlevel import build_word_student
+
+    stage = DISTILL | {"teacher": str(teacher_dir), "student": {"arch": "bilstm", "hidden": 8},
+                       "intermediate": {"loss": "mse", "mapping": [[1, 1]], "weight": 2.0}}
+    m = slimtune.run(recipe(teacher_dir, sst2_small, stage, train_limit=48), tmp_path / "o", progress=False)
+    assert m["stages"][0]["intermediate"] == {"mapping": [[1, 1]], "granularity": "pooled", "loss": "mse"}
+
+    torch.manual_seed(0)  # the loss itself: soft-target term + weight * MSE(projection(mean of outputs), target)
+    student, tok = build_word_student("bilstm", ["good film", "bad one here"], {0: "0", 1: "1"}, embed_dim=6, hidden=4)
+    model = DistillModel(student, [(1, 3)], student.state_widths(), 5)
+    batch = tok(["good film", "bad one here"], padding=True, return_tensors="pt")
+    batch |= {"soft_targets": torch.tensor([[0.3, 0.7], [0.6, 0.4]]), "labelled": torch.tensor([False, False]),
+              "labels": torch.tensor([1, 0]), "pooled3": torch.randn(2, 5)}
+    student.eval()
+    got = make_distill_loss(temperature=2.0, alpha=1.0, mapping=[(1, 3)], use_mse=True, weight=2.0)(model, batch)
+    out = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+    assert [h.shape[-1] for h in out.hidden_states] == [6, 8]
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    pooled = (out.hidden_states[1] * mask).sum(1) / mask.sum(1)
+    want = soft_target_loss(out.logits, batch["soft_targets"], 2.0) + 2.0 * F.mse_loss(
+        model.projections["1_3"](pooled), batch["pooled3"])
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize(("student", "loss", "message"), [
+    ({"arch": "cnn"}, "mse", "the cnn student has only its word vectors to match"),
+    ({"arch": "bilstm"}, "attention", "the bilstm student has no attention maps"),
+])
+def test_intermediate_losses_a_word_student_cannot_have_are_refused(tmp_path, teacher_dir, sst2_small, student, loss,
+                                                                     message):
+    stage = DISTILL | {"teacher": str(teacher_dir), "student": student, "intermediate": {"loss": loss}}
+    with pytest.raises(slimtune.SlimtuneError, match=message):
         slimtune.run(recipe(teacher_dir, sst2_small, stage), tmp_path / "o", progress=False)
     assert not (tmp_path / "o").exists()
 

@@ -102,13 +102,15 @@ def layer_mapping(rule, n_student: int, n_teacher: int) -> list[tuple[int, int]]
 class DistillModel(nn.Module):
     """The student plus the projections the hidden-state loss learns; only the student is kept."""
 
-    def __init__(self, student: nn.Module, mapping: list[tuple[int, int]], student_width: int, teacher_width: int):
+    def __init__(self, student: nn.Module, mapping: list[tuple[int, int]], student_widths: list[int],
+                 teacher_width: int):
+        """`student_widths[s]`: width of the student's hidden state s (0 = embeddings)."""
         super().__init__()
         self.student = student
         # Identity when widths match: a projection would let the student's states drift from the teacher's.
         self.projections = nn.ModuleDict({
-            f"{s}_{t}": nn.Linear(student_width, teacher_width) if student_width != teacher_width else nn.Identity()
-            for s, t in mapping})
+            f"{s}_{t}": nn.Linear(student_widths[s], teacher_width) if student_widths[s] != teacher_width
+            else nn.Identity() for s, t in mapping})
 
     def forward(self, **inputs):
         return self.student(**inputs)

@@ -66,9 +66,8 @@ def _intermediate_plan(cfg: DistillStage, kind: str, student_config, teacher_con
     if inter is None:
         return [], "none"
     s_shape, t_shape = encoder_shape(student_config), encoder_shape(teacher_config)
-    if s_shape is None:
-        raise SlimtuneError(f"intermediate: the {kind} student has no transformer layers to match "
-                            "(remove 'intermediate' or use a transformer student)")
+    # states after the embeddings: a transformer's layers; a BiLSTM's outputs (1); a CNN has none
+    n_student = s_shape[0] if s_shape is not None else WORD_STUDENT_STATES.get(kind, 0)
     if t_shape is None:
         raise SlimtuneError("intermediate: the teacher has no transformer layers to match")
     granularity = inter.granularity if inter.granularity != "auto" else ("token" if same_tokenizer else "pooled")
@@ -76,13 +75,19 @@ def _intermediate_plan(cfg: DistillStage, kind: str, student_config, teacher_con
         raise SlimtuneError("intermediate.granularity: token-level matching needs the student and the teacher to "
                             "share a tokenizer; use granularity: pooled")
     if "attention" in inter.loss:
+        if s_shape is None:
+            raise SlimtuneError(f"intermediate.loss: the {kind} student has no attention maps; use loss: mse")
         if granularity != "token":
             raise SlimtuneError("intermediate.loss: attention maps can only be matched token by token "
                                 "(same tokenizer for student and teacher)")
         if s_shape[2] != t_shape[2]:
             raise SlimtuneError(f"intermediate.loss: attention maps need equal head counts (student {s_shape[2]}, "
                                 f"teacher {t_shape[2]}); use loss: mse")
-    return layer_mapping(inter.mapping, s_shape[0], t_shape[0]), granularity
+    mapping = layer_mapping(inter.mapping, n_student, t_shape[0])
+    if not mapping:
+        raise SlimtuneError(f"intermediate: the {kind} student has only its word vectors to match; give "
+                            "mapping: [[0, TEACHER_LAYER]]")
+    return mapping, granularity
 
 
 def validate_distill(run: RunState, cfg: DistillStage) -> None:
@@ -175,10 +180,10 @@ def run_distill(run: RunState, cfg: DistillStage) -> dict:
     train_ds = encode(student.tokenizer, setup.texts, setup.labels, setup.pairs, max_length)
     eval_ds = encode(student.tokenizer, run.data.eval.texts, run.data.eval.labels, run.data.eval.pairs, max_length)
     pad = int(getattr(student.tokenizer, "pad_token_id", 0) or 0)
-    s_shape, t_shape = encoder_shape(student.model.config), encoder_shape(setup.teachers[0].model.config)
     model = DistillModel(student.model, setup.mapping if "mse" in _losses(cfg) else [],
-                         s_shape[1] if s_shape else 0, t_shape[1] if t_shape else 0)
-    pooled = {t: outputs[0][f"pooled{t}"] for t in pooled_layers}
+                         _state_widths(student.model), encoder_shape(setup.teachers[0].model.config)[1])
+    # z-scores per dimension: a transformer's few outlier dimensions would otherwise own the MSE
+    pooled = {t: _standardised(outputs[0][f"pooled{t}"]) for t in pooled_layers}
 
     def make_batch(ds: EncodedDataset, idx: list[int]) -> dict[str, torch.Tensor]:
         batch = collate(ds, idx, pad)
@@ -209,6 +214,20 @@ def run_distill(run: RunState, cfg: DistillStage) -> dict:
                              "loss": cfg.intermediate.loss} if cfg.intermediate else None,
             "transfer_rows": len(setup.texts), "augmented_transfer_rows": len(setup.texts) - sum(setup.labelled),
             "trainable_params": trainable, "trainable_pct": round(100 * trainable / params, 3), **res.summary()}
+
+
+WORD_STUDENT_STATES = {"bilstm": 1, "cnn": 0}
+
+
+def _state_widths(model) -> list[int]:
+    if hasattr(model, "state_widths"):  # word students
+        return model.state_widths()
+    layers, hidden, _ = encoder_shape(model.config)
+    return [hidden] * (layers + 1)
+
+
+def _standardised(x: torch.Tensor) -> torch.Tensor:
+    return (x - x.mean(0)) / x.std(0).clamp_min(1e-6) if len(x) > 1 else x
 
 
 def _losses(cfg: DistillStage) -> str:

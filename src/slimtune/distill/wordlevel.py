@@ -164,15 +164,18 @@ class _WordClassifierParts:
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                **_) -> SequenceClassifierOutput:
+                output_hidden_states: bool = False, **_) -> SequenceClassifierOutput:
         mask = (input_ids != PAD_ID) if attention_mask is None else attention_mask.bool()
         mask = mask.clone()
         mask[:, 0] = True  # an all-padding row still pools over one position instead of none
         # Zeroed padding: what a sentence sees is the same alone or inside a padded batch.
         emb = self.embeddings(input_ids) * mask.unsqueeze(-1)
-        logits = self.classifier(self.dropout(self.features(emb, mask)))
+        states = self.states(emb, mask)
+        logits = self.classifier(self.dropout(self.features(states[-1], mask)))
         loss = F.cross_entropy(logits, labels) if labels is not None else None
-        return SequenceClassifierOutput(loss=loss, logits=logits)
+        # like an HF encoder's: per-position states, 0 = the word vectors (what intermediate losses match)
+        return SequenceClassifierOutput(loss=loss, logits=logits,
+                                        hidden_states=states if output_hidden_states else None)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embeddings
@@ -195,13 +198,19 @@ class WordBiLSTMClassifier(_WordClassifierParts, nn.Module):
         self.lstm = nn.LSTM(config.embed_dim, config.hidden, num_layers=config.num_layers, batch_first=True,
                             bidirectional=True, dropout=config.dropout if config.num_layers > 1 else 0.0)
 
-    def features(self, emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        lengths = mask.sum(1)
-        packed = pack_padded_sequence(emb, lengths.cpu(), batch_first=True, enforce_sorted=False)
+    def state_widths(self) -> list[int]:
+        """Width of each of `hidden_states`: the word vectors, the BiLSTM's outputs."""
+        return [self.config.embed_dim, 2 * self.config.hidden]
+
+    def states(self, emb: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        packed = pack_padded_sequence(emb, mask.sum(1).cpu(), batch_first=True, enforce_sorted=False)
         out, _ = pad_packed_sequence(self.lstm(packed)[0], batch_first=True, total_length=emb.size(1))
+        return emb, out
+
+    def features(self, out: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         keep = mask.unsqueeze(-1)
         max_pool = out.masked_fill(~keep, float("-inf")).amax(1)
-        mean_pool = (out * keep).sum(1) / lengths.unsqueeze(-1).to(out.dtype)
+        mean_pool = (out * keep).sum(1) / mask.sum(1, keepdim=True).to(out.dtype)
         return torch.cat([max_pool, mean_pool], dim=-1)
 
 
@@ -212,6 +221,12 @@ class WordCNNClassifier(_WordClassifierParts, nn.Module):
         super().__init__()
         self._init_parts(config, config.hidden * len(config.kernel_sizes))
         self.convs = nn.ModuleList(nn.Conv1d(config.embed_dim, config.hidden, k) for k in config.kernel_sizes)
+
+    def state_widths(self) -> list[int]:
+        return [self.config.embed_dim]
+
+    def states(self, emb: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (emb,)  # the convolutions' windows are not per-word states
 
     def features(self, emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         x = emb.transpose(1, 2)  # (batch, embed, time)
