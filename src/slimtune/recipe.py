@@ -168,6 +168,8 @@ class StudentSpec(Strict):
     extra_words: int | Path | None = Field(
         None, description="contextual word students: also give these words a vector: N = the language's N most "
                           "frequent words (the wordfreq package), or a text file with one word per line")
+    pca_dims: int | None = Field(None, ge=1, description="contextual word students: keep this many principal "
+                                                          "components of the teacher's vectors (Model2Vec)")
     max_vocab: int = Field(30000, ge=10, description="word students: the texts' most frequent words kept (specials "
                                                      "included); extend_vocab / extra_words come on top")
     dropout: float = Field(0.2, ge=0, lt=1)

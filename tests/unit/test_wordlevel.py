@@ -14,6 +14,7 @@ from slimtune.distill.wordlevel import (
     common_words,
     contextual_word_vectors,
     init_embeddings_from_teacher,
+    principal_components,
     read_word_list,
     teacher_whole_words,
 )
@@ -232,3 +233,25 @@ def test_word_list_file_errors_name_the_file_and_line(tmp_path):
         read_word_list(tmp_path / "empty.txt")
     with pytest.raises(SlimtuneError, match="missing.txt: cannot read the word list"):
         read_word_list(tmp_path / "missing.txt")
+
+
+def test_pca_dims_keeps_the_leading_principal_components_of_the_teachers_vectors(tiny_model_dir):
+    from transformers import AutoModel, AutoTokenizer
+
+    teacher = AutoModel.from_pretrained(tiny_model_dir, local_files_only=True).eval()
+    teacher_tok = AutoTokenizer.from_pretrained(tiny_model_dir, local_files_only=True)
+    model, tok = build_word_student("bilstm", TEXTS, ID2LABEL, hidden=8, teacher=teacher, teacher_tokenizer=teacher_tok,
+                                    init_from_teacher="contextual", pca_dims=5)
+    assert model.config.embed_dim == 5 and model.lstm.input_size == 5
+    full = contextual_word_vectors(tok.words[3:], teacher, teacher_tok)
+    rows = model.get_input_embeddings().weight.detach()[3:]
+    cov = torch.cov(rows.T.double())
+    assert torch.allclose(cov - torch.diag(torch.diagonal(cov)), torch.zeros(5, 5, dtype=torch.double), atol=1e-6)
+    variances = torch.diagonal(cov)
+    assert torch.all(variances[:-1] >= variances[1:])  # leading axes first
+    top = torch.linalg.svdvals(full.double() - full.double().mean(0))[:5] ** 2 / (len(full) - 1)
+    torch.testing.assert_close(variances, top, rtol=1e-4, atol=1e-8)  # the most variance 5 axes can hold
+    with pytest.raises(SlimtuneError, match=r"pca_dims 40: expected 1-\d+ \(the vectors are"):
+        principal_components(full, 40)
+    with pytest.raises(SlimtuneError, match="pca_dims needs init_embeddings: contextual"):
+        build_word_student("bilstm", TEXTS, ID2LABEL, teacher=teacher, teacher_tokenizer=teacher_tok, pca_dims=5)

@@ -105,10 +105,10 @@ def validate_distill(run: RunState, cfg: DistillStage) -> None:
     layer, n_layers = cfg.student.embedding_layer, int(getattr(teacher_config, "num_hidden_layers", 0) or 0)
     if cfg.student.init_embeddings == "contextual" and layer is not None and layer > n_layers:
         raise SlimtuneError(f"student.embedding_layer {layer}: the teacher has hidden states 0-{n_layers}")
-    for key in ("extend_vocab", "extra_words"):
+    for key in ("extend_vocab", "extra_words", "pca_dims"):
         if getattr(cfg.student, key) not in (None, False) and cfg.student.init_embeddings != "contextual":
-            raise SlimtuneError(f"student.{key} needs init_embeddings: contextual (only the teacher can give the "
-                                "added words a vector)")
+            raise SlimtuneError(f"student.{key} needs init_embeddings: contextual (it works on the teacher's "
+                                "word vectors)")
     if cfg.student.arch is not None:
         extra_word_list(cfg.student.model_copy(update={"extra_words": _probe(cfg.student.extra_words)}))
 

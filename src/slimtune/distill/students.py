@@ -110,7 +110,7 @@ def _word_student(spec: StudentSpec, teacher_model, teacher_tokenizer, id2label,
         max_vocab=spec.max_vocab, dropout=spec.dropout, teacher=teacher_model, teacher_tokenizer=teacher_tokenizer,
         init_from_teacher={True: "input", False: None}.get(spec.init_embeddings, spec.init_embeddings),
         embedding_layer=spec.embedding_layer, extend_vocab=spec.extend_vocab,
-        extra_words=extra_word_list(spec, chinese))
+        extra_words=extra_word_list(spec, chinese), pca_dims=spec.pca_dims)
     return Student(model, tokenizer, spec.arch, f"{spec.arch} (vocabulary of {len(tokenizer)} words)")
 
 

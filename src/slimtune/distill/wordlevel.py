@@ -358,12 +358,25 @@ def read_word_list(path: str | Path) -> list[str]:
     return words
 
 
+def principal_components(vectors: torch.Tensor, dims: int) -> torch.Tensor:
+    """[n, dims]: the centred vectors on their `dims` leading principal axes (Model2Vec reduces its static
+    vectors this way: a smaller table, a cheaper first layer, and the low-variance directions, mostly
+    noise for a small student, are gone)."""
+    if not 0 < dims <= min(vectors.shape):
+        raise SlimtuneError(f"pca_dims {dims}: expected 1-{min(vectors.shape)} (the vectors are "
+                            f"{vectors.shape[0]} x {vectors.shape[1]})")
+    centred = vectors.double() - vectors.double().mean(0)
+    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+    return (centred @ vh[:dims].T).to(vectors.dtype)
+
+
 def build_word_student(arch: str, texts: Iterable[str], id2label: dict[int, str],
                        label2id: dict[str, int] | None = None, *, hidden: int = 256, embed_dim: int = 300,
                        chinese: bool = False, lowercase: bool = True, max_vocab: int = 30000, min_freq: int = 1,
                        teacher: nn.Module | None = None, teacher_tokenizer=None,
                        init_from_teacher: str | None = "input", embedding_layer: int | None = None,
-                       extend_vocab: bool = False, extra_words: Sequence[str] = (), dropout: float = 0.2,
+                       extend_vocab: bool = False, extra_words: Sequence[str] = (), pca_dims: int | None = None,
+                       dropout: float = 0.2,
                        num_layers: int = 1,
                        kernel_sizes: Sequence[int] = (3, 4, 5)) -> tuple[nn.Module, WordTokenizer]:
     """Vocabulary from `texts` + a fresh word classifier (random init from the caller's torch seed).
@@ -372,32 +385,35 @@ def build_word_student(arch: str, texts: Iterable[str], id2label: dict[int, str]
     "contextual": `contextual_word_vectors`), embed_dim becomes the teacher's hidden size and the word
     embeddings start from the teacher; None leaves them random. `extend_vocab` (contextual only) also
     gives a vector to every whole word of the teacher's vocabulary, and `extra_words` (contextual only) to
-    these words, so words the texts lack are not [UNK]; both come on top of `max_vocab`.
+    these words, so words the texts lack are not [UNK]; both come on top of `max_vocab`. `pca_dims`
+    (contextual only) keeps that many principal components of the vectors (`principal_components`).
     """
     if init_from_teacher not in (None, "input", "contextual"):
         raise SlimtuneError(f"init_embeddings {init_from_teacher!r}: expected input, contextual or false")
     use_teacher = teacher is not None and init_from_teacher is not None
     if use_teacher and teacher_tokenizer is None:
         raise SlimtuneError("initialising word embeddings from the teacher needs the teacher's tokenizer")
-    for key, asked in (("extend_vocab", extend_vocab), ("extra_words", bool(extra_words))):
+    for key, asked in (("extend_vocab", extend_vocab), ("extra_words", bool(extra_words)),
+                       ("pca_dims", pca_dims is not None)):
         if asked and not (use_teacher and init_from_teacher == "contextual"):
-            raise SlimtuneError(f"{key} needs init_embeddings: contextual (only the teacher can give the added "
-                                "words a vector)")
+            raise SlimtuneError(f"{key} needs init_embeddings: contextual (it works on the teacher's word vectors)")
     tokenizer = WordTokenizer.build(texts, max_vocab=max_vocab, min_freq=min_freq, lowercase=lowercase,
                                     chinese=chinese,
                                     extra_words=[*(teacher_whole_words(teacher_tokenizer) if extend_vocab else ()),
                                                  *extra_words])
+    vectors = None
+    if use_teacher and init_from_teacher == "contextual" and len(tokenizer) > len(SPECIALS):
+        vectors = contextual_word_vectors(tokenizer.words[len(SPECIALS):], teacher, teacher_tokenizer, embedding_layer)
+        if pca_dims is not None:
+            vectors = principal_components(vectors, pca_dims)
     if use_teacher:
-        embed_dim = teacher.get_input_embeddings().weight.shape[1]
+        embed_dim = vectors.shape[1] if vectors is not None else teacher.get_input_embeddings().weight.shape[1]
     config = word_config(arch, tokenizer.vocab_size, id2label, label2id, embed_dim=embed_dim, hidden=hidden,
                          num_layers=num_layers, kernel_sizes=kernel_sizes, dropout=dropout)
     model = WORD_ARCHS[arch](config)
-    if use_teacher and init_from_teacher == "contextual":
-        words = tokenizer.words[len(SPECIALS):]
-        if words:
-            vectors = contextual_word_vectors(words, teacher, teacher_tokenizer, embedding_layer)
-            with torch.no_grad():
-                model.get_input_embeddings().weight[len(SPECIALS):] = vectors.to(model.embeddings.weight.dtype)
-    elif use_teacher:
+    if vectors is not None:
+        with torch.no_grad():
+            model.get_input_embeddings().weight[len(SPECIALS):] = vectors.to(model.embeddings.weight.dtype)
+    elif use_teacher and init_from_teacher == "input":
         init_embeddings_from_teacher(model, tokenizer, teacher, teacher_tokenizer)
     return model, tokenizer
