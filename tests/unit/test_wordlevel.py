@@ -255,3 +255,26 @@ def test_pca_dims_keeps_the_leading_principal_components_of_the_teachers_vectors
         principal_components(full, 40)
     with pytest.raises(SlimtuneError, match="pca_dims needs init_embeddings: contextual"):
         build_word_student("bilstm", TEXTS, ID2LABEL, teacher=teacher, teacher_tokenizer=teacher_tok, pca_dims=5)
+
+
+def test_contextual_vectors_are_cached_per_teacher_layer_and_words(tiny_model_dir, tmp_path, monkeypatch):
+    from transformers import AutoModel, AutoTokenizer
+
+    import slimtune.distill.wordlevel as wl
+
+    teacher = AutoModel.from_pretrained(tiny_model_dir, local_files_only=True).eval()
+    teacher_tok = AutoTokenizer.from_pretrained(tiny_model_dir, local_files_only=True)
+    kw = dict(hidden=8, teacher=teacher, teacher_tokenizer=teacher_tok, init_from_teacher="contextual")
+    first, _ = build_word_student("bilstm", TEXTS, ID2LABEL, vector_cache=(tmp_path, "teacher-a"), **kw)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 1
+
+    def no_teacher(*a, **k):
+        raise AssertionError("the teacher ran again")
+
+    monkeypatch.setattr(wl, "contextual_word_vectors", no_teacher)
+    again, _ = build_word_student("bilstm", TEXTS, ID2LABEL, vector_cache=(tmp_path, "teacher-a"), **kw)
+    torch.testing.assert_close(again.embeddings.weight[3:], first.embeddings.weight[3:])
+    with pytest.raises(AssertionError, match="the teacher ran again"):  # another teacher: another entry
+        build_word_student("bilstm", TEXTS, ID2LABEL, vector_cache=(tmp_path, "teacher-b"), **kw)
+    with pytest.raises(AssertionError, match="the teacher ran again"):  # another layer too
+        build_word_student("bilstm", TEXTS, ID2LABEL, vector_cache=(tmp_path, "teacher-a"), embedding_layer=2, **kw)

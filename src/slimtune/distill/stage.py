@@ -125,7 +125,7 @@ def setup_distill(run: RunState, cfg: DistillStage) -> DistillSetup:
     seed_everything(cfg.seed)  # new heads / word students start from the same weights in every run
     student = build_student(cfg.student, current=run.model, current_tokenizer=run.tokenizer,
                             teacher_model=first.model, teacher_tokenizer=first.tokenizer,
-                            id2label=run.data.id2label, texts=texts)
+                            id2label=run.data.id2label, texts=texts, teacher_path=first.path)
     student.model.requires_grad_(True)  # a layer selection copies the (frozen) teacher
     if cfg.student.freeze_embeddings:  # the teacher-initialised vectors stay as they are while training
         student.model.get_input_embeddings().requires_grad_(False)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from pathlib import Path
 
 from torch import nn
 
@@ -80,10 +81,12 @@ def student_blueprint(spec: StudentSpec, *, current_config, current_tokenizer, t
 
 
 def build_student(spec: StudentSpec, *, current: nn.Module, current_tokenizer, teacher_model: nn.Module,
-                  teacher_tokenizer, id2label: dict[int, str], texts: list[str]) -> Student:
-    """The student a `student:` spec asks for (see StudentSpec)."""
+                  teacher_tokenizer, id2label: dict[int, str], texts: list[str], teacher_path: Path | None = None
+                  ) -> Student:
+    """The student a `student:` spec asks for (see StudentSpec). `teacher_path`: word vectors read from
+    the teacher are cached on disk under its content hash."""
     if spec.arch is not None:
-        return _word_student(spec, teacher_model, teacher_tokenizer, id2label, texts)
+        return _word_student(spec, teacher_model, teacher_tokenizer, id2label, texts, teacher_path)
     if spec.layers is not None:
         if spec.from_:
             source_path = resolve_model_path(spec.from_)
@@ -98,7 +101,9 @@ def build_student(spec: StudentSpec, *, current: nn.Module, current_tokenizer, t
     return Student(current, current_tokenizer, "current", "the run's model")
 
 
-def _word_student(spec: StudentSpec, teacher_model, teacher_tokenizer, id2label, texts) -> Student:
+def _word_student(spec: StudentSpec, teacher_model, teacher_tokenizer, id2label, texts, teacher_path) -> Student:
+    from slimtune.assets import slimtune_home
+    from slimtune.distill.teachers import content_hash
     from slimtune.distill.wordlevel import build_word_student
 
     label2id = {name: i for i, name in id2label.items()}
@@ -110,7 +115,8 @@ def _word_student(spec: StudentSpec, teacher_model, teacher_tokenizer, id2label,
         max_vocab=spec.max_vocab, dropout=spec.dropout, teacher=teacher_model, teacher_tokenizer=teacher_tokenizer,
         init_from_teacher={True: "input", False: None}.get(spec.init_embeddings, spec.init_embeddings),
         embedding_layer=spec.embedding_layer, extend_vocab=spec.extend_vocab,
-        extra_words=extra_word_list(spec, chinese), pca_dims=spec.pca_dims)
+        extra_words=extra_word_list(spec, chinese), pca_dims=spec.pca_dims,
+        vector_cache=(slimtune_home() / "word-vectors", content_hash(teacher_path)) if teacher_path else None)
     return Student(model, tokenizer, spec.arch, f"{spec.arch} (vocabulary of {len(tokenizer)} words)")
 
 

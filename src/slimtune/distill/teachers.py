@@ -68,7 +68,7 @@ def load_teachers(specs, id2label: dict[int, str]) -> list[Teacher]:
     return teachers
 
 
-def _fingerprint(path: Path) -> str:
+def content_hash(path: Path) -> str:
     """Hash of a model directory's config and weights (content, so a retrained teacher is new)."""
     h = hashlib.sha256()
     for f in sorted(path.iterdir()):
@@ -114,7 +114,7 @@ def cached_teacher_outputs(teachers: list[Teacher], texts: list[str], pairs: lis
     encoded = [encode(t.tokenizer, texts, [0] * len(texts), pairs, max_length) for t in teachers]
     h = hashlib.sha256(f"v{CACHE_VERSION} layers={pooled_layers}".encode())
     for t, ds in zip(teachers, encoded, strict=True):
-        h.update(_fingerprint(t.path).encode())
+        h.update(content_hash(t.path).encode())
         h.update(_data_hash(ds).encode())
     key = h.hexdigest()
     path = cache or slimtune_home() / "teacher-cache" / f"{key[:32]}.safetensors"

@@ -358,6 +358,28 @@ def read_word_list(path: str | Path) -> list[str]:
     return words
 
 
+def _cached_vectors(words: Sequence[str], teacher: nn.Module, teacher_tokenizer, layer: int | None, cache_dir: Path,
+                    teacher_hash: str) -> torch.Tensor:
+    import hashlib
+    import os
+
+    key = hashlib.sha256(json.dumps([teacher_hash, layer, list(words)]).encode()).hexdigest()
+    path = Path(cache_dir) / f"{key[:32]}.safetensors"
+    if path.is_file():
+        stored = load_file(str(path))
+        if stored["vectors"].shape[0] == len(words):
+            return stored["vectors"]
+    vectors = contextual_word_vectors(words, teacher, teacher_tokenizer, layer)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file({"vectors": vectors.contiguous()}, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return vectors
+
+
 def principal_components(vectors: torch.Tensor, dims: int) -> torch.Tensor:
     """[n, dims]: the centred vectors on their `dims` leading principal axes (Model2Vec reduces its static
     vectors this way: a smaller table, a cheaper first layer, and the low-variance directions, mostly
@@ -376,7 +398,7 @@ def build_word_student(arch: str, texts: Iterable[str], id2label: dict[int, str]
                        teacher: nn.Module | None = None, teacher_tokenizer=None,
                        init_from_teacher: str | None = "input", embedding_layer: int | None = None,
                        extend_vocab: bool = False, extra_words: Sequence[str] = (), pca_dims: int | None = None,
-                       dropout: float = 0.2,
+                       vector_cache: tuple[Path, str] | None = None, dropout: float = 0.2,
                        num_layers: int = 1,
                        kernel_sizes: Sequence[int] = (3, 4, 5)) -> tuple[nn.Module, WordTokenizer]:
     """Vocabulary from `texts` + a fresh word classifier (random init from the caller's torch seed).
@@ -387,6 +409,8 @@ def build_word_student(arch: str, texts: Iterable[str], id2label: dict[int, str]
     gives a vector to every whole word of the teacher's vocabulary, and `extra_words` (contextual only) to
     these words, so words the texts lack are not [UNK]; both come on top of `max_vocab`. `pca_dims`
     (contextual only) keeps that many principal components of the vectors (`principal_components`).
+    `vector_cache` = (directory, teacher content hash): contextual vectors are computed once per teacher,
+    layer and word list and read back from there (100k words take minutes on a CPU).
     """
     if init_from_teacher not in (None, "input", "contextual"):
         raise SlimtuneError(f"init_embeddings {init_from_teacher!r}: expected input, contextual or false")
@@ -403,7 +427,11 @@ def build_word_student(arch: str, texts: Iterable[str], id2label: dict[int, str]
                                                  *extra_words])
     vectors = None
     if use_teacher and init_from_teacher == "contextual" and len(tokenizer) > len(SPECIALS):
-        vectors = contextual_word_vectors(tokenizer.words[len(SPECIALS):], teacher, teacher_tokenizer, embedding_layer)
+        words = tokenizer.words[len(SPECIALS):]
+        if vector_cache is None:
+            vectors = contextual_word_vectors(words, teacher, teacher_tokenizer, embedding_layer)
+        else:
+            vectors = _cached_vectors(words, teacher, teacher_tokenizer, embedding_layer, *vector_cache)
         if pca_dims is not None:
             vectors = principal_components(vectors, pca_dims)
     if use_teacher:
