@@ -240,7 +240,7 @@ def test_word_level_student_distilled_saves_and_predicts(tmp_path, teacher_dir, 
 def test_word_student_with_frozen_contextual_embeddings_keeps_them(tmp_path, teacher_dir, sst2_small):
     from transformers import AutoTokenizer
 
-    from slimtune.distill.wordlevel import contextual_word_vectors
+    from slimtune.distill.wordvectors import contextual_word_vectors
 
     stage = DISTILL | {"teacher": str(teacher_dir), "epochs": 1, "lr": 3e-3,
                        "student": {"arch": "bilstm", "hidden": 16, "init_embeddings": "contextual",

@@ -11,9 +11,11 @@ from slimtune.distill.wordlevel import (
     WordCNNClassifier,
     WordTokenizer,
     build_word_student,
+    init_embeddings_from_teacher,
+)
+from slimtune.distill.wordvectors import (
     common_words,
     contextual_word_vectors,
-    init_embeddings_from_teacher,
     principal_components,
     read_word_list,
     teacher_whole_words,
@@ -260,7 +262,7 @@ def test_pca_dims_keeps_the_leading_principal_components_of_the_teachers_vectors
 def test_contextual_vectors_are_cached_per_teacher_layer_and_words(tiny_model_dir, tmp_path, monkeypatch):
     from transformers import AutoModel, AutoTokenizer
 
-    import slimtune.distill.wordlevel as wl
+    import slimtune.distill.wordvectors as wv
 
     teacher = AutoModel.from_pretrained(tiny_model_dir, local_files_only=True).eval()
     teacher_tok = AutoTokenizer.from_pretrained(tiny_model_dir, local_files_only=True)
@@ -271,7 +273,7 @@ def test_contextual_vectors_are_cached_per_teacher_layer_and_words(tiny_model_di
     def no_teacher(*a, **k):
         raise AssertionError("the teacher ran again")
 
-    monkeypatch.setattr(wl, "contextual_word_vectors", no_teacher)
+    monkeypatch.setattr(wv, "contextual_word_vectors", no_teacher)
     again, _ = build_word_student("bilstm", TEXTS, ID2LABEL, vector_cache=(tmp_path, "teacher-a"), **kw)
     torch.testing.assert_close(again.embeddings.weight[3:], first.embeddings.weight[3:])
     with pytest.raises(AssertionError, match="the teacher ran again"):  # another teacher: another entry

@@ -122,7 +122,7 @@ def _word_student(spec: StudentSpec, teacher_model, teacher_tokenizer, id2label,
 
 def extra_word_list(spec: StudentSpec, chinese: bool = False) -> list[str]:
     """`student.extra_words` as words: a count of the language's most frequent words, or a file's lines."""
-    from slimtune.distill.wordlevel import common_words, read_word_list
+    from slimtune.distill.wordvectors import common_words, read_word_list
 
     if spec.extra_words is None:
         return []

@@ -23,6 +23,12 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from transformers import PretrainedConfig
 from transformers.modeling_outputs import SequenceClassifierOutput
 
+from slimtune.distill.wordvectors import (
+    cached_word_vectors,
+    contextual_word_vectors,
+    principal_components,
+    teacher_whole_words,
+)
 from slimtune.errors import SlimtuneError
 
 FORMAT = "word-classifier"
@@ -290,108 +296,6 @@ def init_embeddings_from_teacher(model: nn.Module, word_tokenizer: WordTokenizer
     return done
 
 
-@torch.no_grad()
-def contextual_word_vectors(words: Sequence[str], teacher_model: nn.Module, teacher_tokenizer, layer: int | None = None,
-                            batch_size: int = 256) -> torch.Tensor:
-    """[len(words), H]: each word run alone through the teacher, its hidden state at `layer` (0 = the
-    embedding output; default the middle layer) averaged over the word's own sub-tokens (specials left
-    out). Model2Vec's idea (Tulkens & van Dongen 2024): a transformer's output for a single word is a
-    better static vector than its input embedding; a fine-tuned teacher's also carries the task. On
-    SST-2 the middle layer of the fine-tuned MPNet gave the best bag-of-vectors classifier here."""
-    n_layers = int(getattr(teacher_model.config, "num_hidden_layers", 0) or 0)
-    layer = n_layers // 2 if layer is None else layer
-    if not 0 <= layer <= n_layers:
-        raise SlimtuneError(f"embedding_layer {layer}: the teacher has hidden states 0-{n_layers}")
-    teacher_model.eval()
-    out = None
-    for start in range(0, len(words), batch_size):
-        chunk = list(words[start:start + batch_size])
-        enc = teacher_tokenizer(chunk, return_tensors="pt", padding=True, return_special_tokens_mask=True)
-        keep = (enc["attention_mask"].bool() & ~enc.pop("special_tokens_mask").bool()).unsqueeze(-1).float()
-        inputs = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-        hidden = teacher_model(**inputs, output_hidden_states=True).hidden_states[layer]
-        vectors = (hidden * keep).sum(1) / keep.sum(1).clamp(min=1)
-        out = vectors.new_zeros(len(words), vectors.shape[1]) if out is None else out
-        out[start:start + len(chunk)] = vectors
-    return out
-
-
-def teacher_whole_words(teacher_tokenizer) -> list[str]:
-    """Words the teacher's tokenizer holds as one token when they stand alone (letters only, 2+ chars):
-    WordPiece and BPE vocabularies alike, without knowing their continuation markers."""
-    candidates = sorted({teacher_tokenizer.convert_tokens_to_string([t]).strip()
-                         for t in teacher_tokenizer.get_vocab()})
-    candidates = [w for w in candidates if len(w) > 1 and w.isalpha()]
-    pieces = teacher_tokenizer(candidates, add_special_tokens=False)["input_ids"] if candidates else []
-    return [w for w, ids in zip(candidates, pieces, strict=True) if len(ids) == 1]
-
-
-def common_words(n: int, chinese: bool = False) -> list[str]:
-    """The n most frequent words of English (or Chinese), from the wordfreq package: frequency lists
-    compiled from many corpora and shipped inside the package, so this works offline. A word student
-    whose vocabulary holds only its training texts' words meets [UNK] in 39% of SST-2's dev sentences;
-    with the 100,000 most frequent English words as well, in 11%."""
-    try:
-        from wordfreq import top_n_list
-    except ImportError:
-        raise SlimtuneError("student.extra_words: a word count needs the wordfreq package (pip install wordfreq); "
-                            "or give a file with one word per line") from None
-    return [w for w in top_n_list("zh" if chinese else "en", n) if w.strip() and not any(c.isspace() for c in w)]
-
-
-def read_word_list(path: str | Path) -> list[str]:
-    """One word per line (blank lines skipped); a line with a space is refused, naming the line."""
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise SlimtuneError(f"{path}: cannot read the word list ({e.__class__.__name__}: {e})") from None
-    words = []
-    for n, line in enumerate(lines, start=1):
-        word = line.strip()
-        if any(c.isspace() for c in word):
-            raise SlimtuneError(f"{path}, line {n}: one word per line expected, got {word!r}")
-        if word:
-            words.append(word)
-    if not words:
-        raise SlimtuneError(f"{path}: the word list is empty")
-    return words
-
-
-def _cached_vectors(words: Sequence[str], teacher: nn.Module, teacher_tokenizer, layer: int | None, cache_dir: Path,
-                    teacher_hash: str) -> torch.Tensor:
-    import hashlib
-    import os
-
-    key = hashlib.sha256(json.dumps([teacher_hash, layer, list(words)]).encode()).hexdigest()
-    path = Path(cache_dir) / f"{key[:32]}.safetensors"
-    if path.is_file():
-        stored = load_file(str(path))
-        if stored["vectors"].shape[0] == len(words):
-            return stored["vectors"]
-    vectors = contextual_word_vectors(words, teacher, teacher_tokenizer, layer)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file({"vectors": vectors.contiguous()}, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return vectors
-
-
-def principal_components(vectors: torch.Tensor, dims: int) -> torch.Tensor:
-    """[n, dims]: the centred vectors on their `dims` leading principal axes (Model2Vec reduces its static
-    vectors this way: a smaller table, a cheaper first layer, and the low-variance directions, mostly
-    noise for a small student, are gone)."""
-    if not 0 < dims <= min(vectors.shape):
-        raise SlimtuneError(f"pca_dims {dims}: expected 1-{min(vectors.shape)} (the vectors are "
-                            f"{vectors.shape[0]} x {vectors.shape[1]})")
-    centred = vectors.double() - vectors.double().mean(0)
-    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
-    return (centred @ vh[:dims].T).to(vectors.dtype)
-
-
 def build_word_student(arch: str, texts: Iterable[str], id2label: dict[int, str],
                        label2id: dict[str, int] | None = None, *, hidden: int = 256, embed_dim: int = 300,
                        chinese: bool = False, lowercase: bool = True, max_vocab: int = 30000, min_freq: int = 1,
@@ -431,7 +335,7 @@ def build_word_student(arch: str, texts: Iterable[str], id2label: dict[int, str]
         if vector_cache is None:
             vectors = contextual_word_vectors(words, teacher, teacher_tokenizer, embedding_layer)
         else:
-            vectors = _cached_vectors(words, teacher, teacher_tokenizer, embedding_layer, *vector_cache)
+            vectors = cached_word_vectors(words, teacher, teacher_tokenizer, embedding_layer, *vector_cache)
         if pca_dims is not None:
             vectors = principal_components(vectors, pca_dims)
     if use_teacher:
