@@ -27,13 +27,11 @@ class WeightEMA:
         self.decay = decay
         self.params = {name: p for name, p in model.named_parameters() if p.requires_grad}
         self.shadow = {name: p.detach().clone() for name, p in self.params.items()}
-        self.updates = 0
 
     @torch.no_grad()
     def update(self) -> None:
         for name, p in self.params.items():
             self.shadow[name].lerp_(p.detach(), 1 - self.decay)
-        self.updates += 1
 
     @torch.no_grad()
     def _copy_into_model(self, values: dict[str, torch.Tensor]) -> None:
@@ -54,12 +52,11 @@ class WeightEMA:
         """Make the average the model's weights for good (the end of training)."""
         self._copy_into_model(self.shadow)
 
-    def state_dict(self) -> dict:
-        return {"updates": self.updates, "shadow": {k: v.clone() for k, v in self.shadow.items()}}
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.clone() for k, v in self.shadow.items()}
 
-    def load_state_dict(self, state: dict) -> None:
-        if set(state["shadow"]) != set(self.shadow):
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if set(state) != set(self.shadow):
             raise ValueError("ema state does not match the model's trainable tensors")
-        for name, value in state["shadow"].items():
+        for name, value in state.items():
             self.shadow[name].copy_(value)
-        self.updates = int(state["updates"])
