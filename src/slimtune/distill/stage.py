@@ -16,8 +16,10 @@ import torch
 from slimtune.batching import EncodedDataset, collate, encode
 from slimtune.data import TaskData
 from slimtune.distill.losses import DistillModel, layer_mapping, make_distill_loss
-from slimtune.distill.students import Student, build_student, encoder_shape, extra_word_list, student_blueprint
+from slimtune.distill.students import Student, build_student, encoder_shape, student_blueprint
 from slimtune.distill.teachers import Teacher, cached_teacher_outputs, check_teacher, combine_teachers, load_teachers
+from slimtune.distill.wordlevel import WORD_ARCHS
+from slimtune.distill.wordvectors import common_words, read_word_list
 from slimtune.errors import SlimtuneError
 from slimtune.models import load_tokenizer
 from slimtune.recipe import DistillStage
@@ -66,8 +68,7 @@ def _intermediate_plan(cfg: DistillStage, kind: str, student_config, teacher_con
     if inter is None:
         return [], "none"
     s_shape, t_shape = encoder_shape(student_config), encoder_shape(teacher_config)
-    # states after the embeddings: a transformer's layers; a BiLSTM's outputs (1); a CNN has none
-    n_student = s_shape[0] if s_shape is not None else WORD_STUDENT_STATES.get(kind, 0)
+    n_student = s_shape[0] if s_shape is not None else WORD_ARCHS[kind].LAYERS
     if t_shape is None:
         raise SlimtuneError("intermediate: the teacher has no transformer layers to match")
     granularity = inter.granularity if inter.granularity != "auto" else ("token" if same_tokenizer else "pooled")
@@ -109,13 +110,12 @@ def validate_distill(run: RunState, cfg: DistillStage) -> None:
         if getattr(cfg.student, key) not in (None, False) and cfg.student.init_embeddings != "contextual":
             raise SlimtuneError(f"student.{key} needs init_embeddings: contextual (it works on the teacher's "
                                 "word vectors)")
-    if cfg.student.arch is not None:
-        extra_word_list(cfg.student.model_copy(update={"extra_words": _probe(cfg.student.extra_words)}))
-
-
-def _probe(extra_words):
-    """A word file is read in full; a word count only checks that wordfreq is there (one word)."""
-    return 1 if isinstance(extra_words, int) else extra_words
+    extra = cfg.student.extra_words
+    if cfg.student.arch is not None and extra is not None:  # refused before the run's output exists:
+        if isinstance(extra, int):
+            common_words(1)  # wordfreq missing
+        else:
+            read_word_list(extra)  # unreadable, malformed or empty
 
 
 def setup_distill(run: RunState, cfg: DistillStage) -> DistillSetup:
@@ -214,9 +214,6 @@ def run_distill(run: RunState, cfg: DistillStage) -> dict:
                              "loss": cfg.intermediate.loss} if cfg.intermediate else None,
             "transfer_rows": len(setup.texts), "augmented_transfer_rows": len(setup.texts) - sum(setup.labelled),
             "trainable_params": trainable, "trainable_pct": round(100 * trainable / params, 3), **res.summary()}
-
-
-WORD_STUDENT_STATES = {"bilstm": 1, "cnn": 0}
 
 
 def _state_widths(model) -> list[int]:

@@ -115,12 +115,14 @@ def _word_student(spec: StudentSpec, teacher_model, teacher_tokenizer, id2label,
         max_vocab=spec.max_vocab, dropout=spec.dropout, teacher=teacher_model, teacher_tokenizer=teacher_tokenizer,
         init_from_teacher={True: "input", False: None}.get(spec.init_embeddings, spec.init_embeddings),
         embedding_layer=spec.embedding_layer, extend_vocab=spec.extend_vocab,
-        extra_words=extra_word_list(spec, chinese), pca_dims=spec.pca_dims,
-        vector_cache=(slimtune_home() / "word-vectors", content_hash(teacher_path)) if teacher_path else None)
+        extra_words=_extra_word_list(spec, chinese), pca_dims=spec.pca_dims,
+        # the teacher's weights are hashed only when its contextual vectors are read
+        vector_cache=(slimtune_home() / "word-vectors", content_hash(teacher_path))
+        if teacher_path and spec.init_embeddings == "contextual" else None)
     return Student(model, tokenizer, spec.arch, f"{spec.arch} (vocabulary of {len(tokenizer)} words)")
 
 
-def extra_word_list(spec: StudentSpec, chinese: bool = False) -> list[str]:
+def _extra_word_list(spec: StudentSpec, chinese: bool = False) -> list[str]:
     """`student.extra_words` as words: a count of the language's most frequent words, or a file's lines."""
     from slimtune.distill.wordvectors import common_words, read_word_list
 

@@ -198,6 +198,8 @@ class _WordClassifierParts:
 class WordBiLSTMClassifier(_WordClassifierParts, nn.Module):
     """Embedding -> BiLSTM (packed, so padding never enters it) -> [max-pool; mean-pool] -> linear."""
 
+    LAYERS = 1  # hidden states after the word vectors: the BiLSTM's outputs
+
     def __init__(self, config: PretrainedConfig):
         super().__init__()
         self._init_parts(config, 4 * config.hidden)
@@ -228,11 +230,13 @@ class WordCNNClassifier(_WordClassifierParts, nn.Module):
         self._init_parts(config, config.hidden * len(config.kernel_sizes))
         self.convs = nn.ModuleList(nn.Conv1d(config.embed_dim, config.hidden, k) for k in config.kernel_sizes)
 
+    LAYERS = 0  # only the word vectors: the convolutions' windows are not per-word states
+
     def state_widths(self) -> list[int]:
         return [self.config.embed_dim]
 
     def states(self, emb: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return (emb,)  # the convolutions' windows are not per-word states
+        return (emb,)
 
     def features(self, emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         x = emb.transpose(1, 2)  # (batch, embed, time)

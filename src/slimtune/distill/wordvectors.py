@@ -67,7 +67,7 @@ def common_words(n: int, chinese: bool = False) -> list[str]:
     except ImportError:
         raise SlimtuneError("student.extra_words: a word count needs the wordfreq package (pip install wordfreq); "
                             "or give a file with one word per line") from None
-    return [w for w in top_n_list("zh" if chinese else "en", n) if w.strip() and not any(c.isspace() for c in w)]
+    return top_n_list("zh" if chinese else "en", n)  # the word tokenizer keeps only what it can produce
 
 
 def read_word_list(path: str | Path) -> list[str]:
@@ -93,7 +93,6 @@ def cached_word_vectors(words: Sequence[str], teacher: nn.Module, teacher_tokeni
                         cache_dir: Path, teacher_hash: str) -> torch.Tensor:
     """`contextual_word_vectors`, computed once per teacher content hash, layer and word list and kept
     in `cache_dir` (100k words take minutes on a CPU)."""
-
     key = hashlib.sha256(json.dumps([teacher_hash, layer, list(words)]).encode()).hexdigest()
     path = Path(cache_dir) / f"{key[:32]}.safetensors"
     if path.is_file():
