@@ -93,14 +93,16 @@ def measure(models: dict[str, Path | InMemory], threads: int, rounds: int) -> di
         predict_logits,
         time_forward,
     )
-    from slimtune.runner import eval_dataset_for
+    from slimtune.data import load_eval_data
+    from slimtune.models import preprocessing_of
 
     loaded, rows = {}, {}
     for name, entry in models.items():
         runner, model, tok, config = _load(entry, threads)
         path = entry.source if isinstance(entry, InMemory) else Path(entry)
         label2id = {str(k): int(v) for k, v in config["label2id"].items()}
-        ds = eval_dataset_for(path, Path(data_file("dev")), tok, label2id, "text", "label")
+        pre = preprocessing_of(path).model_copy(update={"text_field": "text", "label_field": "label"})
+        ds = load_eval_data(Path(data_file("dev")), tok, label2id, pre)
         pad = int(tok.pad_token_id or 0)
         logits = predict_logits(model, ds, pad_id=pad) if model is not None else runner.predict_logits(ds, pad)
         id2label = {int(k): str(v) for k, v in config["id2label"].items()}

@@ -42,8 +42,8 @@ RUNS = {
     "activation-2:4": {"method": "activation", "n_m": [2, 4], "recover": RECOVER | {"epochs": 1}},
     "structured": {"method": "structured", "heads": 0.33, "ffn": 0.5,
                    "recover": RECOVER | {"epochs": 2, "distill_from_unpruned": True}},
-    "iterative": {"method": "iterative", "heads": 0.33, "ffn": 0.5,
-                  "iterative": {"rounds": 3, "method": "structured", "max_drop": 0.01},
+    "iterative": {"method": "structured", "heads": 0.33, "ffn": 0.5,
+                  "iterative": {"rounds": 3, "max_drop": 0.01},
                   "recover": RECOVER | {"epochs": 1, "distill_from_unpruned": True}},
 }
 DATA = {"magnitude-80": {"augment": {"copies": 2}}}

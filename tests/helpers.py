@@ -57,3 +57,70 @@ def write_chinese_csv(path: Path, copies: int = 5) -> Path:
     rows = CHINESE_REVIEWS * copies
     path.write_text("句子,标签\n" + "\n".join(f"{t},{label}" for t, label in rows) + "\n", encoding="utf-8")
     return path
+
+
+def make_run(model, data, tokenizer=None, **kw):
+    """A `slimtune.stages.Run` for stage tests on an inline model (text classification, default preprocessing)."""
+    from slimtune.config import Preprocessing
+    from slimtune.data import TaskData
+    from slimtune.stages.base import Progress, Run
+    from slimtune.tasks import get_task
+
+    if not isinstance(data, TaskData):
+        labels = sorted(set(data.train.labels) | set(data.eval.labels))
+        data = TaskData(train=data.train, eval=data.eval, labels={i: str(i) for i in labels})
+    if isinstance(kw.get("progress"), dict):
+        kw["progress"] = Progress.from_dict(kw["progress"])
+    return Run(task=get_task("text-classification"), model=model, tokenizer=tokenizer, data=data,
+               preprocessing=Preprocessing(), base_model="tiny", show_progress=False, **kw)
+
+
+def stage_config(**raw):
+    """One validated stage config, as the recipe parser builds it (`stage_config(stage="prune", ...)`)."""
+    from pydantic import TypeAdapter
+
+    from slimtune.recipe import StageConfig
+
+    return TypeAdapter(StageConfig).validate_python(raw)
+
+
+def eval_split(model_dir, data_file):
+    """(model, dataset, eval_fn): `data_file` encoded as `slimtune eval` does, and the task's metrics of a model."""
+    from slimtune.batching import pad_id_of
+    from slimtune.models import load_model, load_tokenizer, preprocessing_of
+    from slimtune.tasks import task_of_model
+
+    model = load_model(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    task = task_of_model(model.config)
+    ds = task.eval_dataset(data_file, tokenizer, model.config, preprocessing_of(model_dir))
+    return model, ds, task.eval_fn(ds, pad_id_of(tokenizer))
+
+
+def spy_intermediate_loss(monkeypatch) -> list[float]:
+    """Make the distill stage's loss also record, at every training step, how much its intermediate terms
+    (hidden-state MSE, attention KL) added: the same loss without them, on the same dropout masks, is
+    subtracted. The returned list fills as the stage trains (one value per loss call)."""
+    import torch
+
+    import slimtune.stages.distill as distill_stage
+
+    real = distill_stage.make_distill_loss
+    added: list[float] = []
+
+    def make(**kw):
+        full = real(**kw)
+        plain = real(**(kw | {"mapping": [], "use_mse": False, "use_attention": False, "weight": 0.0}))
+
+        def loss_fn(model, batch):
+            rng = torch.get_rng_state()
+            loss = full(model, batch)
+            with torch.random.fork_rng(devices=[]), torch.no_grad():  # the RNG continues as without the spy
+                torch.set_rng_state(rng)
+                added.append(float(loss.detach() - plain(model, batch)))
+            return loss
+
+        return loss_fn
+
+    monkeypatch.setattr(distill_stage, "make_distill_loss", make)
+    return added

@@ -87,8 +87,10 @@ def verify_model_dir(path: Path) -> None:
     """Raise a SlimtuneError unless `path` loads as config + tokenizer + model, with every weight present."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
+    from slimtune.modeldir import check_model_dir
     from slimtune.models import quiet_transformers
 
+    check_model_dir(path)  # the gate first: damaged, truncated or pickle-only files never reach transformers
     quiet_transformers()
     try:
         AutoConfig.from_pretrained(path, local_files_only=True)
@@ -123,7 +125,7 @@ def _find_hf_dir(root: Path) -> Path:
 
 
 def _assemble(parts: list[Path], final: Path) -> None:
-    from slimtune.models import atomic_dir
+    from slimtune.io import atomic_dir
 
     final.parent.mkdir(parents=True, exist_ok=True)
     for stale in final.parent.glob(f".{final.name}.tmp-*"):  # ~800 MB each, left only by a killed assembly

@@ -22,8 +22,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from slimtune.config import AugmentConfig
 from slimtune.errors import SlimtuneError
-from slimtune.recipe import AugmentConfig
 
 # Function words carry little meaning, and their embedding neighbours are other function words or
 # punctuation, so synonym replacement leaves them alone. Harmless for non-English text.

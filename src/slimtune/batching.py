@@ -54,6 +54,19 @@ def encode(tokenizer, texts: list[str], labels: list[int], pairs: list[str] | No
                           texts=list(texts), pairs=None if pairs is None else list(pairs))
 
 
+def pad_id_of(tokenizer) -> int:
+    """The id that pads a batch: the tokenizer's pad token, else 0 (masked out either way)."""
+    pid = getattr(tokenizer, "pad_token_id", None)
+    return 0 if pid is None else int(pid)
+
+
+def calibration_batches(ds: EncodedDataset, n_batches: int, batch_size: int, seed: int, pad_id: int) -> list[dict]:
+    """The first `n_batches` batches of a seeded shuffle of `ds`: what pruning importance, activation
+    ranges, GPTQ/AWQ statistics and static int8 export all calibrate on (the same rows for the same seed)."""
+    order = batch_indices(ds.lengths, batch_size, shuffle=True, seed=seed)
+    return [collate(ds, idx, pad_id) for idx in order[:n_batches]]
+
+
 def batch_indices(lengths: np.ndarray, batch_size: int, *, shuffle: bool, seed: int = 0,
                   bucket: bool = True, pool_batches: int = 50) -> list[list[int]]:
     """Split example indices into batches.
@@ -101,3 +114,17 @@ def collate(ds: EncodedDataset, indices: list[int], pad_id: int = 0,
     if with_labels:
         batch["labels"] = torch.tensor([ds.labels[i] for i in indices], dtype=torch.long)
     return batch
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What the model's forward takes: everything but labels and loss-only extras."""
+    return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+
+
+def logits_of(out) -> torch.Tensor:
+    """The logits of any model output (a tensor, a tuple whose first item they are, or a ModelOutput)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, tuple | list):
+        return out[0]
+    return out.logits

@@ -79,7 +79,7 @@ class CheckpointStore:
             save_file(state_dict_for_save(model), str(tmp / "model.safetensors"))
             torch.save(trainer_state, tmp / "trainer.pt")
             # state.json last: its presence marks the checkpoint complete even before the rename
-            (tmp / "state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
+            (tmp / "state.json").write_text(json.dumps(state, indent=1, default=_json_of), encoding="utf-8")
             os.replace(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -124,6 +124,13 @@ def stage_start_snapshot(run, model: nn.Module) -> None:
     tmp = path.with_suffix(".tmp")
     save_file(state_dict_for_save(model), str(tmp))
     tmp.replace(path)
+
+
+def _json_of(value):
+    """Typed records in a checkpoint's state (the runner's progress): their dict form."""
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def read_checkpoint(path: Path) -> tuple[dict, dict]:

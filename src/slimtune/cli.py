@@ -28,11 +28,15 @@ def run_cmd(
     set_: Annotated[list[str] | None, typer.Option("--set", help="override a recipe key: data.max_length=64")] = None,
     resume: Annotated[bool, typer.Option(help="continue a killed run from its last checkpoint")] = False,
     overwrite: Annotated[bool, typer.Option(help="replace an existing non-empty OUT")] = False,
+    keep_checkpoints: Annotated[bool | None, typer.Option(
+        "--keep-checkpoints/--no-keep-checkpoints",
+        help="keep OUT/checkpoints/ after the run finishes (default: the recipe's keep_checkpoints, false)")] = None,
 ):
     """Run a recipe: every stage in order, then write OUT/ (model, metrics.json, report.md...)."""
     from slimtune.runner import run
 
-    metrics = run(recipe, out, overwrite=overwrite, resume=resume, overrides=set_ or [])
+    metrics = run(recipe, out, overwrite=overwrite, resume=resume, overrides=set_ or [],
+                  keep_checkpoints=keep_checkpoints)
     _print_final({"final": metrics["final"]}, title=f"{out}")
 
 
@@ -46,19 +50,24 @@ def eval_cmd(
     threads: Annotated[int | None, typer.Option(help="torch threads for the speed measurement")] = None,
 ):
     """Evaluate a model directory on a labelled file; prints one metrics JSON object on stdout."""
-    from slimtune.evaluate import dir_size_mb, evaluate_model
-    from slimtune.models import load_model, load_tokenizer, resolve_model_path
-    from slimtune.runner import eval_dataset_for
+    from slimtune.batching import pad_id_of
+    from slimtune.evaluate import count_parameters, dir_size_mb, measure_speed
+    from slimtune.models import load_model, load_tokenizer, preprocessing_of, resolve_model_path
+    from slimtune.tasks import task_of_model
 
     path = resolve_model_path(model_dir)
     model = load_model(path)
     tokenizer = load_tokenizer(path)
-    label2id = {str(k): int(v) for k, v in model.config.label2id.items()}
-    id2label = {int(k): str(v) for k, v in model.config.id2label.items()}
-    ds = eval_dataset_for(path, data, tokenizer, label2id, text_field, label_field)
-    pad = tokenizer.pad_token_id or 0
-    metrics = evaluate_model(model, ds, id2label, pad_id=pad, speed=speed, threads=threads)
-    metrics["size_mb"] = dir_size_mb(path)
+    task = task_of_model(model.config)
+    pre = preprocessing_of(path)  # the saved record: the same text treatment as training, and as predict
+    pre = pre.model_copy(update={k: v for k, v in (("text_field", text_field), ("label_field", label_field)) if v})
+    ds = task.eval_dataset(data, tokenizer, model.config, pre)
+    outputs = {int(k): str(v) for k, v in (getattr(model.config, "id2label", None) or {}).items()}
+    metrics = task.evaluate(model, ds, outputs, pad_id_of(tokenizer))
+    params, trainable = count_parameters(model)
+    metrics |= {"params": params, "trainable_params": trainable, "size_mb": dir_size_mb(path)}
+    if speed:
+        metrics |= measure_speed(model, ds, pad_id=pad_id_of(tokenizer), threads=threads)
     _print_final({"final": metrics}, title=str(data))
     sys.stdout.write(json.dumps(metrics) + "\n")
 
@@ -66,17 +75,25 @@ def eval_cmd(
 @app.command("predict")
 def predict_cmd(
     model_dir: Annotated[str, typer.Argument(help="model directory (or alias)")],
-    texts: Annotated[list[str], typer.Argument(help="texts to classify; '-' reads one text per line from stdin")],
+    texts: Annotated[list[str], typer.Argument(help="texts to classify; '-' reads one text per line from stdin "
+                                                   "(a tab separates the two texts of a pair model)")],
     batch_size: Annotated[int, typer.Option(help="texts per forward pass")] = 32,
 ):
-    """Classify texts: one compact JSON object per line with `label` and `probabilities`."""
+    """Predict for texts: one compact JSON object per line (a classifier: `label`, `score`, `probabilities`)."""
     from slimtune.predict import Predictor
 
     if texts == ["-"]:
         texts = [line.rstrip("\n") for line in sys.stdin]
     predictor = Predictor(model_dir)
+    paired = predictor.preprocessing.text_pair_field is not None
     for i in range(0, len(texts), batch_size):
-        for result in predictor(texts[i:i + batch_size]):
+        chunk = texts[i:i + batch_size]
+        if paired:  # "first<TAB>second": the saved pair field gets the second text
+            split = [t.split("\t", 1) for t in chunk]
+            results = predictor([s[0] for s in split], [s[1] if len(s) > 1 else "" for s in split])
+        else:
+            results = predictor(chunk)
+        for result in results:
             sys.stdout.write(json.dumps(result, ensure_ascii=False, separators=(",", ":")) + "\n")
     sys.stdout.flush()
 

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from slimtune.batching import EncodedDataset, encode
+from slimtune.config import AugmentConfig, DataConfig, Preprocessing
 from slimtune.errors import SlimtuneError
-from slimtune.recipe import AugmentConfig, DataConfig
 
 # ----------------------------------------------------------------------------------------- reading
 SUFFIX_FORMATS = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl",
@@ -174,6 +174,8 @@ def _parse_json(path: Path, text: str, first_line: int):
     except json.JSONDecodeError as e:
         lineno = first_line + e.lineno - 1
         raise SlimtuneError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise SlimtuneError(f"{path}:{first_line}: malformed JSON (nested too deeply)") from None
 
 
 def _json_kind(value) -> str:
@@ -446,11 +448,21 @@ def label_map_of(cfg: DataConfig) -> tuple[dict[str, int], dict[int, str]]:
 
 @dataclass
 class TaskData:
+    """The train and eval splits as the model sees them, plus what the task knows about its outputs
+    (`labels`: id -> name for classification; empty for tasks without a label set)."""
+
     train: EncodedDataset
     eval: EncodedDataset
-    label2id: dict[str, int]
-    id2label: dict[int, str]
+    labels: dict[int, str] = field(default_factory=dict)
     info: dict = field(default_factory=dict)  # files, row counts, eval source, label counts
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        return self.labels
+
+    @property
+    def label2id(self) -> dict[str, int]:
+        return {name: i for i, name in self.labels.items()}
 
 
 def prepare_data(cfg: DataConfig, tokenizer, embedding_weight: torch.Tensor | None = None,
@@ -477,7 +489,7 @@ def prepare_data(cfg: DataConfig, tokenizer, embedding_weight: torch.Tensor | No
         raise SlimtuneError(f"{cfg.train}: too few rows ({len(train_ids)}) to hold out an eval split; "
                             "set data.eval to an eval file")
 
-    preprocess = make_preprocessor(cfg.clean, cfg.lowercase, cfg.segment_chinese)
+    preprocess = preprocessor_for(cfg)
     texts, pairs, labels = _selected(train, train_ids, train_rows, preprocess)
     eval_texts, eval_pairs, eval_labels = _selected(evaluation, eval_ids, eval_rows, preprocess)
     label_counts = {"train": _counts(labels, id2label), "eval": _counts(eval_labels, id2label)}
@@ -491,7 +503,7 @@ def prepare_data(cfg: DataConfig, tokenizer, embedding_weight: torch.Tensor | No
             "label_counts": label_counts}
     return TaskData(train=encode(tokenizer, texts, labels, pairs, cfg.max_length),
                     eval=encode(tokenizer, eval_texts, eval_labels, eval_pairs, cfg.max_length),
-                    label2id=label2id, id2label=id2label, info=info)
+                    labels=id2label, info=info)
 
 
 def _limited(rows: list[int], ids: list[int], limit: int | None, seed: int) -> list[int]:
@@ -524,13 +536,15 @@ def _augmented(texts: list[str], labels: list[int], pairs: list[str] | None, cfg
     return augment_texts(texts, labels, cfg, synonyms, pairs)
 
 
-def load_eval_data(path, tokenizer, label2id: dict[str, int], text_field: str, label_field: str,
-                   text_pair_field: str | None = None, max_length: int = 128, clean: bool = True,
-                   lowercase: bool = False, segment_chinese: bool = False, fmt: str = "auto") -> EncodedDataset:
-    """A labelled file for `slimtune eval`, preprocessed like the model's training data."""
-    examples = _load_examples(Path(path), fmt, text_field, label_field, text_pair_field)
+def load_eval_data(path, tokenizer, label2id: dict[str, int], pre: Preprocessing, fmt: str = "auto") -> EncodedDataset:
+    """A labelled file for `slimtune eval`, preprocessed like the model's training data (`pre`)."""
+    examples = _load_examples(Path(path), fmt, pre.text_field, pre.label_field, pre.text_pair_field)
     label2id = {str(name): int(i) for name, i in label2id.items()}
-    ids = _label_ids(examples, label_field, label2id, None)
-    preprocess = make_preprocessor(clean, lowercase, segment_chinese)
-    texts, pairs, labels = _selected(examples, ids, range(len(ids)), preprocess)
-    return encode(tokenizer, texts, labels, pairs, max_length)
+    ids = _label_ids(examples, pre.label_field, label2id, None)
+    texts, pairs, labels = _selected(examples, ids, range(len(ids)), preprocessor_for(pre))
+    return encode(tokenizer, texts, labels, pairs, pre.max_length)
+
+
+def preprocessor_for(pre: Preprocessing) -> Callable[[str], str]:
+    """The text function of a saved preprocessing record (the same one training used)."""
+    return make_preprocessor(pre.clean, pre.lowercase, pre.segment_chinese)

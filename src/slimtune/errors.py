@@ -6,4 +6,11 @@ class SlimtuneError(Exception):
 
     Messages name the file, field or line at fault, e.g.
     `data/train.jsonl:17: malformed JSON (Expecting ',' delimiter)`.
+    They often quote user input (a field name, a label, a YAML problem): line breaks and other control
+    characters in it are written as escapes (`\\n`), so the message stays one line whatever the input.
     """
+
+    def __init__(self, message: object = "", *args: object):
+        if isinstance(message, str) and not message.isprintable():
+            message = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in message)
+        super().__init__(message, *args)

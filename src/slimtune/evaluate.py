@@ -18,8 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from slimtune.batching import EncodedDataset, batch_indices, collate
-from slimtune.train import logits_of, model_inputs
+from slimtune.batching import EncodedDataset, batch_indices, collate, logits_of, model_inputs
 
 
 @torch.inference_mode()
@@ -71,7 +70,7 @@ def save_confusion_matrix(cm: dict, out_dir: Path) -> None:
     matplotlib.use("Agg")  # no display on servers; must precede pyplot
     import matplotlib.pyplot as plt
 
-    from slimtune.models import atomic_write_text
+    from slimtune.io import atomic_write_text
 
     out_dir = Path(out_dir)
     atomic_write_text(out_dir / "confusion_matrix.json", json.dumps(cm, indent=1))
@@ -176,19 +175,6 @@ def time_forward(forward: Callable, ds: EncodedDataset, pad_id: int = 0, latency
     return {"latency_ms_b1": round(statistics.median(times), 3),
             "latency_ms_b1_p90": round(float(np.percentile(times, 90)), 3),
             "throughput_eps": round(throughput_batches * batch_size / elapsed, 2)}
-
-
-def evaluate_model(model: nn.Module, ds: EncodedDataset, id2label: dict[int, str], pad_id: int = 0,
-                   speed: bool = True, model_dir: Path | None = None, **speed_kwargs) -> dict:
-    logits = predict_logits(model, ds, pad_id=pad_id)
-    metrics = classification_metrics(ds.labels, logits.argmax(-1).tolist(), id2label)
-    params, trainable = count_parameters(model)
-    metrics |= {"params": params, "trainable_params": trainable,
-                "size_mb": dir_size_mb(model_dir) if model_dir else tensors_size_mb(model),
-                "eval_examples": len(ds)}
-    if speed:
-        metrics |= measure_speed(model, ds, pad_id=pad_id, **{k: v for k, v in speed_kwargs.items() if v is not None})
-    return metrics
 
 
 HEADERS = {"accuracy": "accuracy", "f1_macro": "F1 macro", "params": "params (M)",

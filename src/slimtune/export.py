@@ -32,14 +32,15 @@ from slimtune import onnx_graph
 from slimtune.batching import EncodedDataset, batch_indices, collate
 from slimtune.errors import SlimtuneError
 from slimtune.evaluate import batched_logits, predict_logits, time_forward
+from slimtune.io import atomic_dir, atomic_write_text, check_output_path
 from slimtune.models import (
-    atomic_dir,
-    atomic_write_text,
     load_model,
     load_tokenizer,
+    preprocessing_of,
     read_config,
     resolve_model_path,
 )
+from slimtune.tasks import task_of_model
 
 FP32_TOLERANCE = 1e-4
 INT8_TOLERANCE_PT = 0.5
@@ -92,7 +93,7 @@ def export_onnx(model_dir: str | Path, out: str | Path, *, quantize: str | None 
     if config.get("slimtune_format") == "word-classifier":
         raise SlimtuneError(f"{path}: word-level BiLSTM/CNN classifiers are not exportable to ONNX (their packed "
                             "LSTM sequences have no ONNX equivalent); they run in torch")
-    out = Path(out).expanduser().resolve()
+    out = check_output_path(Path(out).expanduser().resolve(), kind="directory")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise SlimtuneError(f"{out}: output directory exists and is not empty (use --overwrite to replace it)")
     if quantize == "static" and data is None and sample is None:
@@ -140,6 +141,14 @@ def export_onnx(model_dir: str | Path, out: str | Path, *, quantize: str | None 
     return report
 
 
+def int8_activations(model: nn.Module) -> str | None:
+    """'dynamic' / 'static' when the model's quantized layers quantize their activations: such a model
+    deploys as an ONNX Runtime int8 graph."""
+    spec = getattr(getattr(model, "config", None), "slimtune_quantization", None) or {}
+    modes = {layer.get("activations") for layer in spec.get("layers", {}).values()} - {None}
+    return "static" if "static" in modes else modes.pop() if modes else None
+
+
 def check_consistent_config(model: nn.Module, path: Path) -> None:
     """A config that disagrees with the weights would export a graph that lies about its model."""
     cfg = getattr(model, "config", None)
@@ -184,10 +193,11 @@ def torch_to_onnx(model: nn.Module, dest: Path, with_token_types: bool) -> None:
     names = ["input_ids", "attention_mask"] + (["token_type_ids"] if with_token_types else [])
     example = tuple(torch.ones(2, 8, dtype=torch.long) if n != "token_type_ids" else torch.zeros(2, 8, dtype=torch.long)
                     for n in names)
-    axes = {n: {0: "batch", 1: "sequence"} for n in names} | {"logits": {0: "batch"}}
+    outputs = task_of_model(model.config).onnx_outputs()
+    axes = {n: {0: "batch", 1: "sequence"} for n in names} | {o: {0: "batch"} for o in outputs}
     with warnings.catch_warnings(), torch.inference_mode():
         warnings.simplefilter("ignore")  # TracerWarnings about python bools in masking code: harmless here
-        torch.onnx.export(_LogitsOnly(model), example, str(dest), input_names=names, output_names=["logits"],
+        torch.onnx.export(_LogitsOnly(model), example, str(dest), input_names=names, output_names=outputs,
                           dynamic_axes=axes, opset_version=17, dynamo=False, do_constant_folding=True)
 
 
@@ -199,10 +209,7 @@ def _sample(path: Path, model: nn.Module, tokenizer, data: Path | None, size: in
     """The parity / calibration sample: the first `size` rows of --data, else sentences made of random
     vocabulary tokens (enough for logit parity, not for accuracy)."""
     if data is not None:
-        from slimtune.runner import eval_dataset_for
-
-        label2id = {str(k): int(v) for k, v in model.config.label2id.items()}
-        ds = eval_dataset_for(path, Path(data), tokenizer, label2id, None, None)
+        ds = task_of_model(model.config).eval_dataset(Path(data), tokenizer, model.config, preprocessing_of(path))
         return ds.subset(range(min(size, len(ds)))), True
     gen = torch.Generator().manual_seed(0)
     specials = set(tokenizer.all_special_ids)

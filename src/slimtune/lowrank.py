@@ -1,4 +1,4 @@
-"""`stage: lowrank` — truncated SVD of selected `nn.Linear` layers, each replaced by two thin Linears.
+"""Low-rank factorisation: truncated SVD of selected `nn.Linear` layers, each replaced by two thin Linears.
 
 W (out x in) ~ U_r S_r V_r^T is split as B = U_r sqrt(S_r) (out x r) and A = sqrt(S_r) V_r^T (r x in), and
 the layer becomes `nn.Sequential(Linear(in, r, bias=False), Linear(r, out, bias=<as before>))`. A plain
@@ -7,35 +7,20 @@ P.1.weight, P.1.bias. A layer is replaced only where r * (in + out) < in * out, 
 multiply-adds and parameters; the others are left alone and reported as skipped.
 
 The rank is fixed (`rank`) or, per layer, the smallest r keeping `energy` of the squared singular values.
-Recovery (optional) is prune's: the one training loop with an injected loss, optionally distilled from
-the model as it was before this stage.
-
 Saving: `model.config.slimtune_lowrank = {module path: rank}` (in the order applied, so a factor of an
 earlier low-rank stage can itself be factorised); `slimtune.models.load_model` rebuilds the empty factors
-with `apply_lowrank_skeleton_` before loading the weights strictly. Resume: a killed lowrank stage restarts
-from its stage-start weights (the SVD is deterministic); a resume past a finished one rebuilds the factors
-from `runner_state["lowrank_spec"]`, and the checkpoint's weights fill them.
+with `apply_lowrank_skeleton_` before loading the weights strictly. The stage is `slimtune.stages.lowrank`.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
-from slimtune.checkpoint import stage_start_snapshot
 from slimtune.errors import SlimtuneError
-from slimtune.prune.stage import _recover, recovery_loss, validate_recover
-from slimtune.prune.unstructured import select_linears
-from slimtune.recipe import LowrankStage
-from slimtune.train import seed_everything
-
-if TYPE_CHECKING:
-    from slimtune.runner import RunState
+from slimtune.modules import module_at, replace_module
 
 CONFIG_KEY = "slimtune_lowrank"
-STATE_KEY = "lowrank_spec"
 
 
 # --------------------------------------------------------------------------------------- ranks
@@ -65,7 +50,8 @@ def choose_ranks(model: nn.Module, names, rank: int | None = None, energy: float
         return {name: int(rank) for name in names}
     if not 0 < energy <= 1:
         raise SlimtuneError(f"lowrank: energy must be in (0, 1], got {energy}")
-    return {name: rank_for_energy(torch.linalg.svdvals(_module_at(model, name).weight.detach().double()), energy)
+    weight = lambda name: module_at(model, name, CONFIG_KEY).weight.detach().double()  # noqa: E731
+    return {name: rank_for_energy(torch.linalg.svdvals(weight(name)), energy)
             for name in names}
 
 
@@ -118,7 +104,7 @@ def factorize_(model: nn.Module, names_to_rank: dict[str, int]) -> dict:
              "skipped": {name: {"rank", "reason"}}}; `model.config.slimtune_lowrank` records the ranks."""
     layers, skipped = {}, {}
     for name, rank in names_to_rank.items():
-        linear = _module_at(model, name)
+        linear = module_at(model, name, CONFIG_KEY)
         reason = skip_reason(linear, rank)
         if reason is not None:
             skipped[name] = {"rank": int(rank), "reason": reason}
@@ -133,25 +119,13 @@ def factorize_(model: nn.Module, names_to_rank: dict[str, int]) -> dict:
             "energy_kept": round(float((s[:rank] ** 2).sum() / (s ** 2).sum()) if norm else 1.0, 6),
             "params_before": _params(linear), "params_after": sum(p.numel() for p in thin.parameters()),
             "rel_weight_error": round(float(torch.linalg.matrix_norm(w - approx)) / norm if norm else 0.0, 6)}
-        _replace(model, name, thin)
-    _record_(model, {name: info["rank"] for name, info in layers.items()})
+        replace_module(model, name, thin)
+    record_ranks_(model, {name: info["rank"] for name, info in layers.items()})
     return {"layers": layers, "skipped": skipped}
 
 
 # ---------------------------------------------------------------------------------- the skeleton
-def _module_at(model: nn.Module, path: str) -> nn.Module:
-    try:
-        return model.get_submodule(path)
-    except AttributeError:
-        raise SlimtuneError(f"{CONFIG_KEY}: module '{path}' not found in {type(model).__name__}") from None
-
-
-def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
-    parent, _, child = path.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
-
-
-def _record_(model: nn.Module, spec: dict[str, int]) -> None:
+def record_ranks_(model: nn.Module, spec: dict[str, int]) -> None:
     """Add `spec` to the ranks the config records (save_pretrained writes them into config.json)."""
     config = getattr(model, "config", None)
     if config is None or not spec:
@@ -165,79 +139,14 @@ def apply_lowrank_skeleton_(model: nn.Module, spec: dict) -> None:
     if not isinstance(spec, dict):
         raise SlimtuneError(f"{CONFIG_KEY}: expected {{module path: rank}}, got {type(spec).__name__}")
     for path, rank in spec.items():
-        module = _module_at(model, path)
+        module = module_at(model, path, CONFIG_KEY)
         if type(module) is not nn.Linear:
             raise SlimtuneError(f"{CONFIG_KEY}: module '{path}' is a {type(module).__name__}, not an nn.Linear")
         if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
             raise SlimtuneError(f"{CONFIG_KEY}: module '{path}': rank must be a positive integer, got {rank!r}")
-        _replace(model, path, _factor_module(module, rank))
+        replace_module(model, path, _factor_module(module, rank))
 
 
-def _is_factorised(module: nn.Module, rank: int) -> bool:
+def is_factorised(module: nn.Module, rank: int) -> bool:
     return (isinstance(module, nn.Sequential) and len(module) == 2 and isinstance(module[0], nn.Linear)
             and module[0].out_features == rank)
-
-
-# ------------------------------------------------------------------------------------------ stage
-def _targets(model: nn.Module, cfg: LowrankStage) -> dict[str, nn.Linear]:
-    try:
-        return select_linears(model, cfg.targets, cfg.ignore)
-    except SlimtuneError as e:
-        raise SlimtuneError(f"lowrank: {e}") from None
-
-
-def validate_lowrank(run: RunState, cfg: LowrankStage) -> None:
-    """Config-only checks, before the run directory exists. A rank too large for a layer is not an
-    error: that layer is skipped and reported."""
-    if (cfg.rank is None) == (cfg.energy is None):
-        raise SlimtuneError("lowrank: set exactly one of rank or energy")
-    _targets(run.model, cfg)
-    validate_recover(run, cfg.recover)
-
-
-def run_lowrank(run: RunState, cfg: LowrankStage) -> dict:
-    from slimtune.adapt.lora import is_peft
-    from slimtune.runner import console
-
-    model = run.model
-    if is_peft(model):
-        raise SlimtuneError("lowrank: the model is an unmerged LoRA adapter; set lora.save_adapter_only: false")
-    fmt = getattr(getattr(model, "config", None), "slimtune_format", None)
-    if fmt not in (None, "pruned"):
-        raise SlimtuneError(f"lowrank: a '{fmt}' model cannot be saved with low-rank layers")
-    validate_lowrank(run, cfg)
-    if cfg.recover is not None:  # recovery checkpoints: a resume restarts the stage from these weights
-        stage_start_snapshot(run, model)
-    params_before = sum(p.numel() for p in model.parameters())
-    start_acc = run.eval_accuracy(model)
-    loss = recovery_loss(run, cfg.recover, model)
-
-    targets = _targets(model, cfg)
-    report = factorize_(model, choose_ranks(model, list(targets), rank=cfg.rank, energy=cfg.energy))
-    # before recovery, so every checkpoint of this and later stages can rebuild the factors
-    run.runner_state[STATE_KEY] = dict(getattr(model.config, CONFIG_KEY, None) or {})
-    console.print(f"lowrank: {len(report['layers'])} layers factorised, {len(report['skipped'])} skipped")
-    metrics: dict = {"stage": "lowrank", "method": "svd", "rank": cfg.rank, "energy": cfg.energy,
-                     "start_accuracy": start_acc, **report}
-    metrics["accuracy_before_recovery"] = run.eval_accuracy(model) if report["layers"] else start_acc
-    if cfg.recover is not None:
-        seed_everything(cfg.seed)
-        metrics |= _recover(run, cfg, model, loss, phase=0)
-        metrics["accuracy"] = run.eval_accuracy(model)
-    else:
-        metrics["accuracy"] = metrics["accuracy_before_recovery"]
-    params = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return metrics | {"params_before": params_before, "params_after": params, "trainable_params": trainable,
-                      "trainable_pct": round(100 * trainable / params, 3)}
-
-
-def rebuild_lowrank(run: RunState, cfg: LowrankStage) -> None:
-    """On --resume past a finished lowrank stage: rebuild the recorded factors (weights come from the
-    checkpoint). The recorded spec covers every lowrank stage so far, so this is idempotent: factors
-    already in place are left alone."""
-    model = run.model
-    for path, rank in (run.runner_state.get(STATE_KEY) or {}).items():
-        if not _is_factorised(_module_at(model, path), rank):
-            apply_lowrank_skeleton_(model, {path: rank})
-            _record_(model, {path: rank})

@@ -1,4 +1,4 @@
-"""Model aliases, loading and atomic saving of every model directory slimtune writes.
+"""Model aliases, loading and saving of every model directory slimtune writes (atomic writes: slimtune.io).
 
 Nothing here ever contacts a hub: paths are resolved locally (`local_files_only=True`) and a
 missing path is an error, never a download attempt.
@@ -9,19 +9,16 @@ from __future__ import annotations
 import importlib
 import importlib.abc
 import importlib.machinery
-import json
 import logging
 import os
-import shutil
 import sys
-import tempfile
 import warnings
 from collections.abc import Callable
-from contextlib import contextmanager
 from pathlib import Path
 
 from torch import nn
 
+from slimtune.config import Preprocessing
 from slimtune.errors import SlimtuneError
 
 # Loading a base encoder into a *ForSequenceClassification prints a "LOAD REPORT" table about the
@@ -30,14 +27,6 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 logging.getLogger("transformers").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-UMASK = os.umask(0)
-os.umask(UMASK)
-
-
-def _publish_mode(path: Path) -> None:
-    """mkstemp/mkdtemp create 0600/0700 entries; outputs get the usual umask-based modes."""
-    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
-        p.chmod((0o777 if p.is_dir() else 0o666) & ~UMASK)
 
 
 def quiet_transformers() -> None:
@@ -95,14 +84,12 @@ MODEL_OVERLAYS: dict[str, Callable[[nn.Module, dict], None]] = {
     "slimtune_quantization": lazy("slimtune.quantize.core", "apply_quantization_skeleton_")}
 
 
-def load_with_overlays(path: Path, config: dict) -> nn.Module:
-    """Build the model from its config (pruned shapes included), apply each overlay the config records,
-    then load every weight strictly from model.safetensors."""
-    from safetensors.torch import load_file
+def build_from_config(path: Path, config: dict) -> nn.Module:
+    """The model a directory's config describes (pruned shapes included, each overlay the config records
+    applied), weights not loaded. Under `torch.device("meta")` it costs no memory (the model gate
+    compares its shapes with the weights file's header)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    if not (path / "model.safetensors").is_file():
-        raise SlimtuneError(f"{path}: no model.safetensors")
     model = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(path, local_files_only=True))
     if config.get("slimtune_format") == "pruned":
         from slimtune.prune.structured import shrink_to_config
@@ -111,6 +98,17 @@ def load_with_overlays(path: Path, config: dict) -> nn.Module:
     for key, apply in MODEL_OVERLAYS.items():
         if config.get(key):
             apply(model, config[key])
+    return model
+
+
+def load_with_overlays(path: Path, config: dict) -> nn.Module:
+    """Build the model from its config (`build_from_config`), then load every weight strictly from
+    model.safetensors."""
+    from safetensors.torch import load_file
+
+    if not (path / "model.safetensors").is_file():
+        raise SlimtuneError(f"{path}: no model.safetensors")
+    model = build_from_config(path, config)
     try:
         model.load_state_dict(load_file(path / "model.safetensors"), strict=True)
     except RuntimeError as e:
@@ -184,8 +182,9 @@ else:
 PREPROCESSING_KEY = "slimtune_preprocessing"  # how texts were cleaned, so eval/predict match training
 
 
-def resolve_model_path(name_or_path: str | Path) -> Path:
-    """An alias or a local directory -> an existing local model directory."""
+def resolve_model_path(name_or_path: str | Path, *, buildable: bool = True) -> Path:
+    """An alias or a local directory -> an existing local model directory that passed the gate
+    (`slimtune.modeldir.check_model_dir`; `buildable=False` for readers that never build the model)."""
     quiet_transformers()
     name = str(name_or_path)
     if name in MODEL_ALIASES:
@@ -197,19 +196,34 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
             f"model '{name}': path not found (aliases: {', '.join(MODEL_ALIASES)}; "
             "slimtune never downloads from a hub)"
         )
-    if not path.is_dir() or not (path / "config.json").is_file():
-        raise SlimtuneError(f"model '{name}': {path} is not a model directory (no config.json)")
+    # the gate: not a directory, no config.json, pickle-only, damaged or mismatched files are refused here,
+    # before anything reaches transformers
+    check_model_dir(path, tokenizer=False, buildable=buildable)
     return path
 
 
+def check_model_dir(path: Path, tokenizer: bool = True, buildable: bool = True):
+    """`slimtune.modeldir.check_model_dir` (config, weights, shapes, tokenizer files), imported on first use.
+    `tokenizer=False`: the weights alone are wanted (tokenizer files present are still checked)."""
+    from slimtune.modeldir import check_model_dir as gate
+
+    return gate(path, tokenizer=tokenizer, buildable=buildable)
+
+
 def read_config(path: Path) -> dict:
-    try:
-        return json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SlimtuneError(f"{path / 'config.json'}: not a valid JSON config ({e})") from None
+    from slimtune.modeldir import read_json_object
+
+    return read_json_object(Path(path) / "config.json")
 
 
 def load_tokenizer(path: Path):
+    # the gate: transformers 5 builds a 5-token tokenizer when the files are missing
+    if (Path(path) / "config.json").exists():
+        check_model_dir(path)
+    else:  # a tokenizer saved alone
+        from slimtune.modeldir import check_tokenizer_dir
+
+        check_tokenizer_dir(path)
     if (Path(path) / "word_vocab.json").is_file():  # a word-level distillation student
         from slimtune.distill.wordlevel import WordTokenizer
 
@@ -226,11 +240,12 @@ def load_for_classification(path: Path, id2label: dict[int, str]) -> nn.Module:
     """A pretrained encoder (or classifier) with a classification head sized for `id2label`."""
     from transformers import AutoModelForSequenceClassification
 
+    check_model_dir(path, tokenizer=False)  # ignore_mismatched_sizes is for the head: the gate checked the rest
     label2id = {name: i for i, name in id2label.items()}
     try:
         return AutoModelForSequenceClassification.from_pretrained(
             path, num_labels=len(id2label), id2label=id2label, label2id=label2id,
-            local_files_only=True, ignore_mismatched_sizes=True,
+            local_files_only=True, ignore_mismatched_sizes=True, use_safetensors=True,
         )
     except (OSError, ValueError, KeyError) as e:
         raise SlimtuneError(f"model '{path}': cannot load it for classification ({str(e).splitlines()[0]})") \
@@ -254,8 +269,12 @@ def load_model(path: str | Path) -> nn.Module:
         return _load_adapter_dir(path).eval()
     from transformers import AutoModelForSequenceClassification
 
+    info = check_model_dir(path, tokenizer=False)
+    if not info.has_head:  # transformers would give it a random head: predictions would mean nothing
+        raise SlimtuneError(f"{path}: a base encoder without a trained classification head ({info.weights[0].name} "
+                            f"lacks {info.missing[0]}); fine-tune it first (slimtune run)")
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True)
+        model = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True, use_safetensors=True)
     except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: config and weights disagree in shape
         raise SlimtuneError(f"{path}: cannot load model ({str(e).splitlines()[0]})") from None
     return model.eval()
@@ -266,59 +285,22 @@ def _load_adapter_dir(path: Path) -> nn.Module:
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    adapter = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
-    base = resolve_model_path(adapter["base_model_name_or_path"])
+    from slimtune.modeldir import read_json_object
+
+    adapter = check_model_dir(path, tokenizer=False).path / "adapter_config.json"  # a JSON object naming the base
+    base = resolve_model_path(read_json_object(adapter)["base_model_name_or_path"])
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     model = AutoModelForSequenceClassification.from_pretrained(base, config=config, local_files_only=True,
-                                                               ignore_mismatched_sizes=True)
+                                                               ignore_mismatched_sizes=True, use_safetensors=True)
     return PeftModel.from_pretrained(model, path).merge_and_unload()
 
 
-# --------------------------------------------------------------------------------- atomic writes
-@contextmanager
-def atomic_dir(final: Path):
-    """Yield a temp dir beside `final`; on success it replaces `final` in one rename."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _publish_mode(tmp)
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_bytes(path: Path, content: bytes) -> None:
-    """Write `content` to a temp file beside `path`, then rename it over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(content)
-        _publish_mode(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def save_hf_model(model: nn.Module, tokenizer, out_dir: Path, preprocessing: dict | None = None) -> None:
+def save_hf_model(model: nn.Module, tokenizer, out_dir: Path, preprocessing: Preprocessing | dict | None = None
+                  ) -> None:
     """Write an HF directory (config.json, model.safetensors, tokenizer files) into `out_dir`."""
     if preprocessing is not None:
-        setattr(model.config, PREPROCESSING_KEY, preprocessing)
+        record = preprocessing if isinstance(preprocessing, Preprocessing) else Preprocessing(**preprocessing)
+        setattr(model.config, PREPROCESSING_KEY, record.model_dump(mode="json"))
     # Tied/shared tensors are handled by save_pretrained; contiguous() avoids safetensors
     # refusing non-contiguous views left by slicing/merging.
     for p in model.parameters():
@@ -329,6 +311,15 @@ def save_hf_model(model: nn.Module, tokenizer, out_dir: Path, preprocessing: dic
         tokenizer.save_pretrained(out_dir)
 
 
-def preprocessing_of(path: Path) -> dict:
-    return read_config(path).get(PREPROCESSING_KEY) or {}
+def preprocessing_of(path: Path) -> Preprocessing:
+    """The saved preprocessing record of a model directory (defaults for a directory without one)."""
+    saved = read_config(path).get(PREPROCESSING_KEY) or {}
+    if not isinstance(saved, dict):
+        raise SlimtuneError(f"{Path(path) / 'config.json'}: {PREPROCESSING_KEY} must be a mapping")
+    known = {k: v for k, v in saved.items() if k in Preprocessing.model_fields}  # older runs saved extra keys
+    try:
+        return Preprocessing(**known)
+    except ValueError as e:
+        first = str(e).splitlines()[1:2] or [str(e)]
+        raise SlimtuneError(f"{Path(path) / 'config.json'}: invalid {PREPROCESSING_KEY} ({first[0].strip()})") from None
 

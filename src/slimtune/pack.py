@@ -26,7 +26,7 @@ import numpy as np
 import zstandard
 
 from slimtune.errors import SlimtuneError
-from slimtune.models import atomic_write_bytes
+from slimtune.io import atomic_dir, atomic_write_bytes, check_output_path
 
 MAGIC = b"SLIMPACK"
 VERSION = 1
@@ -298,12 +298,15 @@ def pack_model(model_dir: str | Path, out: str | Path, codec: str = "ans", compa
 
     if codec not in CODECS:
         raise SlimtuneError(f"codec '{codec}': unknown (choose one of: {', '.join(CODECS)})")
-    model_dir, out = resolve_model_path(model_dir), Path(out)
+    # the gate, for files stored byte for byte: every file check, and shapes where the config describes a
+    # model slimtune can build (pack itself never builds it)
+    model_dir, out = resolve_model_path(model_dir, buildable=False), Path(out)
     if not read_config(model_dir).get("slimtune_quantization"):
         raise SlimtuneError(f"{model_dir}: not quantized (config.json has no slimtune_quantization); "
                             "run a quantize stage first")
     if out.is_dir() or (out.exists() and not overwrite):
         raise SlimtuneError(f"{out}: already exists" + ("" if out.is_dir() else " (use --overwrite to replace it)"))
+    check_output_path(out, kind="file")
     st_path = model_dir / TENSOR_FILE
     st_header_bytes, st_header, data = _read_safetensors(st_path)
     if not any(_is_code_tensor(k, v["dtype"]) for k, v in st_header.items() if k != "__metadata__"):
@@ -397,13 +400,12 @@ def _decode_tensor(path: Path, header: dict, streams: memoryview, entry: dict) -
 def unpack_model(packed: str | Path, out: str | Path, overwrite: bool = False) -> Path:
     """Rebuild the model directory from a packed file: model.safetensors byte-identical, other files verbatim.
     Everything is decoded and checked before OUT is written (atomically)."""
-    from slimtune.models import atomic_dir
-
     packed, out = Path(packed), Path(out)
     if out.exists() and not out.is_dir():
         raise SlimtuneError(f"{out}: exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise SlimtuneError(f"{out}: exists and is not empty (use --overwrite to replace it)")
+    check_output_path(out, kind="directory")
     files = _rebuild(packed, *read_packed(packed))
     with atomic_dir(out) as tmp:
         for name, content in files.items():

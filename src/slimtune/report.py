@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import yaml
-
-from slimtune.recipe import Recipe
 
 LABELS = {"accuracy": "Accuracy", "f1_macro": "F1 (macro)", "precision_macro": "Precision (macro)",
           "recall_macro": "Recall (macro)", "params": "Parameters", "trainable_params": "Trainable parameters",
@@ -34,7 +33,7 @@ def _distill_lines(metrics: dict) -> list[str]:
     for s in metrics["stages"]:
         if s["stage"] != "distill":
             continue
-        teachers = ", ".join(f"`{t['model']}` (dev accuracy {fmt(t['dev_accuracy'])}, {t['params'] / 1e6:.1f}M params"
+        teachers = ", ".join(f"`{t['model']}` ({_dev_metric(t)}, {t['params'] / 1e6:.1f}M params"
                              f"{', weight ' + fmt(t['weight']) if len(s['teachers']) > 1 else ''})"
                              for t in s["teachers"])
         inter = s.get("intermediate")
@@ -46,13 +45,19 @@ def _distill_lines(metrics: dict) -> list[str]:
     return lines
 
 
-def model_card(recipe: Recipe, metrics: dict, data, plain_hf: bool = True) -> str:
+def _dev_metric(teacher: dict) -> str:
+    key = next((k for k in teacher if k.startswith("dev_")), None)
+    return f"dev {key[4:].replace('_', ' ')} {fmt(teacher[key])}" if key else "no dev metric"
+
+
+def model_card(recipe: Any, metrics: dict, data, task: Any, plain_hf: bool = True) -> str:
+    """README.md of the model directory. `recipe`: slimtune.recipe.Recipe; `task`: the run's Task."""
     final = metrics["final"]
     eval_name = Path(str(data.info.get("eval_file") or data.info.get("train_file"))).name
     meta = {
         "base_model": recipe.model,
         "library_name": "transformers",
-        "pipeline_tag": "text-classification",
+        "pipeline_tag": task.name,
         "tags": ["slimtune", *_methods(metrics)],
         "slimtune": {"method": _methods(metrics), "stages": [s.stage for s in recipe.stages],
                      "data": {"train": str(recipe.data.train),
@@ -60,18 +65,19 @@ def model_card(recipe: Recipe, metrics: dict, data, plain_hf: bool = True) -> st
         "model-index": [{
             "name": "slimtune-model",
             "results": [{
-                "task": {"type": "text-classification"},
+                "task": {"type": task.name},
                 "dataset": {"name": eval_name, "type": "local"},
                 "metrics": [{"type": k, "value": final[k]} for k in
-                            ("accuracy", "f1_macro", "precision_macro", "recall_macro") if final.get(k) is not None],
+                            task.final_keys if final.get(k) is not None],
             }],
         }],
     }
-    labels = ", ".join(f"{i} = {name}" for i, name in data.id2label.items())
+    labels = ", ".join(f"{i} = {name}" for i, name in data.labels.items())
     lines = [
         "---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "",
-        "# Text classifier made with slimtune", "",
-        f"Base model: `{recipe.model}`. Stages: {' → '.join(s.stage for s in recipe.stages)}. Labels: {labels}.",
+        f"# {task.name} model made with slimtune", "",
+        f"Base model: `{recipe.model}`. Stages: {' → '.join(s.stage for s in recipe.stages)}."
+        + (f" Labels: {labels}." if labels else ""),
         *(["", *_distill_lines(metrics)] if _distill_lines(metrics) else []),
         *(["", "Load it with `transformers` (or `slimtune.load_model`):", "",
            "```python", "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
@@ -95,7 +101,7 @@ def metrics_table(final: dict) -> str:
     return "\n".join(rows)
 
 
-def report_markdown(recipe: Recipe, metrics: dict) -> str:
+def report_markdown(recipe: Any, metrics: dict, task: Any) -> str:
     final, info = metrics["final"], metrics.get("data", {})
     out = ["# slimtune run report", "",
            f"- base model: `{recipe.model}`",
@@ -107,7 +113,8 @@ def report_markdown(recipe: Recipe, metrics: dict) -> str:
            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for i, s in enumerate(metrics["stages"]):
         if s["stage"] == "evaluate":
-            out.append(f"| {i} | evaluate | | | | | | | | accuracy {fmt(s.get('accuracy'))} |")
+            primary = task.primary.name
+            out.append(f"| {i} | evaluate | | | | | | | | {primary} {fmt(s.get(primary))} |")
             continue
         method = s.get("method", s.get("student", ""))
         out.append(f"| {i} | {s['stage']} | {method} | {fmt(s.get('lr'))} | {s.get('batch_size')} "
@@ -128,6 +135,8 @@ def report_markdown(recipe: Recipe, metrics: dict) -> str:
             if isinstance(row, dict):
                 out.append(f"| {name} | {fmt(row.get('precision'))} | {fmt(row.get('recall'))} "
                            f"| {fmt(row.get('f1-score'))} | {fmt(row.get('support'))} |")
-    out += ["", "## Confusion matrix", "", "![confusion matrix](confusion_matrix.png)",
-            "(counts in `confusion_matrix.json`)", ""]
+    if "confusion_matrix.png" in metrics.get("artifacts", []):
+        out += ["", "## Confusion matrix", "", "![confusion matrix](confusion_matrix.png)",
+                "(counts in `confusion_matrix.json`)"]
+    out.append("")
     return "\n".join(out)

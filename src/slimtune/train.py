@@ -1,10 +1,12 @@
 """THE training loop. Fine-tuning, distillation and prune-recovery all call `train` and differ
-only in the `loss_fn` (and `make_batch`) they inject.
+only in the `loss_fn`, `make_batch` and `eval_fn` they inject.
 
-One screen holds the whole step: collate -> loss -> backward -> (every grad_accum) clip, AdamW
-step, schedule step -> log / eval / checkpoint. Everything a resume needs (weights, optimizer,
-scheduler, torch RNG, counters) goes into an atomic checkpoint; the batch order of an epoch is a
-pure function of (seed, phase, epoch), so a resumed run replays exactly the batches it missed.
+`train` reads top to bottom: resume -> per epoch, optimizer steps (`_Loop.train_step`: collate -> loss
+-> backward over grad_accum micro-batches, clip, AdamW step, schedule step) -> eval / checkpoint ->
+`finish` (the kept best or averaged weights). It runs on `LoopSettings`: final values only (the caller
+resolves `auto` and picks a phase's lr), the metric's direction included. Everything a resume needs
+(weights, optimizer, scheduler, torch RNG, counters) goes into an atomic checkpoint; the batch order of
+an epoch is a pure function of (seed, phase, epoch), so a resumed run replays exactly the batches it missed.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,8 +25,8 @@ from torch import nn
 
 from slimtune.batching import EncodedDataset, batch_indices, collate
 from slimtune.checkpoint import CheckpointStore, load_weights, read_checkpoint
+from slimtune.config import LoopConfig
 from slimtune.ema import WeightEMA
-from slimtune.recipe import LoopConfig
 
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
 BatchFn = Callable[[EncodedDataset, list[int]], dict[str, torch.Tensor]]
@@ -46,6 +48,69 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def cross_entropy_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return F.cross_entropy(logits_of(model(**model_inputs(batch))), batch["labels"])
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """One run of the loop, resolved: every value final (no `auto`), the metric's direction included.
+
+    Build it with `from_config`: the defaults live in `LoopConfig`, not here."""
+
+    lr: float
+    batch_size: int
+    epochs: float  # a fractional last epoch is cut short
+    max_steps: int | None
+    grad_accum: int
+    weight_decay: float
+    grad_clip: float | None
+    schedule: str  # linear, cosine, constant, plateau
+    warmup_ratio: float
+    plateau_factor: float
+    plateau_patience: int
+    metric: str  # the key of the eval record that picks the best weights
+    higher_is_better: bool  # the metric's direction (accuracy up; loss, perplexity down)
+    eval_every: int | None  # None: at each epoch's end
+    early_stopping_patience: int | None  # evaluations without gain tolerated; None: no early stopping
+    min_delta: float  # a smaller gain counts as none (for the kept best and early stopping)
+    keep_best: bool
+    ema_decay: float | None
+    seed: int
+    checkpoint_every: int | None
+    bucket_by_length: bool
+
+    def __post_init__(self):
+        if isinstance(self.lr, str) or isinstance(self.batch_size, str):
+            raise ValueError(f"lr={self.lr!r}, batch_size={self.batch_size!r}: resolve 'auto' before the loop")
+        if not self.lr > 0 or self.batch_size < 1:
+            raise ValueError(f"lr={self.lr!r}, batch_size={self.batch_size!r}: expected lr > 0 and batch_size >= 1")
+
+    @classmethod
+    def from_config(cls, cfg: LoopConfig, *, lr: float, batch_size: int, epochs: float | None = None,
+                    higher_is_better: bool | None = None, **overrides) -> LoopSettings:
+        """`cfg`'s loop keys with the resolved `lr` and `batch_size` (never "auto"), `epochs` (a phase's
+        cap) and any other field in `overrides`. `higher_is_better` defaults to: only `loss` goes down."""
+        for name, value in (("lr", lr), ("batch_size", batch_size)):
+            if isinstance(value, str):
+                raise ValueError(f"{name}={value!r}: resolve 'auto' before building LoopSettings")
+        es = cfg.early_stopping
+        values = dict(
+            lr=float(lr), batch_size=int(batch_size), epochs=cfg.epochs if epochs is None else epochs,
+            max_steps=cfg.max_steps, grad_accum=cfg.grad_accum, weight_decay=cfg.weight_decay,
+            grad_clip=cfg.grad_clip, schedule=cfg.schedule, warmup_ratio=cfg.warmup_ratio,
+            plateau_factor=cfg.plateau_factor, plateau_patience=cfg.plateau_patience, metric=cfg.metric,
+            eval_every=cfg.eval_every, early_stopping_patience=es.patience if es else None,
+            min_delta=es.min_delta if es else 0.0, keep_best=cfg.keep_best, ema_decay=cfg.ema_decay,
+            seed=cfg.seed, checkpoint_every=cfg.checkpoint_every, bucket_by_length=cfg.bucket_by_length,
+        ) | overrides
+        if higher_is_better is None:
+            higher_is_better = values["metric"] != "loss"
+        return cls(**values, higher_is_better=higher_is_better)
+
+    def improves(self, value: float, best: float | None) -> bool:
+        """Whether `value` beats `best` by more than `min_delta`, in the metric's direction."""
+        if best is None:
+            return True
+        return value > best + self.min_delta if self.higher_is_better else value < best - self.min_delta
 
 
 @dataclass
@@ -108,237 +173,274 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.op
         return torch.optim.AdamW(groups, lr=lr)
 
 
-def make_scheduler(optimizer, cfg: LoopConfig, total_steps: int):
+def make_scheduler(optimizer, settings: LoopSettings, total_steps: int):
     from transformers import (
         get_constant_schedule_with_warmup,
         get_cosine_schedule_with_warmup,
         get_linear_schedule_with_warmup,
     )
 
-    warmup = int(cfg.warmup_ratio * total_steps)
-    if cfg.schedule == "linear":
+    warmup = int(settings.warmup_ratio * total_steps)
+    if settings.schedule == "linear":
         return get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
-    if cfg.schedule == "cosine":
+    if settings.schedule == "cosine":
         return get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
     # constant, and plateau: constant after warmup; ReduceLROnPlateau scales it on dev evals.
     return get_constant_schedule_with_warmup(optimizer, warmup)
 
 
-def better(a: float, b: float | None, metric: str, min_delta: float = 0.0) -> bool:
-    if b is None:
-        return True
-    return a < b - min_delta if metric == "loss" else a > b + min_delta
-
-
-def default_eval_fn(eval_ds: EncodedDataset, pad_id: int) -> EvalFn:
-    from slimtune.evaluate import classification_metrics, predict_logits
-
-    labels = torch.tensor(eval_ds.labels)
-    id2label = {i: str(i) for i in range(int(labels.max()) + 1)} if len(labels) else {}
-
-    def evaluate(model: nn.Module) -> dict:
-        logits = torch.from_numpy(predict_logits(model, eval_ds, pad_id=pad_id))
-        m = classification_metrics(eval_ds.labels, logits.argmax(-1).tolist(), id2label)
-        return {"loss": F.cross_entropy(logits, labels).item(), "accuracy": m["accuracy"], "f1_macro": m["f1_macro"]}
-
-    return evaluate
-
-
-def optimizer_steps(n_examples: int, batch_size: int, cfg: LoopConfig, epochs: float | None = None) -> int:
+def optimizer_steps(n_examples: int, settings: LoopSettings) -> int:
     """How many optimizer steps `train` takes (schedules that span a whole run need it up front)."""
-    total_batches = math.ceil((cfg.epochs if epochs is None else epochs) * math.ceil(n_examples / batch_size))
-    total = math.ceil(total_batches / cfg.grad_accum)
-    return min(total, cfg.max_steps) if cfg.max_steps else total
+    total_batches = math.ceil(settings.epochs * math.ceil(n_examples / settings.batch_size))
+    total = math.ceil(total_batches / settings.grad_accum)
+    return min(total, settings.max_steps) if settings.max_steps else total
 
 
-def train(model: nn.Module, train_ds: EncodedDataset, eval_ds: EncodedDataset | None, cfg: LoopConfig,
-          ctx: TrainContext, loss_fn: LossFn = cross_entropy_loss, make_batch: BatchFn | None = None,
-          eval_fn: EvalFn | None = None, phase: int = 0, lr: float | None = None,
-          batch_size: int | None = None, max_epochs: float | None = None,
-          on_eval: Callable[[dict], bool] | None = None,
+def train(model: nn.Module, train_ds: EncodedDataset, settings: LoopSettings, ctx: TrainContext, *,
+          loss_fn: LossFn = cross_entropy_loss, make_batch: BatchFn | None = None, eval_fn: EvalFn | None = None,
+          phase: int = 0, on_eval: Callable[[dict], bool] | None = None,
           on_step: Callable[[int], None] | None = None, best_from_step: int = 0) -> TrainResult:
-    """Train `model` in place on `train_ds`; evaluate on `eval_ds` each epoch (or `eval_every`).
+    """Train `model` in place on `train_ds`; `eval_fn(model)` (None: no evaluation) each epoch or `eval_every`.
 
-    `lr`/`batch_size` override cfg (resolved `auto` values, or a phase's lr). `on_eval(record)`
-    may return True to stop (the iterative method's phase criterion). `on_step(step)` runs after
-    every optimizer step, before that step's eval and checkpoint (gradual pruning updates its masks
-    there). A resumed run does not replay the steps it skips: the hook's state must live in the model
-    (saved with the checkpoint) or follow from the step number alone. Evaluations before
-    `best_from_step` are logged only: they cannot become the kept best nor count towards early
-    stopping's patience (gradual pruning: the masks are still moving). With `cfg.ema_decay`, a moving
-    average of the weights starts at `best_from_step`; evaluations, the kept best and the final model
-    then use the averaged weights.
+    `make_batch` defaults to `collate` with `ctx.pad_id`. `on_eval(record)` may return True to stop (the
+    iterative method's phase criterion). `on_step(step)` runs after every optimizer step, before that
+    step's eval and checkpoint (gradual pruning updates its masks there). A resumed run does not replay
+    the steps it skips: the hook's state must live in the model (saved with the checkpoint) or follow from
+    the step number alone. Evaluations before `best_from_step` are logged only: they cannot become the
+    kept best nor count towards early stopping's patience (gradual pruning: the masks are still moving).
+    With `ema_decay`, a moving average of the weights starts at `best_from_step`; evaluations, the kept
+    best and the final model then use the averaged weights.
     """
     pad = ctx.pad_id
-    make_batch = make_batch or (lambda ds, idx: collate(ds, idx, pad))
-    eval_fn = eval_fn or (default_eval_fn(eval_ds, pad) if eval_ds is not None and len(eval_ds) else None)
-    lr = float(lr if lr is not None else cfg.lr)
-    bs = int(batch_size if batch_size is not None else cfg.batch_size)
-    epochs = max_epochs if max_epochs is not None else cfg.epochs
-    lengths = train_ds.lengths
-    batches_per_epoch = math.ceil(len(train_ds) / bs)
-    total_batches = math.ceil(epochs * batches_per_epoch)
-    total_steps = optimizer_steps(len(train_ds), bs, cfg, epochs)
-
-    optimizer = make_optimizer(model, lr, cfg.weight_decay)
-    scheduler = make_scheduler(optimizer, cfg, total_steps)
-    plateau = None
-    if cfg.schedule == "plateau":
-        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="min" if cfg.metric == "loss" else "max", factor=cfg.plateau_factor,
-            patience=cfg.plateau_patience)
-    res = TrainResult(lr=lr, batch_size=bs)
-    epoch, batch_pos, step, since_best = 0, 0, 0, 0
-    torch.manual_seed(cfg.seed + 1000 * phase)
-
-    ema: WeightEMA | None = None
-    state, trainer = read_checkpoint(ctx.resume) if ctx.resume is not None else ({}, {})
-    if state.get("tag") != ctx.tag and ctx.checkpoints is not None:
-        ctx.checkpoints.clear_best()  # a fresh loop: an earlier stage's best must not leak in
-    if state.get("tag") == ctx.tag:
-        load_weights(model, ctx.resume / "model.safetensors")
-        optimizer.load_state_dict(trainer["optimizer"])
-        scheduler.load_state_dict(trainer["scheduler"])
-        if plateau is not None:
-            plateau.load_state_dict(trainer["plateau"])
-        torch.set_rng_state(trainer["torch_rng"])
-        if trainer.get("ema") is not None:
-            ema = WeightEMA(model, cfg.ema_decay)
-            ema.load_state_dict(trainer["ema"])
-        loop = state["loop"]
-        epoch, batch_pos, step, since_best = (loop[k] for k in ("epoch", "batch_pos", "step", "since_best"))
-        for k in RESUMED_RESULT_FIELDS:
-            setattr(res, k, loop[k])
-        if loop.get("finished"):  # killed after this loop ended: its final weights are loaded
-            res.steps, res.epochs_run = loop["step"], loop["epochs_run"]
-            return res
-
-    def checkpoint(finished: bool = False) -> None:
-        if ctx.checkpoints is None:
-            return
-        trainer = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                   "torch_rng": torch.get_rng_state()}
-        if plateau is not None:
-            trainer["plateau"] = plateau.state_dict()
-        if ema is not None:
-            trainer["ema"] = ema.state_dict()
-        loop = {"epoch": epoch, "batch_pos": batch_pos, "step": step, "since_best": since_best,
-                **{k: getattr(res, k) for k in RESUMED_RESULT_FIELDS},
-                "finished": finished, "epochs_run": res.epochs_run}
-        ctx.checkpoints.save(model, trainer, {"tag": ctx.tag, "loop": loop, "runner": ctx.runner_state})
-
-    def evaluate() -> bool:
-        """Dev eval (of the averaged weights once `ema` runs); returns True when training should stop."""
-        if eval_fn is None:
-            return False
-        with ema.swapped_in() if ema is not None else contextlib.nullcontext():
-            return _evaluate()
-
-    def _evaluate() -> bool:
-        nonlocal since_best
-        rec = {"step": step, "epoch": round(epoch + batch_pos / batches_per_epoch, 3), **eval_fn(model)}
-        if ema is not None:
-            rec["weights"] = "ema"
-        res.history.append(rec)
-        model.train()
-        for k in ("loss", "accuracy", "f1_macro"):
-            if ctx.tb is not None and k in rec:
-                ctx.tb.add_scalar(f"{ctx.tag}/eval_{k}", rec[k], step)
-        value = rec[cfg.metric]
-        if plateau is not None:
-            before = [g["lr"] for g in optimizer.param_groups]
-            plateau.step(value)
-            # The warm-up LambdaLR recomputes lr from base_lrs every step: carry the reduction into them.
-            scheduler.base_lrs = [base * g["lr"] / old if old > 0 else base for base, g, old
-                                  in zip(scheduler.base_lrs, optimizer.param_groups, before, strict=True)]
-        min_delta = cfg.early_stopping.min_delta if cfg.early_stopping else 0.0
-        if step < best_from_step:
-            pass  # neither a best nor a miss for early stopping: the model is still being changed under it
-        elif better(value, res.best_metric, cfg.metric, min_delta):
-            res.best_metric, res.best_step, since_best = value, step, 0
-            if cfg.keep_best and ctx.checkpoints is not None:
-                ctx.checkpoints.save_best(model, {"tag": ctx.tag, "step": step, cfg.metric: value})
-            elif cfg.keep_best:
-                res.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        else:
-            since_best += 1
-        stop = bool(cfg.early_stopping and since_best > cfg.early_stopping.patience)
-        if on_eval is not None and on_eval(rec):
-            stop = True
-        res.stopped_early = res.stopped_early or stop
-        return stop
-
-    n_epochs = math.ceil(epochs)
-    done = res.stopped_early or step >= total_steps
-    last_eval = res.history[-1]["step"] if res.history else -1
-    bar = _progress(ctx.progress, total_steps, ctx.tag)
+    loop = _Loop(model, train_ds, settings, ctx, loss_fn, make_batch or (lambda ds, idx: collate(ds, idx, pad)),
+                 eval_fn, phase, on_eval, on_step, best_from_step)
+    torch.manual_seed(settings.seed + 1000 * phase)
+    if loop.resume():  # killed after this loop ended: its final weights are loaded
+        return loop.state.result
+    st, s = loop.state, settings
+    done = st.result.stopped_early or st.step >= loop.total_steps
+    last_eval = st.result.history[-1]["step"] if st.result.history else -1
     model.train()
-    with bar:
-        task = bar.add_task(ctx.tag, total=total_steps, completed=step, loss=float("nan"), lr=lr, eps=0.0)
-        while not done and epoch < n_epochs:
-            seed = cfg.seed * 1_000_003 + phase * 1009 + epoch  # a pure function: resume replays it
-            order = batch_indices(lengths, bs, shuffle=True, seed=seed, bucket=cfg.bucket_by_length)
-            order = order[: total_batches - epoch * batches_per_epoch]  # a fractional last epoch
-            micro, seen, loss_sum, t0 = 0, 0, 0.0, time.perf_counter()
-            while batch_pos < len(order):
-                batch = make_batch(train_ds, order[batch_pos])
-                loss = loss_fn(model, batch) / cfg.grad_accum
-                loss.backward()
-                loss_sum += loss.item()
-                seen += len(order[batch_pos])
-                micro, batch_pos = micro + 1, batch_pos + 1
-                epoch_end = batch_pos >= len(order)
-                if micro % cfg.grad_accum and not epoch_end:
-                    continue
-                if cfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
-                                                   cfg.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                if on_step is not None:
-                    on_step(step)
-                if ema is not None:
-                    ema.update()
-                elif cfg.ema_decay and step >= best_from_step:  # the average starts from these weights
-                    ema = WeightEMA(model, cfg.ema_decay)
-                elapsed = time.perf_counter() - t0
-                res.train_seconds += elapsed
-                res.examples_seen += seen
-                _log_step(bar, task, ctx, step, loss_sum, optimizer.param_groups[0]["lr"], seen / elapsed)
-                micro, seen, loss_sum = 0, 0, 0.0
-                done = step >= total_steps
-                if cfg.eval_every and step % cfg.eval_every == 0 and not epoch_end:
-                    done, last_eval = evaluate() or done, step
+    with loop.progress_bar():
+        while not done and st.epoch < math.ceil(s.epochs):
+            order = loop.epoch_batches(st.epoch)
+            while st.batch_pos < len(order):
+                epoch_end = loop.train_step(order)
+                done = st.step >= loop.total_steps
+                if s.eval_every and st.step % s.eval_every == 0 and not epoch_end:
+                    done, last_eval = loop.evaluate() or done, st.step
                 if done:
                     break
-                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not epoch_end:
-                    checkpoint()
-                t0 = time.perf_counter()
-            if last_eval != step:  # epoch end, or the step that ended training
-                done, last_eval = evaluate() or done, step
-            if batch_pos >= len(order):
-                epoch, batch_pos = epoch + 1, 0
-            done = done or step >= total_steps
-            if not done:  # the last one is written below, after restoring the best weights
-                checkpoint()
-    res.steps = step
-    res.epochs_run = round(min(epochs, step * cfg.grad_accum / batches_per_epoch), 3)
-    if cfg.keep_best and res.best_step is not None and res.best_step != step:
-        _restore_best(model, ctx, res)
-    elif ema is not None:  # the average is what was evaluated last
-        ema.copy_to_model()
-    checkpoint(finished=True)  # the final weights, so a resume after this point skips the loop
-    return res
+                if s.checkpoint_every and st.step % s.checkpoint_every == 0 and not epoch_end:
+                    loop.checkpoint()
+            if last_eval != st.step:  # epoch end, or the step that ended training
+                done, last_eval = loop.evaluate() or done, st.step
+            if st.batch_pos >= len(order):
+                st.epoch, st.batch_pos = st.epoch + 1, 0
+            done = done or st.step >= loop.total_steps
+            if not done:  # the last one is written by `finish`, after restoring the best weights
+                loop.checkpoint()
+    return loop.finish()
 
 
-def _log_step(bar, task, ctx: TrainContext, step: int, loss: float, lr: float, eps: float) -> None:
-    bar.update(task, completed=step, loss=loss, lr=lr, eps=eps)
-    if ctx.tb is not None:
-        ctx.tb.add_scalar(f"{ctx.tag}/loss", loss, step)
-        ctx.tb.add_scalar(f"{ctx.tag}/lr", lr, step)
-        ctx.tb.add_scalar(f"{ctx.tag}/examples_per_s", eps, step)
+@dataclass
+class _LoopState:
+    """Where a loop run is: what its checkpoints save and a resume restores."""
+
+    result: TrainResult
+    epoch: int = 0
+    batch_pos: int = 0  # batches of this epoch's order already trained on
+    step: int = 0  # optimizer steps taken
+    since_best: int = 0  # evaluations since the best one (early stopping)
+    ema: WeightEMA | None = None  # the average of the weights, once it has started
+
+
+class _Loop:
+    """The parts of one `train` run: the model, its optimizer and schedules, and the loop's state."""
+
+    def __init__(self, model: nn.Module, train_ds: EncodedDataset, settings: LoopSettings, ctx: TrainContext,
+                 loss_fn: LossFn, make_batch: BatchFn, eval_fn: EvalFn | None, phase: int,
+                 on_eval: Callable[[dict], bool] | None, on_step: Callable[[int], None] | None,
+                 best_from_step: int):
+        s = self.s = settings
+        self.model, self.train_ds, self.ctx, self.phase = model, train_ds, ctx, phase
+        self.loss_fn, self.make_batch, self.eval_fn = loss_fn, make_batch, eval_fn
+        self.on_eval, self.on_step, self.best_from_step = on_eval, on_step, best_from_step
+        self.lengths = train_ds.lengths
+        self.batches_per_epoch = math.ceil(len(train_ds) / s.batch_size)
+        self.total_batches = math.ceil(s.epochs * self.batches_per_epoch)
+        self.total_steps = optimizer_steps(len(train_ds), s)
+        self.optimizer = make_optimizer(model, s.lr, s.weight_decay)
+        self.scheduler = make_scheduler(self.optimizer, s, self.total_steps)
+        self.plateau = None
+        if s.schedule == "plateau":
+            self.plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                self.optimizer, mode="max" if s.higher_is_better else "min", factor=s.plateau_factor,
+                patience=s.plateau_patience)
+        self.state = _LoopState(TrainResult(lr=s.lr, batch_size=s.batch_size))
+        self._bar = self._task = None
+
+    def resume(self) -> bool:
+        """Continue from `ctx.resume` if it is a checkpoint of this loop (same tag); returns whether that
+        loop had already finished. Any other start clears the kept best of an earlier loop."""
+        ctx, st = self.ctx, self.state
+        state, trainer = read_checkpoint(ctx.resume) if ctx.resume is not None else ({}, {})
+        if state.get("tag") != ctx.tag:
+            if ctx.checkpoints is not None:
+                ctx.checkpoints.clear_best()  # a fresh loop: an earlier stage's best must not leak in
+            return False
+        load_weights(self.model, ctx.resume / "model.safetensors")
+        self.optimizer.load_state_dict(trainer["optimizer"])
+        self.scheduler.load_state_dict(trainer["scheduler"])
+        if self.plateau is not None:
+            self.plateau.load_state_dict(trainer["plateau"])
+        torch.set_rng_state(trainer["torch_rng"])
+        if trainer.get("ema") is not None:
+            st.ema = WeightEMA(self.model, self.s.ema_decay)
+            st.ema.load_state_dict(trainer["ema"])
+        loop = state["loop"]
+        st.epoch, st.batch_pos, st.step, st.since_best = (loop[k] for k in ("epoch", "batch_pos", "step", "since_best"))
+        for k in RESUMED_RESULT_FIELDS:
+            setattr(st.result, k, loop[k])
+        if not loop.get("finished"):
+            return False
+        st.result.steps, st.result.epochs_run = loop["step"], loop["epochs_run"]
+        return True
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """The batches of `epoch`: a pure function of (seed, phase, epoch), so a resume replays them."""
+        seed = self.s.seed * 1_000_003 + self.phase * 1009 + epoch
+        order = batch_indices(self.lengths, self.s.batch_size, shuffle=True, seed=seed, bucket=self.s.bucket_by_length)
+        return order[: self.total_batches - epoch * self.batches_per_epoch]  # a fractional last epoch
+
+    def train_step(self, order: list[list[int]]) -> bool:
+        """One optimizer step over the next grad_accum batches of `order` (fewer at the epoch's end):
+        backward each, clip, AdamW, schedule; then `on_step`, the average, the log. Returns whether the
+        epoch ended."""
+        s, st, res = self.s, self.state, self.state.result
+        t0, seen, loss_sum = time.perf_counter(), 0, 0.0
+        for _ in range(s.grad_accum):
+            batch = self.make_batch(self.train_ds, order[st.batch_pos])
+            loss = self.loss_fn(self.model, batch) / s.grad_accum
+            loss.backward()
+            loss_sum += loss.item()
+            seen += len(order[st.batch_pos])
+            st.batch_pos += 1
+            if st.batch_pos >= len(order):
+                break
+        if s.grad_clip:
+            torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], s.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        st.step += 1
+        if self.on_step is not None:
+            self.on_step(st.step)
+        if st.ema is not None:
+            st.ema.update()
+        elif s.ema_decay and st.step >= self.best_from_step:  # the average starts from these weights
+            st.ema = WeightEMA(self.model, s.ema_decay)
+        elapsed = time.perf_counter() - t0
+        res.train_seconds += elapsed
+        res.examples_seen += seen
+        self._log_step(loss_sum, self.optimizer.param_groups[0]["lr"], seen / elapsed)
+        return st.batch_pos >= len(order)
+
+    def evaluate(self) -> bool:
+        """Dev eval (of the averaged weights once the average runs): history and tensorboard, the plateau
+        schedule, the kept best, early stopping and `on_eval`. Returns True when training should stop."""
+        if self.eval_fn is None:
+            return False
+        s, st, res, ctx = self.s, self.state, self.state.result, self.ctx
+        with st.ema.swapped_in() if st.ema is not None else contextlib.nullcontext():
+            rec = {"step": st.step, "epoch": round(st.epoch + st.batch_pos / self.batches_per_epoch, 3),
+                   **self.eval_fn(self.model)}
+            if st.ema is not None:
+                rec["weights"] = "ema"
+            res.history.append(rec)
+            self.model.train()
+            for k, v in rec.items():  # every metric the task's eval returns (accuracy, perplexity, ...)
+                if ctx.tb is not None and k not in ("step", "epoch") and isinstance(v, int | float):
+                    ctx.tb.add_scalar(f"{ctx.tag}/eval_{k}", v, st.step)
+            value = rec[s.metric]
+            self._plateau_step(value)
+            if st.step < self.best_from_step:
+                pass  # neither a best nor a miss for early stopping: the model is still being changed under it
+            elif s.improves(value, res.best_metric):
+                res.best_metric, res.best_step, st.since_best = value, st.step, 0
+                self._keep_best(value)
+            else:
+                st.since_best += 1
+            stop = s.early_stopping_patience is not None and st.since_best > s.early_stopping_patience
+            if self.on_eval is not None and self.on_eval(rec):
+                stop = True
+            res.stopped_early = res.stopped_early or stop
+            return stop
+
+    def _plateau_step(self, value: float) -> None:
+        if self.plateau is None:
+            return
+        before = [g["lr"] for g in self.optimizer.param_groups]
+        self.plateau.step(value)
+        # The warm-up LambdaLR recomputes lr from base_lrs every step: carry the reduction into them.
+        self.scheduler.base_lrs = [base * g["lr"] / old if old > 0 else base for base, g, old
+                                   in zip(self.scheduler.base_lrs, self.optimizer.param_groups, before, strict=True)]
+
+    def _keep_best(self, value: float) -> None:
+        """The model's weights (the average, when it runs) as the best so far, if `keep_best`."""
+        if not self.s.keep_best:
+            return
+        if self.ctx.checkpoints is not None:
+            self.ctx.checkpoints.save_best(self.model, {"tag": self.ctx.tag, "step": self.state.step,
+                                                        self.s.metric: value})
+        else:
+            self.state.result.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def checkpoint(self, finished: bool = False) -> None:
+        if self.ctx.checkpoints is None:
+            return
+        st = self.state
+        trainer = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                   "torch_rng": torch.get_rng_state()}
+        if self.plateau is not None:
+            trainer["plateau"] = self.plateau.state_dict()
+        if st.ema is not None:
+            trainer["ema"] = st.ema.state_dict()
+        loop = {"epoch": st.epoch, "batch_pos": st.batch_pos, "step": st.step, "since_best": st.since_best,
+                **{k: getattr(st.result, k) for k in RESUMED_RESULT_FIELDS},
+                "finished": finished, "epochs_run": st.result.epochs_run}
+        self.ctx.checkpoints.save(self.model, trainer, {"tag": self.ctx.tag, "loop": loop,
+                                                        "runner": self.ctx.runner_state})
+
+    def finish(self) -> TrainResult:
+        """The final weights (the kept best, else the average) and a last checkpoint holding them, so a
+        resume after this point skips the loop."""
+        s, st, res = self.s, self.state, self.state.result
+        res.steps = st.step
+        res.epochs_run = round(min(s.epochs, st.step * s.grad_accum / self.batches_per_epoch), 3)
+        if s.keep_best and res.best_step is not None and res.best_step != st.step:
+            _restore_best(self.model, self.ctx, res)
+        elif st.ema is not None:  # the average is what was evaluated last
+            st.ema.copy_to_model()
+        self.checkpoint(finished=True)
+        return res
+
+    @contextlib.contextmanager
+    def progress_bar(self) -> Iterator[None]:
+        bar = _progress(self.ctx.progress, self.total_steps, self.ctx.tag)
+        with bar:
+            self._bar = bar
+            self._task = bar.add_task(self.ctx.tag, total=self.total_steps, completed=self.state.step,
+                                      loss=float("nan"), lr=self.s.lr, eps=0.0)
+            yield
+
+    def _log_step(self, loss: float, lr: float, eps: float) -> None:
+        step, ctx = self.state.step, self.ctx
+        self._bar.update(self._task, completed=step, loss=loss, lr=lr, eps=eps)
+        if ctx.tb is not None:
+            ctx.tb.add_scalar(f"{ctx.tag}/loss", loss, step)
+            ctx.tb.add_scalar(f"{ctx.tag}/lr", lr, step)
+            ctx.tb.add_scalar(f"{ctx.tag}/examples_per_s", eps, step)
 
 
 def _restore_best(model: nn.Module, ctx: TrainContext, res: TrainResult) -> None:

@@ -64,9 +64,42 @@ def test_distill_bad_input_is_one_line(tmp_path, teacher_run, sst2_small):
     assert not (tmp_path / "out").exists()
 
 
+def _distill_with_intermediate(tmp_path, teacher, sst2_small, monkeypatch, cases, steps=5, **data) -> dict:
+    """Each (name, student, intermediate, granularity): a few distillation steps from `teacher`, checking that
+    the hidden-state / attention terms really added to the loss at every step (not only that the config
+    named them). Returns the stage metrics by name."""
+    from helpers import spy_intermediate_loss
+
+    import slimtune as api
+
+    added = spy_intermediate_loss(monkeypatch)
+    results = {}
+    for name, student, inter, granularity in cases:
+        added.clear()
+        stage = {"stage": "distill", "teacher": str(teacher), "student": student, "intermediate": inter,
+                 "max_steps": steps, "batch_size": 16}
+        recipe = write_recipe(tmp_path / f"{name}.yaml", "minilm", *sst2_small, **({"train_limit": 100} | data),
+                              stages=[stage, {"stage": "evaluate", "speed": False}])
+        m = api.run(recipe, tmp_path / name, progress=False)
+        s = results[name] = m["stages"][0]
+        assert s["intermediate"]["granularity"] == granularity
+        assert s["steps"] == steps and len(added) == steps, added
+        assert min(added) > 0, added  # every step trained the intermediate terms
+    return results
+
+
+def test_intermediate_losses_really_train_token_and_pooled(tmp_path, teacher_run, sst2_small, monkeypatch):
+    """Two layers of the fine-tuned MiniLM (same tokenizer: token-level hidden + attention), and a BiLSTM
+    (pooled); the MPNet test below does the same at full size."""
+    _distill_with_intermediate(tmp_path, teacher_run, sst2_small, monkeypatch, [
+        ("sel", {"layers": [0, 5]}, {"loss": "mse+attention"}, "token"),
+        ("lstm", {"arch": "bilstm", "hidden": 16}, {"loss": "mse", "mapping": [[1, 6]]}, "pooled")],
+        steps=3, train_limit=48, eval_limit=32, max_length=32)
+
+
 # ------------------------------------------------------------------------------ real MPNet teacher
 @pytest.mark.slow
-def test_mpnet_teacher_to_layer_selection_and_minilm_students(tmp_path, sst2_small):
+def test_mpnet_teacher_to_layer_selection_and_minilm_students(tmp_path, sst2_small, monkeypatch):
     """MPNet fine-tuned briefly, then (a) 3 of its layers with token-level hidden + attention losses and
     (b) MiniLM (other width, other tokenizer) through pooled hidden states."""
     proc = slimtune("assets", "teacher")
@@ -75,13 +108,6 @@ def test_mpnet_teacher_to_layer_selection_and_minilm_students(tmp_path, sst2_sma
                            stages=[{"stage": "finetune", "epochs": 1, "lr": 5e-5, "batch_size": 16},
                                    {"stage": "evaluate", "speed": False}])
     assert slimtune("run", teacher, "--out", tmp_path / "t").returncode == 0
-    for name, student, inter in (("sel", {"layers": [0, 6, 11]}, {"loss": "mse+attention"}),
-                                 ("mini", {"from": "minilm"}, {"loss": "mse"})):
-        stage = {"stage": "distill", "teacher": str(tmp_path / "t" / "model"), "student": student,
-                 "intermediate": inter, "max_steps": 5, "batch_size": 16}
-        recipe = write_recipe(tmp_path / f"{name}.yaml", "minilm", *sst2_small, train_limit=100,
-                              stages=[stage, {"stage": "evaluate", "speed": False}])
-        proc = slimtune("run", recipe, "--out", tmp_path / name)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        m = json.loads((tmp_path / name / "metrics.json").read_text())
-        assert m["stages"][0]["intermediate"]["granularity"] == ("token" if name == "sel" else "pooled")
+    _distill_with_intermediate(tmp_path, tmp_path / "t" / "model", sst2_small, monkeypatch, [
+        ("sel", {"layers": [0, 6, 11]}, {"loss": "mse+attention"}, "token"),
+        ("mini", {"from": "minilm"}, {"loss": "mse"}, "pooled")])

@@ -26,7 +26,8 @@ def test_run_directory_contract(lora_run):
     for name in ("model/config.json", "model/model.safetensors", "model/tokenizer.json", "model/README.md",
                  "metrics.json", "recipe.yaml", "report.md", "confusion_matrix.json", "confusion_matrix.png"):
         assert (out / name).is_file(), name
-    assert any((out / "tb").iterdir()) and (out / "checkpoints").is_dir()
+    assert any((out / "tb").iterdir())
+    assert not (out / "checkpoints").exists()  # a finished run keeps none unless asked (--keep-checkpoints)
     metrics = json.loads((out / "metrics.json").read_text())
     final = metrics["final"]
     for key in ("accuracy", "f1_macro", "precision_macro", "recall_macro", "params", "trainable_params",
@@ -75,17 +76,30 @@ def test_eval_prints_one_json_object_matching_the_run(lora_run, sst2_small):
     assert result["f1_macro"] == pytest.approx(final["f1_macro"])
 
 
-def test_predict_args_and_stdin(lora_run):
+def test_predict_args_and_stdin(lora_run, tmp_path):
+    import torch
+    from helpers import eval_split
+
+    from slimtune.evaluate import predict_logits
+
     _, out, _ = lora_run
-    proc = slimtune("predict", out / "model", "a masterpiece .", "<b>awful</b> &amp; boring")
+    texts = ["a masterpiece .", "<b>awful</b> &amp; boring"]
+    proc = slimtune("predict", out / "model", *texts)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [json.loads(line) for line in proc.stdout.strip().splitlines()]
     assert len(rows) == 2
     for row in rows:
-        assert row["label"] in ("0", "1")
         assert set(row["probabilities"]) == {"0", "1"}
         assert sum(row["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
         assert " " not in proc.stdout.splitlines()[0].split('"probabilities"')[0]  # compact
+    # exactly what `slimtune eval`'s path computes for the same texts (cleaning, max_length included)...
+    data = tmp_path / "same.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "label": "0"}) + "\n" for t in texts))
+    model, ds, _ = eval_split(out / "model", data)
+    probs = torch.softmax(torch.from_numpy(predict_logits(model, ds)), -1)
+    assert [row["label"] for row in rows] == [str(int(i)) for i in probs.argmax(-1)]
+    ours = torch.tensor([[row["probabilities"]["0"], row["probabilities"]["1"]] for row in rows])
+    assert torch.allclose(ours, probs, atol=1e-5)
     piped = slimtune("predict", out / "model", "-", input="a masterpiece .\n<b>awful</b> &amp; boring\n")
     assert piped.returncode == 0
     assert piped.stdout == proc.stdout
@@ -108,3 +122,13 @@ def test_full_finetune_really_learns(tmp_path, sst2_small):
     proc = slimtune("run", recipe, "--out", tmp_path / "out")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["final"]["accuracy"] > 0.7
+    # a model that learnt: predict gives the right sentiment of clear sentences (args and stdin alike)
+    clear = {"a gorgeous , witty , seductive movie .": "1", "an utterly delightful , moving film .": "1",
+             "dull , lifeless and painfully boring .": "0", "<b>awful</b> &amp; a waste of time": "0"}
+    proc = slimtune("predict", tmp_path / "out" / "model", *clear)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["label"] for r in rows] == list(clear.values()), rows
+    assert all(r["score"] > 0.6 for r in rows), rows
+    piped = slimtune("predict", tmp_path / "out" / "model", "-", input="".join(t + "\n" for t in clear))
+    assert piped.returncode == 0 and piped.stdout == proc.stdout

@@ -69,3 +69,46 @@ def test_resume_without_a_checkpoint_starts_over(tmp_path, tiny_model_dir, sst2_
     assert (tmp_path / "fresh" / "metrics.json").is_file()
     again = slimtune("run", recipe, "--out", tmp_path / "fresh", "--resume")
     assert again.returncode == 0 and "already finished" in again.stderr
+
+
+SHORT = [{"stage": "finetune", "epochs": 1, "max_steps": 4, "lr": 1e-3, "batch_size": 16},
+         {"stage": "evaluate", "speed": False}]
+
+
+def _checkpoints(out):
+    return sorted(p.name for p in (out / "checkpoints").glob("ckpt-*"))
+
+
+def test_a_finished_run_removes_its_checkpoints_unless_kept(tmp_path, tiny_model_dir, sst2_small, capsys):
+    import yaml
+
+    import slimtune
+
+    recipe = yaml.safe_load(write_recipe(tmp_path / "r.yaml", tiny_model_dir, *sst2_small, stages=SHORT).read_text())
+    plain = slimtune.run(recipe, tmp_path / "plain", progress=False)
+    assert (tmp_path / "plain" / "metrics.json").is_file() and not (tmp_path / "plain" / "checkpoints").exists()
+    kept = slimtune.run(recipe, tmp_path / "kept", progress=False, keep_checkpoints=True)
+    assert len(_checkpoints(tmp_path / "kept")) == 1
+    by_key = slimtune.run(recipe | {"keep_checkpoints": True}, tmp_path / "key", progress=False)
+    assert len(_checkpoints(tmp_path / "key")) == 1
+    assert plain["final"] == kept["final"] == by_key["final"]
+    # the recipe's key is overridden by the argument
+    slimtune.run(recipe | {"keep_checkpoints": True}, tmp_path / "off", progress=False, keep_checkpoints=False)
+    assert not (tmp_path / "off" / "checkpoints").exists()
+
+    capsys.readouterr()
+    for name in ("plain", "kept"):  # without and with checkpoints: nothing to resume, the metrics are returned
+        again = slimtune.run(recipe, tmp_path / name, resume=True, progress=False)
+        assert again == json.loads((tmp_path / name / "metrics.json").read_text())
+        assert "already finished" in capsys.readouterr().err
+    assert len(_checkpoints(tmp_path / "kept")) == 1
+
+
+def test_keep_checkpoints_flag_of_the_cli(tmp_path, tiny_model_dir, sst2_small):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, *sst2_small, stages=SHORT)
+    proc = slimtune("run", recipe, "--out", tmp_path / "kept", "--keep-checkpoints")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(_checkpoints(tmp_path / "kept")) == 1
+    again = slimtune("run", recipe, "--out", tmp_path / "kept", "--resume")
+    assert again.returncode == 0 and "already finished" in again.stderr
+    assert len(_checkpoints(tmp_path / "kept")) == 1

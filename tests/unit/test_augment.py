@@ -14,7 +14,7 @@ from slimtune.augment import (
     random_span,
     random_swap,
 )
-from slimtune.recipe import AugmentConfig
+from slimtune.config import AugmentConfig
 
 TEXTS = [
     "a stirring , funny and finally transporting re-imagining of beauty and the beast",

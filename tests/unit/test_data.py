@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from slimtune.config import AugmentConfig, DataConfig, Preprocessing
 from slimtune.data import (
     build_label_map,
     clean_text,
@@ -20,7 +21,6 @@ from slimtune.data import (
     stratified_split,
 )
 from slimtune.errors import SlimtuneError
-from slimtune.recipe import AugmentConfig, DataConfig
 
 SST2_DEV = Path("/work/shared/data/sst2/dev.jsonl")
 
@@ -249,7 +249,8 @@ def test_a_single_label_is_an_error(tmp_path, tokenizer):
 def test_load_eval_data_maps_ints_to_a_models_named_labels(tmp_path, tokenizer):
     path = tmp_path / "dev.csv"
     path.write_text("sentence,y\nGood!,1\nBad.,0\n", encoding="utf-8")
-    ds = load_eval_data(path, tokenizer, {"negative": 0, "positive": 1}, "sentence", "y")
+    pre = Preprocessing(text_field="sentence", label_field="y")
+    ds = load_eval_data(path, tokenizer, {"negative": 0, "positive": 1}, pre)
     assert ds.labels == [1, 0] and ds.texts == ["Good!", "Bad."]
 
 

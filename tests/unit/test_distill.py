@@ -98,14 +98,17 @@ def test_multi_teacher_weighted_average_and_best_correct_teacher():
 
 # -------------------------------------------------------------------------------------- students
 def test_layer_selected_student_with_hidden_and_attention_losses_saves_as_plain_hf(tmp_path, teacher_dir,
-                                                                                    sst2_small):
+                                                                                    sst2_small, monkeypatch):
+    from helpers import spy_intermediate_loss
     from transformers import AutoModelForSequenceClassification
 
+    added = spy_intermediate_loss(monkeypatch)
     stage = DISTILL | {"teacher": str(teacher_dir), "student": {"layers": [1]},
                        "intermediate": {"loss": "mse+attention", "mapping": "uniform"}}
     m = slimtune.run(recipe(teacher_dir, sst2_small, stage, EVAL), tmp_path / "out", progress=False)
     s = m["stages"][0]
     assert s["intermediate"] == {"mapping": [[1, 2]], "granularity": "token", "loss": "mse+attention"}
+    assert len(added) == s["steps"] and min(added) > 0  # the hidden-state and attention terms trained every step
     assert 0.0 <= s["teachers"][0]["dev_accuracy"] <= 1.0
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out" / "model")
     assert model.config.num_hidden_layers == 1
@@ -115,13 +118,17 @@ def test_layer_selected_student_with_hidden_and_attention_losses_saves_as_plain_
 
 
 def test_student_with_other_width_and_tokenizer_learns_through_pooled_projection(tmp_path, teacher_dir,
-                                                                                 wide_model_dir, sst2_small):
+                                                                                 wide_model_dir, sst2_small,
+                                                                                 monkeypatch):
+    from helpers import spy_intermediate_loss
     from transformers import AutoTokenizer
 
+    added = spy_intermediate_loss(monkeypatch)
     stage = DISTILL | {"teacher": str(teacher_dir), "student": {"from": str(wide_model_dir)}, "alpha": 0.9,
                        "intermediate": {"loss": "mse"}}
     m = slimtune.run(recipe(teacher_dir, sst2_small, stage, EVAL), tmp_path / "out", progress=False)
     assert m["stages"][0]["intermediate"]["granularity"] == "pooled"  # tokenizers differ
+    assert len(added) == m["stages"][0]["steps"] and min(added) > 0  # the pooled MSE trained every step
     saved = AutoTokenizer.from_pretrained(tmp_path / "out" / "model")
     assert len(saved) == 8000  # the student's own tokenizer is shipped with it
     pred = slimtune.predict.Predictor(str(tmp_path / "out" / "model"))(["a fine film"])
@@ -217,7 +224,7 @@ def test_resume_after_a_distill_stage_rebuilds_the_student(tmp_path, teacher_dir
     stages = [DISTILL | {"teacher": str(teacher_dir), "student": {"layers": [0]}},
               {"stage": "finetune", "epochs": 1, "lr": 1e-4, "batch_size": 16}, EVAL]
     out = tmp_path / "out"
-    first = slimtune.run(recipe(teacher_dir, sst2_small, *stages), out, progress=False)
+    first = slimtune.run(recipe(teacher_dir, sst2_small, *stages), out, progress=False, keep_checkpoints=True)
     (out / "metrics.json").unlink()
     shutil.rmtree(out / "model")
     again = slimtune.run(recipe(teacher_dir, sst2_small, *stages), out, resume=True, progress=False)

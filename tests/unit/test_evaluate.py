@@ -1,6 +1,7 @@
 """Metrics, confusion matrix and speed measurement on a tiny random BERT."""
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,7 +12,6 @@ from slimtune.batching import EncodedDataset
 from slimtune.evaluate import (
     classification_metrics,
     count_parameters,
-    evaluate_model,
     measure_speed,
     predict_logits,
     save_confusion_matrix,
@@ -80,8 +80,14 @@ def test_speed_is_positive_and_thread_count_restored(model, ds):
     assert s["cpu"]
 
 
-def test_evaluate_model_keys(model, ds):
-    m = evaluate_model(model, ds, {0: "a", 1: "b", 2: "c"}, speed=True, latency_runs=2, throughput_batches=1)
+def test_evaluate_stage_keys(model, ds):
+    from helpers import make_run
+
+    from slimtune.stages.evaluate import measure
+
+    run = make_run(model, SimpleNamespace(train=ds, eval=ds))
+    run.data.labels = {0: "a", 1: "b", 2: "c"}
+    m = measure(run, speed=True, latency_runs=2, throughput_batches=1)
     for k in ("accuracy", "f1_macro", "precision_macro", "recall_macro", "params", "trainable_params", "size_mb",
               "latency_ms_b1", "throughput_eps", "threads"):
         assert k in m

@@ -89,10 +89,10 @@ def test_int8_run_writes_an_onnx_model_that_computes_what_torch_computes(classif
     calibrated activation scales), integer kernels emulated exactly in torch, float pooler/classifier
     in both, and residual paths that read float values in both. With weight_scales auto, per-channel,
     per-tensor and shared scales are mixed in one graph, and query/key/value run as one matmul."""
+    from helpers import eval_split
+
     import slimtune
     from slimtune.evaluate import predict_logits
-    from slimtune.models import load_tokenizer
-    from slimtune.runner import eval_dataset_for
 
     if scales == "auto":
         classifier_dir = outlier_classifier_dir
@@ -101,10 +101,7 @@ def test_int8_run_writes_an_onnx_model_that_computes_what_torch_computes(classif
               "stages": [{"stage": "quantize", "method": method, "calibration_batches": 4, "weight_scales": scales}]}
     metrics = slimtune.run(recipe, tmp_path / "run", progress=False)
     assert metrics["final"]["onnx"]["onnx_accuracy"] == metrics["final"]["onnx"]["torch_accuracy"]
-    model = load_model(tmp_path / "run" / "model")
-    tokenizer = load_tokenizer(tmp_path / "run" / "model")
-    ds = eval_dataset_for(tmp_path / "run" / "model", sst2_small[1], tokenizer,
-                          {str(k): int(v) for k, v in model.config.label2id.items()}, None, None)
+    model, ds, _ = eval_split(tmp_path / "run" / "model", sst2_small[1])
     want = predict_logits(model, ds, pad_id=0)
     got = OnnxClassifier(tmp_path / "run" / "onnx" / "model.onnx").predict_logits(ds, 0)
     gap = np.abs(got - want).max(-1)

@@ -120,9 +120,9 @@ def lowrank_run(tmp_path_factory, tiny_model_dir, sst2_small):
     saved = {}
     original = runner.save_model_dir
 
-    def capture(model, *args, **kwargs):
-        saved["model"] = model
-        original(model, *args, **kwargs)
+    def capture(run, *args, **kwargs):
+        saved["model"] = run.model
+        original(run, *args, **kwargs)
 
     out = tmp_path_factory.mktemp("lowrank") / "out"
     stage = {"stage": "lowrank", "rank": 8,
@@ -188,7 +188,7 @@ def test_resume_past_a_lowrank_stage_rebuilds_the_factors(tmp_path, tiny_model_d
     stages = [FT | {"max_steps": 2}, {"stage": "lowrank", "energy": 0.6, "ignore": ["query"]},
               FT | {"max_steps": 3}, EVAL]
     out = tmp_path / "out"
-    first = slimtune.run(recipe(tiny_model_dir, sst2_small, *stages), out, progress=False)
+    first = slimtune.run(recipe(tiny_model_dir, sst2_small, *stages), out, progress=False, keep_checkpoints=True)
     s = first["stages"][1]
     assert s["layers"] and not any(name.endswith("query") for name in s["layers"])
     assert all(0.6 <= info["energy_kept"] for info in s["layers"].values())
@@ -201,8 +201,8 @@ def test_resume_past_a_lowrank_stage_rebuilds_the_factors(tmp_path, tiny_model_d
 
 
 @pytest.mark.parametrize(("stage", "message"), [
-    ({"rank": 4, "energy": 0.9}, "lowrank: set exactly one of rank or energy"),
-    ({}, "lowrank: set exactly one of rank or energy"),
+    ({"rank": 4, "energy": 0.9}, r"stages.1 \(lowrank\): set exactly one of rank or energy"),
+    ({}, r"stages.1 \(lowrank\): set exactly one of rank or energy"),
     ({"rank": 4, "targets": ["nothing_like_this", "query"]}, r"lowrank: targets \['nothing_like_this'\] match no"),
     ({"energy": 1.5}, "energy: Input should be less than or equal to 1"),
 ])

@@ -101,17 +101,72 @@ def test_iterative_unfreezes_top_down_in_phases(tmp_path, tiny_model_dir, sst2_s
     assert not any("embeddings" in k for k in changed(tiny_model_dir, out))
 
 
-def test_auto_lr_and_batch_size(tmp_path, tiny_model_dir, sst2_small):
-    _, m = run_method(tmp_path, tiny_model_dir, sst2_small, "auto", lr="auto", batch_size="auto")
+def spy_on_auto(monkeypatch, lr=None, batch_size=None):
+    """Record what `lr: auto` / `batch_size: auto` probe (trainable parameters, PEFT or not, the loss); return
+    the given fixed values, or (None) the real search's."""
+    import slimtune.stages.base as base
+    from slimtune.adapt.lora import is_peft
+
+    calls = []
+    real = {"find_lr": base.find_lr, "find_batch_size": base.find_batch_size}
+
+    def spy(name, fixed):
+        def probe(model, ds, loss_fn, *args, **kw):
+            record = {"fn": name, "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                      "peft": is_peft(model), "loss_fn": loss_fn}
+            calls.append(record)
+            record["result"] = real[name](model, ds, loss_fn, *args, **kw) if fixed is None else fixed
+            return record["result"]
+        return probe
+
+    monkeypatch.setattr(base, "find_lr", spy("find_lr", None if lr is None else (lr, [])))
+    monkeypatch.setattr(base, "find_batch_size",
+                        spy("find_batch_size", None if batch_size is None else (batch_size, {batch_size: 1.0})))
+    return calls
+
+
+@pytest.mark.parametrize("method, stage", [
+    ("lora", {"lora": {"r": 4, "alpha": 8}}),
+    ("head", {}),
+])
+def test_auto_values_are_tuned_on_the_parameters_that_train(tmp_path, tiny_model_dir, sst2_small, monkeypatch,
+                                                            method, stage):
+    """lr / batch_size auto probe the model as it will train: adapters applied, frozen parts frozen."""
+    calls = spy_on_auto(monkeypatch, lr=2e-3, batch_size=16)
+    _, m = run_method(tmp_path, tiny_model_dir, sst2_small, method, method=method, lr="auto", batch_size="auto",
+                      max_steps=2, **stage)
+    s = m["stages"][0]
+    assert [c["fn"] for c in calls] == ["find_batch_size", "find_lr"]
+    assert s["lr"] == 2e-3 and s["batch_size"] == 16
+    assert s["trainable_params"] < m["final"]["params"] // 10  # LoRA / head only: a small share
+    for c in calls:
+        assert c["trainable"] == s["trainable_params"]
+        assert c["peft"] == (method == "lora")
+    if method == "head":
+        assert s["trainable_params"] == 32 * 32 + 32 + 32 * 2 + 2  # pooler + classifier
+
+
+def test_auto_lr_and_batch_size(tmp_path, tiny_model_dir, sst2_small, monkeypatch):
+    """The real searches, on the head-only parameter set: the stage uses exactly what they returned (not
+    a clipped stand-in), and they measured the parameters that train."""
+    calls = spy_on_auto(monkeypatch)
+    _, m = run_method(tmp_path, tiny_model_dir, sst2_small, "auto", method="head", lr="auto", batch_size="auto",
+                      max_steps=2)
     stage = m["stages"][0]
-    assert 1e-6 <= stage["lr"] <= 1e-2
-    assert stage["batch_size"] in (8, 16, 32, 64, 128)
+    (bs_call, lr_call) = calls
+    assert stage["batch_size"] == bs_call["result"][0] and stage["batch_size"] in (8, 16, 32, 64, 128)
+    assert set(bs_call["result"][1]) <= {8, 16, 32, 64, 128} and stage["batch_size"] in bs_call["result"][1]
+    lr, curve = lr_call["result"]
+    assert stage["lr"] == lr and 1e-6 <= lr <= 1e-2
+    assert len(curve) >= 10 and all(a[0] < b[0] for a, b in zip(curve, curve[1:], strict=False))
+    assert bs_call["trainable"] == lr_call["trainable"] == stage["trainable_params"] == 32 * 32 + 32 + 32 * 2 + 2
 
 
 def test_chinese_text_is_segmented_with_jieba_for_training_and_prediction(tmp_path, tiny_model_dir):
     """No Chinese set ships with the project: a handful of sentences written for this test."""
-    from helpers import write_chinese_csv
+    from helpers import CHINESE_REVIEWS, eval_split, write_chinese_csv
 
+    from slimtune.evaluate import predict_logits
     from slimtune.predict import Predictor
 
     train = write_chinese_csv(tmp_path / "zh.csv")
@@ -119,11 +174,21 @@ def test_chinese_text_is_segmented_with_jieba_for_training_and_prediction(tmp_pa
               "data": {"train": str(train), "text_field": "句子", "label_field": "标签", "segment_chinese": True,
                        "eval_fraction": 0.2},
               "stages": [TINY_STAGE, EVAL]}
-    metrics = slimtune.run(recipe, tmp_path / "zh", progress=False)
+    # long enough for the six sentences to be learnt: each prediction below is determined
+    stage = TINY_STAGE | {"epochs": 15, "lr": 5e-3, "batch_size": 8, "keep_best": False}
+    metrics = slimtune.run(recipe | {"stages": [stage, EVAL]}, tmp_path / "zh", progress=False)
     assert metrics["data"]["eval_source"] == "split" and metrics["data"]["eval_rows"] == 6
     config = json.loads((tmp_path / "zh" / "model" / "config.json").read_text())
     assert sorted(config["label2id"]) == ["好评", "差评"]
     assert config["slimtune_preprocessing"]["segment_chinese"] is True
     predictor = Predictor(str(tmp_path / "zh" / "model"))
     assert predictor.preprocess("我很喜欢这个故事") == "我 很 喜欢 这个 故事"
-    assert predictor(["我很喜欢这个故事"])[0]["label"] in ("好评", "差评")
+    texts = [t for t, _ in CHINESE_REVIEWS]
+    predicted = predictor(texts)
+    assert [p["label"] for p in predicted] == [label for _, label in CHINESE_REVIEWS]
+    assert all(p["score"] > 0.8 for p in predicted), predicted
+    # and exactly what the eval path (segmentation included) computes for the same texts
+    model, ds, _ = eval_split(tmp_path / "zh" / "model", write_chinese_csv(tmp_path / "same.csv", copies=1))
+    probs = torch.softmax(torch.from_numpy(predict_logits(model, ds)), -1)
+    ours = torch.tensor([[p["probabilities"][model.config.id2label[i]] for i in range(2)] for p in predicted])
+    assert torch.allclose(ours, probs, atol=2e-6)

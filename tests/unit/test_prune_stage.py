@@ -13,11 +13,11 @@ EVAL = {"stage": "evaluate", "speed": False}
 RECOVER = {"epochs": 1, "lr": 5e-4, "batch_size": 16}
 
 
-def run(tmp_path, tiny_model_dir, sst2_small, *stages, name="out"):
+def run(tmp_path, tiny_model_dir, sst2_small, *stages, name="out", **kw):
     recipe = {"model": str(tiny_model_dir),
               "data": {"train": str(sst2_small[0]), "eval": str(sst2_small[1]), "max_length": 48},
               "stages": list(stages)}
-    return slimtune.run(recipe, tmp_path / name, progress=False)
+    return slimtune.run(recipe, tmp_path / name, progress=False, **kw)
 
 
 def encoder_zeros(path) -> float:
@@ -84,13 +84,13 @@ def test_structured_ffn_and_layer_pruning_is_a_plain_hf_model(tmp_path, tiny_mod
 
 def test_iterative_rounds_stop_past_max_drop_and_keep_the_last_good_round(tmp_path, tiny_model_dir, sst2_small,
                                                                           monkeypatch):
-    from slimtune.runner import RunState
+    from slimtune.stages.base import Run
 
     scores = iter([0.90, 0.90, 0.85, 0.80])  # stage start, round 0, round 1 (too low), ...
-    monkeypatch.setattr(RunState, "eval_accuracy", lambda self, model: next(scores))
+    monkeypatch.setattr(Run, "primary_metric", lambda self, model: next(scores))
     m = run(tmp_path, tiny_model_dir, sst2_small, FT,
-            {"stage": "prune", "method": "iterative", "sparsity": 0.9, "recover": RECOVER | {"max_steps": 3},
-             "iterative": {"rounds": 3, "method": "magnitude", "max_drop": 0.02, "rewind": True}}, EVAL)
+            {"stage": "prune", "method": "magnitude", "sparsity": 0.9, "recover": RECOVER | {"max_steps": 3},
+             "iterative": {"rounds": 3, "max_drop": 0.02, "rewind": True}}, EVAL)
     s = m["stages"][1]
     assert [r["share"] for r in s["rounds"]] == [0.3333, 0.6667]
     assert "stopped" in s["rounds"][1] and "stopped" not in s["rounds"][0]
@@ -108,7 +108,7 @@ def teacher_dir(tmp_path_factory, tiny_model_dir, sst2_small):
 
 def test_recovery_learns_a_cached_teachers_soft_targets(tmp_path, tiny_model_dir, sst2_small, teacher_dir,
                                                         monkeypatch):
-    import slimtune.prune.stage as stage
+    import slimtune.stages.recovery as stage
     from slimtune.train import model_inputs
 
     monkeypatch.setenv("SLIMTUNE_HOME", str(tmp_path / "home"))
@@ -140,7 +140,7 @@ def test_recovery_learns_a_cached_teachers_soft_targets(tmp_path, tiny_model_dir
      "choose one source of soft targets"),
     ({"method": "magnitude", "sparsity": 0.5, "targets": ["nothing_like_this"]}, "match no nn.Linear module"),
     ({"method": "structured", "heads": 0.9}, "pruning every head would remove the layer"),
-    ({"method": "structured"}, "structured needs heads, ffn or layers"),
+    ({"method": "structured"}, "structured pruning needs heads, ffn or layers"),
     ({"method": "magnitude", "sparsity": 0.5, "recover": {"hidden_weight": 1.0}}, "hidden_weight needs distill_from"),
     ({"method": "structured", "layers": 1, "recover": {"distill_from_unpruned": True, "hidden_weight": 1.0}},
      "cannot follow removing whole layers"),
@@ -154,7 +154,7 @@ def test_bad_prune_input(tmp_path, tiny_model_dir, sst2_small, stage, message):
 def test_resume_past_a_structured_prune_rebuilds_the_shapes(tmp_path, tiny_model_dir, sst2_small):
     stages = [{"stage": "prune", "method": "structured", "heads": 0.5, "ffn": 0.5, "importance": "weight"},
               FT, EVAL]
-    first = run(tmp_path, tiny_model_dir, sst2_small, *stages)
+    first = run(tmp_path, tiny_model_dir, sst2_small, *stages, keep_checkpoints=True)  # as if killed before the end
     out = tmp_path / "out"
     (out / "metrics.json").unlink()
     shutil.rmtree(out / "model")
@@ -195,3 +195,37 @@ def test_hidden_state_loss_is_zero_for_the_frozen_copy_and_grows_with_pruning():
     moved = tuple(h.clone() for h in s)
     moved[-1][0, 7] += 100.0
     assert hidden_state_mse(moved, t, batch["attention_mask"]) == hidden_state_mse(s, t, batch["attention_mask"])
+
+
+def test_gradual_auto_lr_is_tuned_once_with_the_recovery_loss(tmp_path, tiny_model_dir, sst2_small, monkeypatch):
+    """The gradual schedule needs the recovery's step count before it starts: the lr range test runs once,
+    with the recovery's own (distillation) loss, and the recovery then trains at that lr."""
+    import slimtune.stages.base as base
+    import slimtune.stages.prune as prune_stage
+    from slimtune.tasks.classification import TextClassification
+
+    built, probed = [], []
+
+    def spy_recovery_loss(run, rc, model):
+        built.append(recovery_loss(run, rc, model))
+        return built[-1]
+
+    def spy_find_lr(model, ds, loss_fn, make_batch, *args, **kw):
+        probed.append(loss_fn)
+        return 3e-4, []
+
+    recovery_loss = prune_stage.recovery_loss
+    monkeypatch.setattr(prune_stage, "recovery_loss", spy_recovery_loss)
+    monkeypatch.setattr(base, "find_lr", spy_find_lr)
+    m = run(tmp_path, tiny_model_dir, sst2_small,
+            {"stage": "prune", "method": "magnitude", "sparsity": 0.5, "schedule": "gradual",
+             "recover": RECOVER | {"lr": "auto", "distill_from_unpruned": True, "max_steps": 4}}, EVAL)
+    assert len(probed) == 1  # once for the stage: the schedule and the recovery share it
+    assert len(built) == 1 and probed[0] is built[0].loss_fn
+    assert getattr(probed[0], "__func__", None) is not TextClassification.loss
+    # the distillation loss reads the frozen unpruned copy: its closure holds a model, cross-entropy has none
+    frozen = [c.cell_contents for c in probed[0].__closure__ or () if isinstance(c.cell_contents, torch.nn.Module)]
+    assert len(frozen) == 1 and not any(p.requires_grad for p in frozen[0].parameters())
+    recover = m["stages"][0]["rounds"][0]["recover"]
+    assert recover["lr"] == 3e-4 and recover["steps"] == 4
+    assert m["stages"][0]["final_sparsity"] == pytest.approx(0.5, abs=0.01)

@@ -12,6 +12,7 @@ from transformers import AutoModelForSequenceClassification, BertConfig, BertFor
 
 from slimtune.batching import EncodedDataset, collate
 from slimtune.checkpoint import CheckpointStore
+from slimtune.config import LoopConfig
 from slimtune.errors import SlimtuneError
 from slimtune.prune.unstructured import (
     GradualPruner,
@@ -24,8 +25,7 @@ from slimtune.prune.unstructured import (
     select_linears,
     sparsity_report,
 )
-from slimtune.recipe import FinetuneStage
-from slimtune.train import TrainContext, cross_entropy_loss, train
+from slimtune.train import LoopSettings, TrainContext, cross_entropy_loss, train
 
 QUERY0 = "bert.encoder.layer.0.attention.self.query"
 
@@ -135,7 +135,8 @@ def tiny_bert(seed=0):
 
 
 def stage(**kw):
-    return FinetuneStage(**(dict(stage="finetune", epochs=2, lr=1e-3, batch_size=8, keep_best=False) | kw))
+    """The settings of one loop run (lr 1e-3, batch 8, no keep_best), overridden by `kw`."""
+    return LoopSettings.from_config(LoopConfig(**(dict(epochs=2, keep_best=False) | kw)), lr=1e-3, batch_size=8)
 
 
 def test_gradual_pruner_runs_from_the_on_step_hook_once_per_optimizer_step():
@@ -148,7 +149,7 @@ def test_gradual_pruner_runs_from_the_on_step_hook_once_per_optimizer_step():
         pruner.step(step)
         seen.append(sparsity_report(model, pruner.linears).overall)
 
-    res = train(model, random_ds(64, vocab=(1, 100), lengths=(3, 10)), None, stage(grad_accum=2),
+    res = train(model, random_ds(64, vocab=(1, 100), lengths=(3, 10)), stage(grad_accum=2),
                 TrainContext(progress=False), on_step=on_step)
     assert res.steps == 8 and calls == list(range(1, 9))  # 16 batches, 8 optimizer steps
     assert seen == sorted(seen) and seen[0] == 0 < seen[1] < seen[3] < seen[5]  # gradual, never regrown
@@ -160,7 +161,7 @@ def test_gradual_pruning_resumes_to_identical_weights_and_masks(tmp_path):
 
     def run(model, store, resume=None, loss_fn=cross_entropy_loss):
         pruner = GradualPruner(model, 0.6, total_steps=18, every=3)  # before train(): its optimizer sees the masks
-        train(model, ds, None, cfg, TrainContext(progress=False, checkpoints=store, resume=resume),
+        train(model, ds, cfg, TrainContext(progress=False, checkpoints=store, resume=resume),
               loss_fn=loss_fn, on_step=pruner.step)
 
     ref = tiny_bert()

@@ -6,10 +6,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import eval_split, make_run, stage_config
 from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 
-import slimtune.quantize.qat as qat
 from slimtune.batching import EncodedDataset
 from slimtune.checkpoint import CheckpointStore, read_checkpoint
 from slimtune.errors import SlimtuneError
@@ -21,13 +21,10 @@ from slimtune.quantize.qat import (
     FakeQuantLinear,
     convert_qat_,
     prepare_qat_,
-    run_qat,
-    train_config,
     weight_spec,
 )
-from slimtune.quantize.stage import word_embedding_name
-from slimtune.recipe import QuantizeStage
-from slimtune.runner import RunState
+from slimtune.quantize.targets import word_embedding_name
+from slimtune.stages.quantize import Quantize
 
 CFG = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                  intermediate_size=64, num_labels=2, max_position_embeddings=64)
@@ -62,12 +59,20 @@ def data():
 
 
 def run_state(model, data, **kw):
-    return RunState(model=model, tokenizer=None, data=data, base_model="tiny", progress=False, **kw)
+    return make_run(model, data, **kw)
 
 
 def stage(method, **kw):
     train = {"epochs": 1, "lr": 1e-3, "batch_size": 16, "distill_from_full": False} | kw.pop("train", {})
-    return QuantizeStage(stage="quantize", method=method, train=train, **kw)
+    return stage_config(stage="quantize", method=method, train=train, **kw)
+
+
+def run_qat(run, cfg):
+    return Quantize(cfg).run(run)
+
+
+def train_config(cfg):
+    return cfg.train
 
 
 def logits(model):
@@ -79,11 +84,11 @@ def logits(model):
 @pytest.fixture(scope="module")
 def fine_tuned(data):
     """A full-precision model that has learned the word task (the stage-start model of most tests)."""
-    from slimtune.recipe import FinetuneStage
-    from slimtune.train import TrainContext, train
+    from slimtune.config import LoopConfig
+    from slimtune.train import LoopSettings, TrainContext, train
 
     model = tiny_model()
-    train(model, data.train, None, FinetuneStage(stage="finetune", epochs=6, lr=2e-3, batch_size=16),
+    train(model, data.train, LoopSettings.from_config(LoopConfig(epochs=6), lr=2e-3, batch_size=16),
           TrainContext(progress=False))
     return model
 
@@ -172,11 +177,11 @@ def test_prepare_refuses_a_module_that_is_not_a_linear():
 
 
 def test_default_training_and_method_learning_rates():
-    t = train_config(QuantizeStage(stage="quantize", method="binary"))
-    assert (t.epochs, t.lr, t.distill_from_full) == (1, qat.DEFAULT_LR["binary"], True)
-    assert train_config(QuantizeStage(stage="quantize", method="qat")).lr == 1e-4
+    t = train_config(stage_config(stage="quantize", method="binary"))
+    assert (t.epochs, t.lr, t.distill_from_full) == (1, 5e-4, True)
+    assert train_config(stage_config(stage="quantize", method="qat")).lr == 1e-4
     assert train_config(stage("ternary", train={"lr": 3e-3})).lr == 3e-3  # the recipe's lr wins
-    assert train_config(QuantizeStage(stage="quantize", method="ternary", train={"epochs": 2})).lr == 5e-4
+    assert train_config(stage_config(stage="quantize", method="ternary", train={"epochs": 2})).lr == 5e-4
 
 
 # ------------------------------------------------------------------------------- the stage
@@ -188,7 +193,7 @@ def test_qat_int8_learns_a_word_task_from_scratch_and_reports_ptq_accuracy(data)
     assert m["accuracy"] == pytest.approx(m["train"]["best_metric"])  # converted = trained fake-quant model
     assert (m["method"], m["bits"], m["epochs_run"]) == ("qat", 8, 8)
     assert len(m["train"]["history"]) == 8
-    assert run.runner_state["quantize_spec"] == run.model.config.slimtune_quantization  # what a resume rebuilds
+    assert run.progress.states["0"]["spec"] == run.model.config.slimtune_quantization  # what a resume rebuilds
 
 
 def test_save_then_load_model_gives_identical_logits(data, fine_tuned, tmp_path):
@@ -204,10 +209,11 @@ def test_save_then_load_model_gives_identical_logits(data, fine_tuned, tmp_path)
 def test_distillation_from_the_full_precision_model(data, fine_tuned, monkeypatch, method):
     calls, teachers = [], []
     import slimtune.distill.losses as losses
+    import slimtune.stages.quantize_training as qt
 
-    real_loss, real_make = losses.soft_target_loss, qat._loss_fn
+    real_loss, real_make = losses.soft_target_loss, qt._soft_targets_of
     monkeypatch.setattr(losses, "soft_target_loss", lambda *a: calls.append(1) or real_loss(*a))
-    monkeypatch.setattr(qat, "_loss_fn", lambda teacher, tcfg: teachers.append(teacher) or real_make(teacher, tcfg))
+    monkeypatch.setattr(qt, "_soft_targets_of", lambda teacher, tcfg: teachers.append(teacher) or real_make(teacher, tcfg))
     run = run_state(copy.deepcopy(fine_tuned), data)
     m = run_qat(run, stage(method, train={"epochs": 2, "lr": 5e-4, "distill_from_full": True, "alpha": 0.7}))
     assert len(calls) == 2 * 16  # every training batch (256 rows / 16)
@@ -225,18 +231,20 @@ def test_a_killed_qat_stage_resumes_mid_training_and_ends_identically(data, fine
     ref_metrics = run_qat(ref, cfg)
 
     store = CheckpointStore(tmp_path / "killed")
-    real_train, seen = qat.train, {"n": 0, "kill_at": 23}  # after the step-20 checkpoint, mid second epoch
+    import slimtune.stages.base as stage_base
 
-    def counted_train(model, train_ds, eval_ds, tcfg, ctx, loss_fn, **kw):
+    real_train, seen = stage_base.train, {"n": 0, "kill_at": 23}  # after the step-20 checkpoint, mid second epoch
+
+    def counted_train(model, train_ds, settings, ctx, loss_fn, **kw):
         def loss(m, batch):
             seen["n"] += 1
             if seen["n"] == seen["kill_at"]:
                 raise KeyboardInterrupt
             return loss_fn(m, batch)
 
-        return real_train(model, train_ds, eval_ds, tcfg, ctx, loss_fn=loss, **kw)
+        return real_train(model, train_ds, settings, ctx, loss_fn=loss, **kw)
 
-    monkeypatch.setattr(qat, "train", counted_train)
+    monkeypatch.setattr(stage_base, "train", counted_train)
     with pytest.raises(KeyboardInterrupt):
         run_qat(run_state(copy.deepcopy(fine_tuned), data, checkpoints=store), cfg)
     state, _ = read_checkpoint(store.latest())
@@ -244,7 +252,7 @@ def test_a_killed_qat_stage_resumes_mid_training_and_ends_identically(data, fine
 
     # As after a kill: the runner's model has other weights (earlier stages are not re-run)
     resumed = run_state(tiny_model(seed=7), data, checkpoints=store, resume=store.latest(),
-                        runner_state=state["runner"])
+                        progress=state["runner"])
     seen.update(n=0, kill_at=-1)
     metrics = run_qat(resumed, cfg)
     assert seen["n"] == 2 * 16 - 20  # only the batches the killed run had not trained on
@@ -265,9 +273,7 @@ def test_runner_qat_stage_killed_mid_training_resumes_to_the_same_saved_model(tm
     from safetensors.torch import load_file
 
     import slimtune
-    from slimtune.models import load_tokenizer
-    from slimtune.runner import eval_dataset_for
-    from slimtune.train import default_eval_fn
+    import slimtune.stages.base as stage_base
 
     recipe = {"model": str(tiny_model_dir),
               "data": {"train": str(sst2_small[0]), "eval": str(sst2_small[1]), "max_length": 48},
@@ -277,21 +283,22 @@ def test_runner_qat_stage_killed_mid_training_resumes_to_the_same_saved_model(tm
                          {"stage": "evaluate", "speed": False}]}
     ref = slimtune.run(recipe, tmp_path / "ref", progress=False)
 
-    real_train, calls = qat.train, {"n": 0}
+    real_train, calls = stage_base.train, {"n": 0}
 
-    def killed_train(*args, loss_fn, **kw):
+    def killed_train(model, train_ds, settings, ctx, *, loss_fn, **kw):
         def loss(m, batch):
             calls["n"] += 1
             if calls["n"] == 7:  # after the step-4 checkpoint of the QAT loop (300 rows: 10 steps)
                 raise KeyboardInterrupt
             return loss_fn(m, batch)
 
-        return real_train(*args, loss_fn=loss, **kw)
+        qat_loop = "quantize" in ctx.tag  # the finetune stage before it trains as usual
+        return real_train(model, train_ds, settings, ctx, loss_fn=loss if qat_loop else loss_fn, **kw)
 
-    monkeypatch.setattr(qat, "train", killed_train)
+    monkeypatch.setattr(stage_base, "train", killed_train)
     with pytest.raises(KeyboardInterrupt):
         slimtune.run(recipe, tmp_path / "out", progress=False)
-    monkeypatch.setattr(qat, "train", real_train)
+    monkeypatch.setattr(stage_base, "train", real_train)
     latest, _ = read_checkpoint(CheckpointStore(tmp_path / "out" / "checkpoints").latest())
     assert latest["tag"] == "s1-quantize" and latest["loop"]["step"] == 4
     again = slimtune.run(recipe, tmp_path / "out", resume=True, progress=False)
@@ -303,7 +310,6 @@ def test_runner_qat_stage_killed_mid_training_resumes_to_the_same_saved_model(tm
     saved, expected = (load_file(str(tmp_path / d / "model" / "model.safetensors")) for d in ("out", "ref"))
     assert saved.keys() == expected.keys() and all(torch.equal(saved[k], expected[k]) for k in saved)
     model_dir = tmp_path / "out" / "model"
-    model = load_model(model_dir)
-    ds = eval_dataset_for(model_dir, sst2_small[1], load_tokenizer(model_dir), model.config.label2id, None, None)
-    assert default_eval_fn(ds, 0)(model)["accuracy"] == s["accuracy"]
+    model, _, eval_fn = eval_split(model_dir, sst2_small[1])
+    assert eval_fn(model)["accuracy"] == s["accuracy"]
     assert set(model.bert.encoder.layer[0].attention.self.query.qweight.unique().tolist()) <= {-1, 0, 1}

@@ -251,12 +251,15 @@ def test_quantized_size_counts_codes_at_their_bit_width():
 
 
 def test_skeleton_rebuild_on_resume_fits_the_quantized_state_dict():
-    from slimtune.quantize.stage import rebuild_quantize
+    from helpers import make_run, stage_config
+
+    from slimtune.stages.quantize import Quantize
 
     model = tiny_bert()
     quantize_(model, encoder_specs(model, bits=4, scheme="asymmetric"), method="weight_only")
-    run = SimpleNamespace(model=tiny_bert(seed=3), runner_state={"quantize_spec": model.config.slimtune_quantization})
-    rebuild_quantize(run, None)
+    run = make_run(tiny_bert(seed=3), SimpleNamespace(train=SimpleNamespace(labels=[0, 1]), eval=SimpleNamespace(labels=[])),
+                   progress={"states": {"0": {"spec": model.config.slimtune_quantization}}})
+    Quantize(stage_config(stage="quantize", method="weight_only", bits=4)).rebuild(run)
     run.model.load_state_dict(model.state_dict(), strict=True)
     b = batches(1)[0]
     assert torch.equal(logits(run.model, b), logits(model, b))
@@ -314,33 +317,31 @@ def test_bad_input_is_refused_with_the_module_named():
 
 
 # ------------------------------------------------------------------------------ stage end to end
-def run(tmp_path, tiny_model_dir, sst2_small, *stages, name="out", **data):
+def run(tmp_path, tiny_model_dir, sst2_small, *stages, name="out", keep_checkpoints=False, **data):
     recipe = {"model": str(tiny_model_dir),
               "data": {"train": str(sst2_small[0]), "eval": str(sst2_small[1]), "max_length": 32, **data},
               "stages": list(stages)}
-    return slimtune.run(recipe, tmp_path / name, progress=False)
+    return slimtune.run(recipe, tmp_path / name, progress=False, keep_checkpoints=keep_checkpoints)
 
 
 def saved_and_loaded_logits(tmp_path, monkeypatch, run_recipe):
     """Run a recipe, keeping the in-memory model the runner saves; returns (its dev logits, the dev
     logits of the model `load_model` reads back from OUT/model)."""
+    from helpers import eval_split
+
     from slimtune import runner
     from slimtune.evaluate import predict_logits
-    from slimtune.models import load_tokenizer
 
     kept = {}
     save = runner.save_model_dir
 
-    def keep_and_save(model, *args):
-        kept["model"] = model
-        save(model, *args)
+    def keep_and_save(run, *args):
+        kept["model"] = run.model
+        save(run, *args)
 
     monkeypatch.setattr(runner, "save_model_dir", keep_and_save)
     metrics = run_recipe()
-    model_dir = tmp_path / "out" / "model"
-    loaded = load_model(model_dir)
-    ds = runner.eval_dataset_for(model_dir, tmp_path / "dev.jsonl", load_tokenizer(model_dir),
-                                 loaded.config.label2id, None, None)
+    loaded, ds, _ = eval_split(tmp_path / "out" / "model", tmp_path / "dev.jsonl")
     return metrics, predict_logits(kept["model"], ds), predict_logits(loaded, ds)
 
 
@@ -396,14 +397,15 @@ def test_lora_adapter_is_merged_before_quantization(tmp_path, tiny_model_dir, ss
 
 
 @pytest.mark.parametrize("stage, message", [
-    ({"method": "weight_only", "bits": 3}, "bits 3 not supported by method weight_only"),
-    ({"method": "weight_only", "weight_scales": "per_tensor"}, "weight_scales per_tensor applies to dynamic_int8"),
-    ({"method": "mixed", "weight_scales": "auto"}, "weight_scales auto applies to dynamic_int8"),
+    ({"method": "weight_only", "bits": 3}, r"stages.0.bits: invalid value 3 \(expected 8 or 4\)"),
+    ({"method": "weight_only", "weight_scales": "per_tensor"},
+     r"stages.0.weight_scales: not a key of method weight_only \(it applies to dynamic_int8, static_int8\)"),
+    ({"method": "mixed", "weight_scales": "auto"}, "not a key of method mixed"),
     ({"method": "weight_only", "bits": 4, "group_size": 24}, "group_size 24 does not divide the 32 input features of bert.encoder.layer.0.attention.self.query"),
     ({"targets": ["nothing_like_this"]}, "match no nn.Linear"),
-    ({"method": "mixed", "mixed": {"bits": [5, 8]}}, r"mixed.bits \[5\] not supported"),
+    ({"method": "mixed", "mixed": {"bits": [5, 8]}}, r"stages.0.mixed.bits: bits \[5\] not supported"),
     ({"method": "fixed_point", "int_bits": 8, "frac_bits": 8}, "at most 16"),
-    ({"method": "dynamic_int8", "algorithm": "gptq"}, "applies to method weight_only"),
+    ({"method": "dynamic_int8", "algorithm": "gptq"}, r"algorithm: not a key of method dynamic_int8 \(it applies to weight_only\)"),
 ])
 def test_bad_stage_config_is_refused_before_the_output_exists(tmp_path, tiny_model_dir, sst2_small, stage, message):
     with pytest.raises(SlimtuneError, match=message):
@@ -413,12 +415,12 @@ def test_bad_stage_config_is_refused_before_the_output_exists(tmp_path, tiny_mod
 
 def test_resume_past_a_finished_quantize_stage_rebuilds_the_quantized_modules(tmp_path, monkeypatch, tiny_model_dir,
                                                                               sst2_small):
-    from slimtune.quantize import stage as quantize_stage
+    from slimtune.stages.quantize import Quantize
 
     stages = [QUANTIZE | {"method": "weight_only", "bits": 4, "group_size": 16, "symmetric": False},
               {"stage": "finetune", "method": "full", "max_steps": 4, "batch_size": 16, "lr": 1e-3,
                "checkpoint_every": 2}, EVAL]
-    first = run(tmp_path, tiny_model_dir, sst2_small, *stages)
+    first = run(tmp_path, tiny_model_dir, sst2_small, *stages, keep_checkpoints=True)
     out = tmp_path / "out"
     assert any((out / "checkpoints").glob("ckpt-*"))
     (out / "metrics.json").unlink()  # as if killed after the last checkpoint
@@ -426,8 +428,8 @@ def test_resume_past_a_finished_quantize_stage_rebuilds_the_quantized_modules(tm
               "data": {"train": str(sst2_small[0]), "eval": str(sst2_small[1]), "max_length": 32},
               "stages": stages}
     rebuilt = []
-    rebuild = quantize_stage.rebuild_quantize
-    monkeypatch.setattr(quantize_stage, "rebuild_quantize", lambda r, c: (rebuilt.append(c.method), rebuild(r, c)))
+    rebuild = Quantize.rebuild
+    monkeypatch.setattr(Quantize, "rebuild", lambda self, r: (rebuilt.append(self.config.method), rebuild(self, r)))
     resumed = slimtune.run(recipe, out, resume=True, progress=False)
     assert rebuilt == ["weight_only"]
     assert resumed["final"]["accuracy"] == first["final"]["accuracy"]

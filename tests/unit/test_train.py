@@ -1,5 +1,7 @@
 """The training loop on tiny random BERTs: resume, schedules, early stopping, keep_best, autotune."""
 
+import math
+
 import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
@@ -7,8 +9,9 @@ from transformers import BertConfig, BertForSequenceClassification
 from slimtune.autotune import find_batch_size, find_lr
 from slimtune.batching import EncodedDataset, collate
 from slimtune.checkpoint import CheckpointStore
-from slimtune.recipe import EarlyStopping, FinetuneStage
-from slimtune.train import TrainContext, cross_entropy_loss, train
+from slimtune.config import EarlyStopping, LoopConfig
+from slimtune.tasks.classification import TextClassification
+from slimtune.train import LoopSettings, TrainContext, cross_entropy_loss, optimizer_steps, train
 
 CFG = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                  intermediate_size=64, num_labels=2)
@@ -28,8 +31,17 @@ def ds():
 
 
 def stage(**kw):
-    base = dict(stage="finetune", epochs=2, lr=1e-3, batch_size=8)
-    return FinetuneStage(**(base | kw))
+    base = dict(epochs=2, lr=1e-3, batch_size=8)
+    return LoopConfig(**(base | kw))
+
+
+def loop(cfg, **overrides):
+    """The settings of one loop run: `cfg` with its own lr and batch size."""
+    return LoopSettings.from_config(cfg, lr=cfg.lr, batch_size=cfg.batch_size, **overrides)
+
+
+def evaluating(eval_ds):
+    return TextClassification().eval_fn(eval_ds, 0)
 
 
 def same_weights(a, b):
@@ -39,9 +51,9 @@ def same_weights(a, b):
 def test_seeded_runs_are_identical_and_seed_matters(ds):
     a, b, c = tiny_model(), tiny_model(), tiny_model()
     ctx = TrainContext(progress=False)
-    train(a, ds, None, stage(seed=1), ctx)
-    train(b, ds, None, stage(seed=1), ctx)
-    train(c, ds, None, stage(seed=2), ctx)
+    train(a, ds, loop(stage(seed=1)), ctx)
+    train(b, ds, loop(stage(seed=1)), ctx)
+    train(c, ds, loop(stage(seed=2)), ctx)
     assert same_weights(a, b)
     assert not same_weights(a, c)
 
@@ -50,10 +62,11 @@ def test_seeded_runs_are_identical_and_seed_matters(ds):
                                 dict(grad_accum=1, schedule="plateau", eval_every=3),
                                 dict(grad_accum=1, schedule="linear", eval_every=5, ema_decay=0.9)])
 def test_resume_after_a_crash_ends_with_identical_weights(ds, tmp_path, kw):
-    cfg = stage(checkpoint_every=4, epochs=3, **kw)
-    eval_ds = ds.subset(range(20))
+    cfg = loop(stage(checkpoint_every=4, epochs=3, **kw))
+    eval_fn = evaluating(ds.subset(range(20)))
     ref = tiny_model()
-    ref_res = train(ref, ds, eval_ds, cfg, TrainContext(progress=False, checkpoints=CheckpointStore(tmp_path / "a")))
+    ref_res = train(ref, ds, cfg, TrainContext(progress=False, checkpoints=CheckpointStore(tmp_path / "a")),
+                    eval_fn=eval_fn)
 
     store = CheckpointStore(tmp_path / "b")
     calls = {"n": 0}
@@ -65,10 +78,12 @@ def test_resume_after_a_crash_ends_with_identical_weights(ds, tmp_path, kw):
         return cross_entropy_loss(model, batch)
 
     with pytest.raises(KeyboardInterrupt):
-        train(tiny_model(), ds, eval_ds, cfg, TrainContext(progress=False, checkpoints=store), loss_fn=crashing_loss)
+        train(tiny_model(), ds, cfg, TrainContext(progress=False, checkpoints=store), loss_fn=crashing_loss,
+              eval_fn=eval_fn)
     assert store.latest() is not None
     resumed = tiny_model(seed=99)  # different init: everything must come from the checkpoint
-    res = train(resumed, ds, eval_ds, cfg, TrainContext(progress=False, checkpoints=store, resume=store.latest()))
+    res = train(resumed, ds, cfg, TrainContext(progress=False, checkpoints=store, resume=store.latest()),
+                eval_fn=eval_fn)
     assert same_weights(ref, resumed)
     assert res.steps == ref_res.steps
     assert [h["accuracy"] for h in res.history] == [h["accuracy"] for h in ref_res.history]
@@ -77,16 +92,16 @@ def test_resume_after_a_crash_ends_with_identical_weights(ds, tmp_path, kw):
 def test_resume_of_a_finished_loop_returns_its_final_weights(ds, tmp_path):
     store = CheckpointStore(tmp_path)
     ref = tiny_model()
-    train(ref, ds, ds.subset(range(20)), stage(), TrainContext(progress=False, checkpoints=store))
+    train(ref, ds, loop(stage()), TrainContext(progress=False, checkpoints=store), eval_fn=evaluating(ds.subset(range(20))))
     again = tiny_model(seed=5)
-    res = train(again, ds, ds.subset(range(20)), stage(), TrainContext(progress=False, checkpoints=store,
-                                                                        resume=store.latest()))
+    res = train(again, ds, loop(stage()), TrainContext(progress=False, checkpoints=store, resume=store.latest()),
+                eval_fn=evaluating(ds.subset(range(20))))
     assert same_weights(ref, again) and res.steps == 30
 
 
 def test_checkpoints_are_complete_or_absent(ds, tmp_path):
     store = CheckpointStore(tmp_path)
-    train(tiny_model(), ds, None, stage(checkpoint_every=2), TrainContext(progress=False, checkpoints=store))
+    train(tiny_model(), ds, loop(stage(checkpoint_every=2)), TrainContext(progress=False, checkpoints=store))
     done = store.complete()
     assert 1 <= len(done) <= 2
     for ck in done:
@@ -109,17 +124,51 @@ def test_early_stopping_and_keep_best(ds):
         snapshots.append({k: v.clone() for k, v in m.state_dict().items()})
         return scripted_eval(values[len(snapshots) - 1:])(m)
 
-    res = train(model, ds, None, cfg, TrainContext(progress=False), eval_fn=eval_fn)
+    res = train(model, ds, loop(cfg), TrainContext(progress=False), eval_fn=eval_fn)
     assert len(res.history) == 4 and res.stopped_early  # best at eval 2, then two evals without gain
     assert res.best_metric == 0.9
     assert all(torch.equal(v, snapshots[1][k]) for k, v in model.state_dict().items())
 
 
+@pytest.mark.parametrize("metric", ["loss", "perplexity"])
+def test_a_lower_is_better_metric_keeps_the_lowest_eval(ds, metric):
+    """`loss` goes down by default; another metric (a causal LM's perplexity) says so with higher_is_better."""
+    cfg = stage(epochs=10, early_stopping=EarlyStopping(patience=1), keep_best=True, metric="loss")
+    settings = loop(cfg) if metric == "loss" else loop(cfg, metric="perplexity", higher_is_better=False)
+    assert settings.higher_is_better is False
+    model, snapshots, values = tiny_model(), [], [5.0, 2.0, 3.0, 4.0, 1.0]
+
+    def eval_fn(m):
+        snapshots.append({k: v.clone() for k, v in m.state_dict().items()})
+        return {metric: values[len(snapshots) - 1], "accuracy": 0.5}
+
+    steps_per_epoch = math.ceil(len(ds) / 8)
+    res = train(model, ds, settings, TrainContext(progress=False), eval_fn=eval_fn)
+    assert len(res.history) == 4 and res.stopped_early  # best at eval 2 (the lowest), then two rises
+    assert res.best_metric == 2.0 and res.best_step == 2 * steps_per_epoch
+    assert all(torch.equal(v, snapshots[1][k]) for k, v in model.state_dict().items())
+
+
+def test_settings_hold_final_values_only():
+    with pytest.raises(ValueError, match="auto"):
+        LoopSettings.from_config(stage(lr="auto"), lr="auto", batch_size=8)
+    with pytest.raises(ValueError, match="auto"):
+        LoopSettings.from_config(stage(batch_size="auto"), lr=1e-3, batch_size="auto")
+    s = LoopSettings.from_config(stage(lr="auto", batch_size="auto", early_stopping=EarlyStopping(patience=3,
+                                                                                                   min_delta=0.1)),
+                                 lr=2e-4, batch_size=16, epochs=0.5, keep_best=False)
+    assert (s.lr, s.batch_size, s.epochs, s.keep_best) == (2e-4, 16, 0.5, False)
+    assert (s.early_stopping_patience, s.min_delta, s.metric, s.higher_is_better) == (3, 0.1, "accuracy", True)
+    assert optimizer_steps(100, s) == math.ceil(0.5 * math.ceil(100 / 16)) == 4
+    with pytest.raises(TypeError):
+        LoopSettings.from_config(stage(), lr=1e-3, batch_size=8, lerning_rate=1e-3)
+
+
 def test_evaluations_before_best_from_step_neither_win_nor_stop(ds):
     """Gradual pruning: while the masks still move, a dev score is neither the kept best nor a miss."""
     cfg = stage(epochs=10, early_stopping=EarlyStopping(patience=0), keep_best=True)
-    steps_per_epoch = train(tiny_model(), ds, None, stage(epochs=1), TrainContext(progress=False)).steps
-    res = train(tiny_model(), ds, None, cfg, TrainContext(progress=False), best_from_step=3 * steps_per_epoch,
+    steps_per_epoch = train(tiny_model(), ds, loop(stage(epochs=1)), TrainContext(progress=False)).steps
+    res = train(tiny_model(), ds, loop(cfg), TrainContext(progress=False), best_from_step=3 * steps_per_epoch,
                 eval_fn=scripted_eval([0.9, 0.5, 0.4, 0.6, 0.7, 0.65]))
     assert len(res.history) == 6 and res.stopped_early  # no stop before eval 3; best at 5, miss at 6
     assert res.best_metric == 0.7 and res.best_step == 5 * steps_per_epoch
@@ -149,14 +198,14 @@ def test_ema_is_what_is_evaluated_and_kept(ds, start):
             seen.append(all(torch.allclose(w, reference[n], atol=1e-6) for n, w in trainable(m).items()))
         return {"accuracy": 0.5, "loss": 0.0, "f1_macro": 0.0}
 
-    res = train(model, ds, None, stage(ema_decay=0.9, keep_best=False, eval_every=4), TrainContext(progress=False),
+    res = train(model, ds, loop(stage(ema_decay=0.9, keep_best=False, eval_every=4)), TrainContext(progress=False),
                 eval_fn=eval_fn, on_step=on_step, best_from_step=start)
     assert seen and all(seen)
     assert [h.get("weights") for h in res.history] == [None if h["step"] < start else "ema" for h in res.history]
     assert all(torch.allclose(w, reference[n], atol=1e-6) for n, w in trainable(model).items())
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)
     plain = tiny_model()
-    train(plain, ds, None, stage(keep_best=False), TrainContext(progress=False))
+    train(plain, ds, loop(stage(keep_best=False)), TrainContext(progress=False))
     assert not same_weights(plain, model)
 
 
@@ -168,7 +217,7 @@ def test_ema_decay_must_be_a_fraction():
 
 def test_min_delta_counts_small_gains_as_no_gain(ds):
     cfg = stage(epochs=10, early_stopping=EarlyStopping(patience=0, min_delta=0.05))
-    res = train(tiny_model(), ds, None, cfg, TrainContext(progress=False),
+    res = train(tiny_model(), ds, loop(cfg), TrainContext(progress=False),
                 eval_fn=scripted_eval([0.5, 0.52, 0.9, 0.9]))
     assert len(res.history) == 2
 
@@ -189,7 +238,7 @@ def lr_log(monkeypatch):
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine", "constant"])
 def test_schedules_warm_up_and_decay(ds, schedule, lr_log):
-    train(tiny_model(), ds, None, stage(schedule=schedule, warmup_ratio=0.2, epochs=2), TrainContext(progress=False))
+    train(tiny_model(), ds, loop(stage(schedule=schedule, warmup_ratio=0.2, epochs=2)), TrainContext(progress=False))
     assert lr_log[0] < lr_log[5] <= 1e-3 + 1e-12  # warm-up ramps up
     if schedule == "constant":
         assert lr_log[-1] == pytest.approx(1e-3)
@@ -199,7 +248,8 @@ def test_schedules_warm_up_and_decay(ds, schedule, lr_log):
 
 def test_plateau_halves_lr_when_the_metric_stalls(ds, lr_log):
     cfg = stage(schedule="plateau", warmup_ratio=0.0, epochs=4, plateau_factor=0.5, plateau_patience=0)
-    res = train(tiny_model(), ds, None, cfg, TrainContext(progress=False), eval_fn=scripted_eval([0.5, 0.4, 0.4, 0.4]))
+    res = train(tiny_model(), ds, loop(cfg), TrainContext(progress=False),
+                eval_fn=scripted_eval([0.5, 0.4, 0.4, 0.4]))
     assert len(res.history) == 4
     per_epoch = len(lr_log) // 4
     # epochs 1-2 at the full lr; evals 2 and 3 stall, each halving the lr for the epoch after it
@@ -216,7 +266,7 @@ def test_injected_loss_is_the_one_used(ds):
         return cross_entropy_loss(model, batch) * 0.0
 
     model, before = tiny_model(), tiny_model()
-    train(model, ds, None, stage(epochs=1, weight_decay=0.0), TrainContext(progress=False), loss_fn=loss_fn)
+    train(model, ds, loop(stage(epochs=1, weight_decay=0.0)), TrainContext(progress=False), loss_fn=loss_fn)
     assert sum(seen) == len(ds)
     assert same_weights(model, before)  # zero loss, no decay: AdamW leaves weights unchanged
 

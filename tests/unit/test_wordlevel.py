@@ -5,14 +5,8 @@ import torch
 
 import slimtune
 from slimtune.batching import collate, encode
-from slimtune.distill.wordlevel import (
-    UNK_ID,
-    WordBiLSTMClassifier,
-    WordCNNClassifier,
-    WordTokenizer,
-    build_word_student,
-    init_embeddings_from_teacher,
-)
+from slimtune.config import LoopConfig
+from slimtune.distill.wordlevel import build_word_student, init_embeddings_from_teacher
 from slimtune.distill.wordvectors import (
     common_words,
     contextual_word_vectors,
@@ -23,8 +17,8 @@ from slimtune.distill.wordvectors import (
 from slimtune.errors import SlimtuneError
 from slimtune.models import load_tokenizer, save_hf_model
 from slimtune.predict import Predictor
-from slimtune.recipe import FinetuneStage
-from slimtune.train import TrainContext, cross_entropy_loss, train
+from slimtune.train import LoopSettings, TrainContext, cross_entropy_loss, train
+from slimtune.wordmodels import UNK_ID, WordBiLSTMClassifier, WordCNNClassifier, WordTokenizer
 
 ID2LABEL = {0: "neg", 1: "pos"}
 POS = ["good movie", "great film , good acting", "a fine and great story", "good fun", "great !", "fine good work"]
@@ -123,8 +117,8 @@ def test_a_few_training_steps_reduce_the_loss(arch):
             return cross_entropy_loss(model, batch).item()
 
     before = loss()
-    cfg = FinetuneStage(stage="finetune", epochs=10, lr=1e-2, batch_size=4, warmup_ratio=0.0, keep_best=False)
-    train(model, ds, None, cfg, TrainContext(progress=False))
+    cfg = LoopSettings.from_config(LoopConfig(epochs=10, warmup_ratio=0.0, keep_best=False), lr=1e-2, batch_size=4)
+    train(model, ds, cfg, TrainContext(progress=False))
     assert loss() < 0.5 * before
     assert model(**collate(ds, [0, 1], with_labels=True)).loss is not None
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 from torch import nn
 
 from slimtune.adapt.layers import anatomy
+from slimtune.config import LoraConfig
 from slimtune.errors import SlimtuneError
-from slimtune.recipe import LoraConfig
 
 
 def head_modules(model: nn.Module) -> list[str]:

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimtune.batching import logits_of, model_inputs
 from slimtune.errors import SlimtuneError
-from slimtune.train import logits_of, model_inputs
 
 
 def soft_target_loss(student_logits: torch.Tensor, soft_targets: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -13,9 +13,9 @@ from pathlib import Path
 from torch import nn
 
 from slimtune.adapt.layers import anatomy
+from slimtune.config import StudentSpec
 from slimtune.errors import SlimtuneError
 from slimtune.models import load_for_classification, load_tokenizer, resolve_model_path
-from slimtune.recipe import StudentSpec
 
 
 @dataclass

@@ -19,10 +19,10 @@ import torch
 from torch import nn
 
 from slimtune.assets import slimtune_home
-from slimtune.batching import EncodedDataset, batch_indices, collate, encode
+from slimtune.batching import EncodedDataset, batch_indices, collate, encode, model_inputs
+from slimtune.config import TeacherSpec
 from slimtune.errors import SlimtuneError
 from slimtune.models import load_model, load_tokenizer, read_config, resolve_model_path
-from slimtune.train import model_inputs
 
 CACHE_VERSION = "1"  # bump when what is cached changes
 
@@ -148,8 +148,6 @@ def teacher_soft_targets(teacher: str, ds: EncodedDataset, id2label: dict[int, s
                          temperature: float, log=print) -> torch.Tensor:
     """[N, C] softened distribution of one fine-tuned `teacher` (dir or alias) on every text of `ds`, in
     order; the teacher runs once per data and is cached like the distill stage's (recovery training)."""
-    from slimtune.recipe import TeacherSpec
-
     teachers = load_teachers([TeacherSpec(path=teacher)], id2label)
     out = cached_teacher_outputs(teachers, list(ds.texts), ds.pairs, max_length, [], None, log=log)
     return torch.softmax(out[0]["logits"] / temperature, dim=-1)

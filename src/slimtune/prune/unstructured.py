@@ -12,7 +12,6 @@ Masks only ever shrink: pruning a masked layer again keeps its earlier zeros (no
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -20,12 +19,13 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from slimtune.batching import model_inputs
 from slimtune.errors import SlimtuneError
+from slimtune.modules import select_linears
 
 NORMS = ("l1", "l2", "none")
 SCOPES = ("per_layer", "global")
 # Never pruned by default when a model has no recognisable layer stack: task heads and embeddings.
-HEAD_NAMES = re.compile(r"(^|\.)(classifier|pooler|lm_head|score|embeddings)(\.|$)")
 
 
 @dataclass
@@ -41,53 +41,6 @@ class PruneReport:
 
 
 # --- targets ----------------------------------------------------------------------------------
-
-
-def select_linears(model: nn.Module, targets: list[str] | None = None,
-                   ignore: list[str] | None = None) -> dict[str, nn.Linear]:
-    """The `nn.Linear` modules to prune, by name.
-
-    A pattern is `re:<regex>` (matched from the start of the module name, as in llm-compressor), a
-    class name (`Linear`), or a module name or dotted suffix (`query` matches `...self.query`).
-    Default targets: every Linear inside the transformer layer stack, so the classifier, pooler,
-    embeddings and lm_head are left alone.
-    """
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    if not linears:
-        raise SlimtuneError(f"{type(model).__name__} has no nn.Linear module to prune")
-    if targets is None:
-        chosen = _layer_stack_linears(model, linears)
-    else:
-        unmatched = [p for p in targets if not any(_matches(p, n, m) for n, m in linears.items())]
-        if unmatched:
-            raise SlimtuneError(f"targets {unmatched} match no nn.Linear module "
-                                f"(examples: {', '.join(list(linears)[:3])})")
-        chosen = {n: m for n, m in linears.items() if any(_matches(p, n, m) for p in targets)}
-    chosen = {n: m for n, m in chosen.items() if not any(_matches(p, n, m) for p in ignore or ())}
-    if not chosen:
-        raise SlimtuneError(f"ignore {ignore} leaves no nn.Linear module to prune")
-    return chosen
-
-
-def _layer_stack_linears(model: nn.Module, linears: dict[str, nn.Linear]) -> dict[str, nn.Linear]:
-    from slimtune.adapt.layers import anatomy
-
-    try:
-        prefix = anatomy(model).layers + "."
-    except SlimtuneError:  # not a transformer we recognise: every Linear but the head-like ones
-        return {n: m for n, m in linears.items() if not HEAD_NAMES.search(n)}
-    return {n: m for n, m in linears.items() if n.startswith(prefix)}
-
-
-def _matches(pattern: str, name: str, module: nn.Module) -> bool:
-    if pattern.startswith("re:"):
-        try:
-            return re.match(pattern[3:], name) is not None
-        except re.error as e:
-            raise SlimtuneError(f"pattern {pattern!r} is not a valid regex ({e})") from None
-    if pattern in {t.__name__ for t in type(module).__mro__}:
-        return True
-    return name == pattern or name.endswith("." + pattern)
 
 
 # --- masks ------------------------------------------------------------------------------------
@@ -287,8 +240,6 @@ def collect_input_norms(model: nn.Module, linears: dict[str, nn.Linear],
     """‖X_j‖₂ of every input feature j of each linear, over all real tokens of the calibration
     batches (dicts from `slimtune.batching.collate`): padding positions are left out when the batch
     has an attention_mask, so the norms do not depend on how the sample was batched."""
-    from slimtune.train import model_inputs
-
     sq = {n: torch.zeros(lin.in_features, dtype=torch.float64, device=lin.weight.device)
           for n, lin in linears.items()}
     tokens: dict[str, torch.Tensor | None] = {"mask": None}

@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from slimtune.batching import model_inputs
 from slimtune.errors import SlimtuneError
 from slimtune.quantize.codes import code_range, dequantize_codes, group_params, quantize_codes
 
@@ -43,8 +44,6 @@ def forward_all(model: nn.Module, batches: list[dict], hooks: dict[nn.Module, Ca
                 state: dict | None = None) -> None:
     """Run the calibration batches through `model` (eval mode, no grad) with forward pre-hooks on modules;
     `state` holds the current batch's attention mask and the modules seen in it."""
-    from slimtune.train import model_inputs
-
     state = {} if state is None else state
     handles = [m.register_forward_pre_hook(h) for m, h in hooks.items()]
     was_training = model.training

@@ -406,7 +406,7 @@ def _record(model: nn.Module, specs: dict, method: str | None) -> None:
     if config is None:
         return
     old = getattr(config, CONFIG_KEY, None) or {}
-    setattr(config, CONFIG_KEY, {"method": method or old.get("method") or "custom",
+    setattr(config, CONFIG_KEY, {**old, "method": method or old.get("method") or "custom",  # old: calibration
                                  "layers": {**old.get("layers", {}), **specs}})
 
 

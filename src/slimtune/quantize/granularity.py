@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from slimtune.batching import model_inputs
 from slimtune.quantize.codes import fake_quantize
 
 
@@ -32,8 +33,6 @@ def per_tensor_error_ratio(weight: torch.Tensor, bits: int = 8, scheme: str = "s
 def shared_input_groups(model: nn.Module, linears: dict[str, nn.Linear], batch: dict) -> list[list[str]]:
     """Runs of consecutive calls of `linears` on the very same input tensor (one forward of `batch`):
     e.g. an attention block's query, key and value projections."""
-    from slimtune.train import model_inputs
-
     names = {id(m): n for n, m in linears.items()}
     calls: list[tuple[str, torch.Tensor]] = []
 

@@ -15,23 +15,25 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from slimtune.batching import logits_of, model_inputs
 from slimtune.errors import SlimtuneError
+from slimtune.modules import select_linears
 from slimtune.quantize.core import fake_quantize
 
 SENSITIVITIES = ("accuracy", "output_error")
 
 
 def _logits(model: nn.Module, batches: list[dict]) -> list[torch.Tensor]:
-    from slimtune.train import logits_of, model_inputs
-
     with torch.no_grad():
         return [logits_of(model(**model_inputs(b))).float() for b in batches]
 
 
 def layer_sensitivity(model: nn.Module, targets: dict[str, nn.Linear], bits: int, sensitivity: str,
                       calibration: list[dict] | None, eval_fn: Callable[[nn.Module], dict] | None = None,
-                      group_size: int | None = None, symmetric: bool = True) -> dict[str, float]:
-    """{name: damage when only that layer's weight is quantized to `bits`}; the model is left as it was."""
+                      group_size: int | None = None, symmetric: bool = True, metric: str = "accuracy",
+                      higher_is_better: bool = True) -> dict[str, float]:
+    """{name: damage when only that layer's weight is quantized to `bits`}; the model is left as it was.
+    sensitivity "accuracy" measures the fall of the dev `metric` (the task's primary one)."""
     if sensitivity not in SENSITIVITIES:
         raise SlimtuneError(f"quantize: mixed.sensitivity {sensitivity!r} ({', '.join(SENSITIVITIES)})")
     if sensitivity == "accuracy" and eval_fn is None:
@@ -41,8 +43,9 @@ def layer_sensitivity(model: nn.Module, targets: dict[str, nn.Linear], bits: int
     was_training = model.training
     model.eval()
     if sensitivity == "accuracy":
-        base = eval_fn(model)["accuracy"]
-        measure = lambda: base - eval_fn(model)["accuracy"]  # noqa: E731
+        sign = 1.0 if higher_is_better else -1.0
+        base = eval_fn(model)[metric]
+        measure = lambda: sign * (base - eval_fn(model)[metric])  # noqa: E731
     else:
         reference = _logits(model, calibration)
         size = sum(float((r ** 2).sum()) for r in reference) / sum(r.numel() for r in reference)
@@ -89,16 +92,16 @@ def assign_bits(sensitivity: dict[str, float], sizes: dict[str, int], candidates
 def choose_bits(model: nn.Module, candidates: list[int], budget_bits: float, sensitivity: str,
                 calibration: list[dict] | None, eval_fn: Callable[[nn.Module], dict] | None = None,
                 targets: dict[str, nn.Linear] | None = None, group_size: int | None = None,
-                symmetric: bool = True) -> tuple[dict[str, int], dict[str, float]]:
+                symmetric: bool = True, metric: str = "accuracy", higher_is_better: bool = True
+                ) -> tuple[dict[str, int], dict[str, float]]:
     """(bits per target layer, sensitivity per target layer). Default targets: the encoder Linears."""
     if targets is None:
-        from slimtune.prune.unstructured import select_linears
-
-        targets = select_linears(model)
+        targets = select_linears(model, purpose="quantize")
     if not candidates:
         raise SlimtuneError("quantize: mixed.bits needs at least one candidate width")
     table = layer_sensitivity(model, targets, min(candidates), sensitivity, calibration, eval_fn,
-                              group_size=group_size, symmetric=symmetric)
+                              group_size=group_size, symmetric=symmetric, metric=metric,
+                              higher_is_better=higher_is_better)
     sizes = {name: linear.weight.numel() for name, linear in targets.items()}
     return assign_bits(table, sizes, candidates, budget_bits), table
 

@@ -2,11 +2,11 @@
 
 The target Linears are swapped for `FakeQuantLinear`s: the float weight stays a trainable *latent*
 weight, and every forward uses its quantized value (scales recomputed from the latent weight at every
-step), with gradients passed straight through to the latent weight (Bengio et al. 2013). Training runs
-on the one loop (`slimtune.train.train`), by default distilled from the full-precision model the stage
-started with. At the end `convert_qat_` hands the latent weights to `quantize_`, which computes the same
-codes the forward used: the saved model follows the quantized-model contract and gives the logits
-the trained fake-quant model gave.
+step), with gradients passed straight through to the latent weight (Bengio et al. 2013). The stage
+(`slimtune.stages.quantize_training`) trains on the one loop, by default distilled from the
+full-precision model the stage started with. At the end `convert_qat_` hands the latent weights to
+`quantize_`, which computes the same codes the forward used: the saved model follows the
+quantized-model contract and gives the logits the trained fake-quant model gave.
 
   binary   weights in {-a, +a} per output channel, a = mean|w| (XNOR-Net's optimal scale)
   ternary  weights in {-a, 0, +a}, threshold 0.7 mean|w| (Ternary Weight Networks)
@@ -21,33 +21,15 @@ after a kill the runner rebuilds earlier stages' structure but not their weights
 
 from __future__ import annotations
 
-import copy
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimtune.checkpoint import stage_start_snapshot
-from slimtune.distill.losses import online_distill_loss
 from slimtune.errors import SlimtuneError
-from slimtune.quantize.core import CONFIG_KEY, fake_quantize, layer_spec, quantize_
-from slimtune.quantize.stage import EMBEDDING_SPEC, quantize_targets, word_embedding_name
-from slimtune.recipe import QATConfig, QuantizeStage
-from slimtune.train import cross_entropy_loss, seed_everything, train
-
-if TYPE_CHECKING:
-    from slimtune.runner import RunState
+from slimtune.quantize.core import fake_quantize, layer_spec, quantize_
+from slimtune.quantize.targets import EMBEDDING_SPEC
 
 QAT_METHODS = ("binary", "ternary", "qat")
-# Default learning rates when the recipe does not set `train.lr`. An Adam step moves a latent weight by
-# about lr, and a binary/ternary forward only changes when a weight crosses zero (or the ternary
-# threshold 0.7 mean|w|, ~0.03 in a BERT layer): at 1e-4 most codes would not move within one epoch,
-# so binary/ternary get 5x more. int8/int4 codes change with every rounding step (~scale/2, far
-# smaller), so QAT stays at the usual fine-tuning magnitude.
-DEFAULT_LR = {"binary": 5e-4, "ternary": 5e-4, "qat": 1e-4}
-
-
 def weight_spec(method: str, bits: int = 8, group_size: int | None = None, symmetric: bool = True) -> dict:
     """The contract's per-layer entry for the Linear weights one QAT method trains."""
     if method == "binary":
@@ -153,56 +135,3 @@ def convert_qat_(model: nn.Module, method: str = "qat"):
     if not specs:
         raise SlimtuneError("quantize: the model has no fake-quant module to convert (run prepare_qat_ first)")
     return quantize_(model, specs, algorithm="rtn", method=method)
-
-
-# ------------------------------------------------------------------------------------------- stage
-def train_config(cfg: QuantizeStage) -> QATConfig:
-    """The recipe's `train`, or 1 epoch; the method's default lr unless the recipe sets one."""
-    tcfg = cfg.train or QATConfig()
-    if "lr" not in tcfg.model_fields_set:
-        tcfg = tcfg.model_copy(update={"lr": DEFAULT_LR[cfg.method]})
-    return tcfg
-
-
-def _loss_fn(teacher: nn.Module | None, tcfg: QATConfig):
-    if teacher is None:
-        return cross_entropy_loss
-    return online_distill_loss(teacher, tcfg.temperature, tcfg.alpha)  # soft targets of the fp32 model
-
-
-def run_qat(run: RunState, cfg: QuantizeStage) -> dict:
-    from slimtune.adapt.lora import is_peft
-
-    model = run.model
-    if is_peft(model):
-        raise SlimtuneError("quantize: the model is an unmerged LoRA adapter; set lora.save_adapter_only: false")
-    spec = weight_spec(cfg.method, cfg.bits, cfg.group_size, cfg.symmetric)
-    tcfg = train_config(cfg)
-    stage_start_snapshot(run, model)
-    targets = list(quantize_targets(model, cfg))  # the Linears every quantize method picks
-    embedding = word_embedding_name(model) if cfg.embeddings else None
-
-    start_acc = run.eval_accuracy(model)
-    ptq = copy.deepcopy(model)  # quantized without training: what QAT has to beat
-    prepare_qat_(ptq, targets, spec, embedding)
-    convert_qat_(ptq, cfg.method)
-    ptq_acc = run.eval_accuracy(ptq)
-    del ptq
-
-    teacher = copy.deepcopy(model).eval().requires_grad_(False) if tcfg.distill_from_full else None
-    total = sum(p.numel() for p in model.parameters())
-    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)  # latent weights included
-    prepare_qat_(model, targets, spec, embedding)
-    seed_everything(cfg.seed)
-    loss_fn = _loss_fn(teacher, tcfg)
-    lr, bs = run.resolve_auto(tcfg, model, loss_fn)
-    res = train(model, run.data.train, run.data.eval, tcfg, run.train_context(), loss_fn=loss_fn, lr=lr,
-                batch_size=bs)
-    report = convert_qat_(model, cfg.method)
-    run.runner_state["quantize_spec"] = copy.deepcopy(getattr(model.config, CONFIG_KEY))  # rebuilt on --resume
-    return {"stage": "quantize", "method": cfg.method, "bits": spec["bits"], "scheme": spec["scheme"],
-            "group_size": cfg.group_size, "embeddings": cfg.embeddings,
-            "distilled": tcfg.distill_from_full, "start_accuracy": start_acc,
-            "accuracy_before_training": ptq_acc, "accuracy": run.eval_accuracy(model),
-            "epochs_run": res.epochs_run, "train": res.summary(), "layers": report,
-            "trainable_params": trained, "trainable_pct": round(100 * trained / total, 2)}

@@ -9,24 +9,47 @@ the distillation loss; the student (and its tokenizer) becomes the run's model.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import ClassVar, Literal
 
 import torch
+from pydantic import Field
 
-from slimtune.batching import EncodedDataset, collate, encode
+from slimtune.batching import EncodedDataset, encode, pad_id_of
+from slimtune.config import AugmentConfig, IntermediateConfig, LoopConfig, StudentSpec, TeacherSpec
 from slimtune.data import TaskData
 from slimtune.distill.losses import DistillModel, layer_mapping, make_distill_loss
 from slimtune.distill.students import Student, build_student, encoder_shape, student_blueprint
 from slimtune.distill.teachers import Teacher, cached_teacher_outputs, check_teacher, combine_teachers, load_teachers
-from slimtune.distill.wordlevel import WORD_ARCHS
 from slimtune.distill.wordvectors import common_words, read_word_list
 from slimtune.errors import SlimtuneError
 from slimtune.models import load_tokenizer
-from slimtune.recipe import DistillStage
+from slimtune.stages.base import Run, console
 from slimtune.train import seed_everything
+from slimtune.wordmodels import WORD_ARCHS
 
-if TYPE_CHECKING:
-    from slimtune.runner import RunState
+
+class DistillConfig(LoopConfig):
+    stage: Literal["distill"]
+    teacher: str | TeacherSpec | list[str | TeacherSpec] = Field(json_schema_extra={"ref": "model"})
+    combine: Literal["weighted", "best"] = Field(
+        "weighted", description="multi-teacher: weighted average, or per example the most confident correct one")
+    student: StudentSpec = StudentSpec()
+    temperature: float = Field(2.0, gt=0)
+    alpha: float = Field(0.5, ge=0, le=1, description="weight of the soft-target loss; 1 - alpha: hard labels")
+    soft_loss: Literal["kl", "mse"] = Field(
+        "kl", description="kl: KL of the T-softened distributions x T^2 (Hinton et al.); mse: squared error "
+                          "of the centred logits (Tang et al. 2019, for small non-transformer students)")
+    intermediate: IntermediateConfig | None = None
+    transfer_augment: AugmentConfig | None = Field(
+        None, description="EDA copies of the train texts, labelled by the teacher only (TinyBERT)")
+    cache: Path | None = Field(None, json_schema_extra={"ref": "file"},
+                               description="teacher-output cache file (default: under $SLIMTUNE_HOME)")
+    lr: float | Literal["auto"] = 1e-4
+
+    def teachers(self) -> list[TeacherSpec]:
+        items = self.teacher if isinstance(self.teacher, list) else [self.teacher]
+        return [t if isinstance(t, TeacherSpec) else TeacherSpec(path=t) for t in items]
 
 
 @dataclass
@@ -46,7 +69,7 @@ def _same_tokenizer(a, b) -> bool:
     return type(a) is type(b) and get(a) is not None and get(a) == get(b)
 
 
-def _transfer_set(run: RunState, cfg: DistillStage, teacher: Teacher):
+def _transfer_set(run: Run, cfg: DistillConfig, teacher: Teacher):
     train = run.data.train
     texts, labels, pairs = list(train.texts), list(train.labels), train.pairs
     n = len(texts)
@@ -62,7 +85,7 @@ def _transfer_set(run: RunState, cfg: DistillStage, teacher: Teacher):
     return texts, pairs, labels, [i < n for i in range(len(texts))]
 
 
-def _intermediate_plan(cfg: DistillStage, kind: str, student_config, teacher_config, same_tokenizer: bool
+def _intermediate_plan(cfg: DistillConfig, kind: str, student_config, teacher_config, same_tokenizer: bool
                        ) -> tuple[list, str]:
     inter = cfg.intermediate
     if inter is None:
@@ -91,7 +114,7 @@ def _intermediate_plan(cfg: DistillStage, kind: str, student_config, teacher_con
     return mapping, granularity
 
 
-def validate_distill(run: RunState, cfg: DistillStage) -> None:
+def validate_distill(run: Run, cfg: DistillConfig) -> None:
     """Every input error of this stage, found from configs and tokenizers before the run starts."""
     from transformers import AutoConfig
 
@@ -118,7 +141,7 @@ def validate_distill(run: RunState, cfg: DistillStage) -> None:
             read_word_list(extra)  # unreadable, malformed or empty
 
 
-def setup_distill(run: RunState, cfg: DistillStage) -> DistillSetup:
+def setup_distill(run: Run, cfg: DistillConfig) -> DistillSetup:
     teachers = load_teachers(cfg.teachers(), run.data.id2label)
     first = teachers[0]
     texts, pairs, labels, labelled = _transfer_set(run, cfg, first)
@@ -137,32 +160,40 @@ def setup_distill(run: RunState, cfg: DistillStage) -> DistillSetup:
     return DistillSetup(teachers, student, texts, pairs, labels, labelled, mapping, granularity)
 
 
-def _adopt_student(run: RunState, setup: DistillSetup, eval_ds: EncodedDataset | None = None) -> None:
+def _adopt_student(run: Run, setup: DistillSetup, eval_ds: EncodedDataset | None = None) -> None:
     """The student (and its tokenizer) become the run's model; the data is re-encoded for it
     (`eval_ds`: the eval split already encoded with the student's tokenizer)."""
-    max_length = run.data_cfg.max_length
     tok = setup.student.tokenizer
-    reencode = lambda ds: encode(tok, ds.texts, ds.labels, ds.pairs, max_length)  # noqa: E731
+    reencode = lambda ds: encode(tok, ds.texts, ds.labels, ds.pairs, run.max_length)  # noqa: E731
     eval_ds = eval_ds if eval_ds is not None else reencode(run.data.eval)
-    run.data = TaskData(train=reencode(run.data.train), eval=eval_ds, label2id=run.data.label2id,
-                        id2label=run.data.id2label, info=run.data.info)
+    run.data = TaskData(train=reencode(run.data.train), eval=eval_ds, labels=run.data.labels, info=run.data.info)
     run.model, run.tokenizer = setup.student.model, tok
     for p in run.model.parameters():
         p.requires_grad_(True)
 
 
-def rebuild_distill(run: RunState, cfg: DistillStage) -> None:
-    """On --resume past this stage: rebuild the student's structure (weights come from the checkpoint)."""
-    _adopt_student(run, setup_distill(run, cfg))
+class Distill:
+    name: ClassVar[str] = "distill"
+    Config: ClassVar[type] = DistillConfig
+
+    def __init__(self, config: DistillConfig):
+        self.config = config
+
+    def validate(self, run: Run) -> None:
+        run.loop_direction(self.config)
+        validate_distill(run, self.config)
+
+    def rebuild(self, run: Run) -> None:
+        """On --resume past this stage: rebuild the student's structure (weights come from the checkpoint)."""
+        _adopt_student(run, setup_distill(run, self.config))
+
+    def run(self, run: Run) -> dict:
+        return run_distill(run, self.config)
 
 
-def run_distill(run: RunState, cfg: DistillStage) -> dict:
-    from slimtune.evaluate import predict_logits
-    from slimtune.runner import console
-    from slimtune.train import train
-
+def run_distill(run: Run, cfg: DistillConfig) -> dict:
     setup = setup_distill(run, cfg)
-    max_length = run.data_cfg.max_length
+    max_length = run.max_length
     pooled_layers = sorted({t for _, t in setup.mapping}) if setup.granularity == "pooled" else []
     outputs = cached_teacher_outputs(setup.teachers, setup.texts, setup.pairs, max_length, pooled_layers, cfg.cache,
                                      log=console.print)
@@ -170,23 +201,23 @@ def run_distill(run: RunState, cfg: DistillStage) -> dict:
     labelled = torch.tensor(setup.labelled)
     soft = combine_teachers([o["logits"] for o in outputs], [t.weight for t in setup.teachers], cfg.temperature,
                             cfg.combine, labels, labelled)
-    teacher_acc = {}
-    for t in setup.teachers:  # the teachers' own dev accuracy, for "% of teacher" in the report
+    primary = run.task.primary.name
+    teacher_metric = {}
+    for t in setup.teachers:  # the teachers' own dev metric, for "% of teacher" in the report
         dev = encode(t.tokenizer, run.data.eval.texts, run.data.eval.labels, run.data.eval.pairs, max_length)
-        pred = predict_logits(t.model, dev, pad_id=t.pad_id).argmax(-1)
-        teacher_acc[t.name] = float((torch.from_numpy(pred) == torch.tensor(dev.labels)).float().mean())
+        teacher_metric[t.name] = run.task.eval_fn(dev, t.pad_id)(t.model)[primary]
 
     student = setup.student
     train_ds = encode(student.tokenizer, setup.texts, setup.labels, setup.pairs, max_length)
     eval_ds = encode(student.tokenizer, run.data.eval.texts, run.data.eval.labels, run.data.eval.pairs, max_length)
-    pad = int(getattr(student.tokenizer, "pad_token_id", 0) or 0)
+    pad = pad_id_of(student.tokenizer)
     model = DistillModel(student.model, setup.mapping if "mse" in _losses(cfg) else [],
                          _state_widths(student.model), encoder_shape(setup.teachers[0].model.config)[1])
     # z-scores per dimension: a transformer's few outlier dimensions would otherwise own the MSE
     pooled = {t: _standardised(outputs[0][f"pooled{t}"]) for t in pooled_layers}
 
     def make_batch(ds: EncodedDataset, idx: list[int]) -> dict[str, torch.Tensor]:
-        batch = collate(ds, idx, pad)
+        batch = run.task.collate(ds, idx, pad)
         rows = torch.tensor(idx)
         batch["soft_targets"], batch["labelled"] = soft[rows], labelled[rows]
         for t, values in pooled.items():
@@ -199,16 +230,15 @@ def run_distill(run: RunState, cfg: DistillStage) -> dict:
                                 weight=cfg.intermediate.weight if cfg.intermediate else 0.0,
                                 online_teacher=setup.teachers[0].model if setup.granularity == "token" else None,
                                 soft_loss=cfg.soft_loss)
-    ctx = run.train_context()
-    ctx.pad_id = pad
     lr, bs = run.resolve_auto(cfg, model, loss_fn, train_ds=train_ds, make_batch=make_batch)
-    res = train(model, train_ds, eval_ds, cfg, ctx, loss_fn=loss_fn, make_batch=make_batch, lr=lr, batch_size=bs)
+    res = run.fit(model, cfg, lr=lr, batch_size=bs, loss_fn=loss_fn, make_batch=make_batch, train_ds=train_ds,
+                  eval_ds=eval_ds, pad_id=pad)
     params = sum(p.numel() for p in student.model.parameters())
     trainable = sum(p.numel() for p in student.model.parameters() if p.requires_grad)
     _adopt_student(run, setup, eval_ds)
     return {"stage": "distill", "student": student.kind, "student_source": student.source,
             "teachers": [{"model": t.name, "weight": t.weight, "params": sum(p.numel() for p in t.model.parameters()),
-                          "dev_accuracy": teacher_acc[t.name]} for t in setup.teachers],
+                          f"dev_{primary}": teacher_metric[t.name]} for t in setup.teachers],
             "combine": cfg.combine, "temperature": cfg.temperature, "alpha": cfg.alpha, "soft_loss": cfg.soft_loss,
             "intermediate": {"mapping": [list(p) for p in setup.mapping], "granularity": setup.granularity,
                              "loss": cfg.intermediate.loss} if cfg.intermediate else None,
@@ -227,5 +257,5 @@ def _standardised(x: torch.Tensor) -> torch.Tensor:
     return (x - x.mean(0)) / x.std(0).clamp_min(1e-6) if len(x) > 1 else x
 
 
-def _losses(cfg: DistillStage) -> str:
+def _losses(cfg: DistillConfig) -> str:
     return cfg.intermediate.loss if cfg.intermediate else ""

@@ -1,0 +1,86 @@
+"""The `Task` protocol: everything that depends on what the model *does* (classify, generate, answer).
+
+Stages, the runner, eval, predict and export ask the run's task and never test its name. A task owns:
+- reading and encoding its data, and collating a batch (`prepare_data`, `collate`, `eval_dataset`);
+- its training loss (`loss`);
+- its metrics, the primary one and its direction (`eval_fn` for the loop, `evaluate` for a full report);
+- what predict and a server return (`predictions`);
+- the ONNX signature (`onnx_inputs`, `onnx_outputs`);
+- the model class used to load (`load_pretrained`, `model_class`).
+
+Adding a task: one new module in this package with a class satisfying `Task`, plus one line in
+`slimtune.tasks.TASKS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+import torch
+from torch import nn
+
+from slimtune.batching import EncodedDataset
+from slimtune.config import DataConfig, Preprocessing
+from slimtune.data import TaskData
+
+EvalFn = Callable[[nn.Module], dict]
+
+
+@dataclass(frozen=True)
+class Metric:
+    """The primary metric of a task and its direction (accuracy up, perplexity down, F1 up)."""
+
+    name: str
+    higher_is_better: bool = True
+
+    def better(self, a: float, b: float | None) -> bool:
+        return b is None or (a > b if self.higher_is_better else a < b)
+
+
+class Task(Protocol):
+    name: ClassVar[str]
+    primary: ClassVar[Metric]
+    # the keys of metrics.json's `final` this task always writes (None when not measured)
+    final_keys: ClassVar[tuple[str, ...]]
+    # metrics the training loop can select checkpoints on (LoopConfig.metric), with their direction
+    loop_metrics: ClassVar[dict[str, bool]]
+
+    def output_space(self, data: DataConfig) -> dict[int, str]:
+        """What the model's head must produce, read cheaply before the model loads (labels...)."""
+
+    def load_pretrained(self, path: Path, outputs: dict[int, str]) -> nn.Module:
+        """The starting model of a run: a pretrained directory with this task's head."""
+
+    def model_class(self) -> type:
+        """The transformers Auto class that loads a saved model of this task."""
+
+    def prepare_data(self, data: DataConfig, tokenizer, outputs: dict[int, str],
+                     embedding_weight: torch.Tensor | None = None) -> TaskData:
+        """Read, clean, split and encode the recipe's data."""
+
+    def eval_dataset(self, path: Path, tokenizer, model_config: Any, pre: Preprocessing) -> EncodedDataset:
+        """A labelled file for `slimtune eval`, treated exactly as the model's training data was."""
+
+    def collate(self, ds: EncodedDataset, indices: list[int], pad_id: int) -> dict[str, torch.Tensor]:
+        """One padded batch."""
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The training loss of a batch."""
+
+    def eval_fn(self, ds: EncodedDataset, pad_id: int) -> EvalFn:
+        """The loop's dev evaluation: model -> {metric: value} (keys of `loop_metrics`)."""
+
+    def evaluate(self, model: nn.Module, ds: EncodedDataset, outputs: dict[int, str], pad_id: int) -> dict:
+        """Every metric of the task on `ds` (the evaluate stage, `slimtune eval`)."""
+
+    def predictions(self, logits: torch.Tensor, outputs: dict[int, str]) -> list[dict]:
+        """What predict and a server return for a batch of model outputs."""
+
+    def onnx_outputs(self) -> list[str]:
+        """Names of the exported graph's outputs (its inputs are the tokenizer's)."""
+
+    def write_artifacts(self, final: dict, out: Path) -> list[str]:
+        """Files next to metrics.json that this task's report needs (e.g. a confusion matrix); their names."""
