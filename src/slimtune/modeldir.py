@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from slimtune.errors import SlimtuneError
+from slimtune.skeleton import build_from_config, build_word_classifier, quiet_transformers
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -380,21 +381,13 @@ def _fits(file: Path, max_id: int, vocab_size: int | None) -> None:
 # ---------------------------------------------------------------------------------------- shapes
 def _skeleton(path: Path, config: dict, kind: str):
     """The model config.json describes, built on the meta device (no memory, no weights read)."""
-    import torch
-    from transformers import PretrainedConfig
-
-    from slimtune.models import build_from_config, quiet_transformers
-    from slimtune.wordmodels import WORD_ARCHS
+    import torch  # lazy: the gate's cheap checks need no torch
 
     config_file = path / CONFIG_FILE
     try:
         with torch.device("meta"):
             if kind == "word-classifier":
-                arch = config.get("arch")
-                if arch not in WORD_ARCHS:
-                    raise SlimtuneError(f"{config_file}: unknown word classifier arch {arch!r} "
-                                        f"(known: {', '.join(WORD_ARCHS)})")
-                return WORD_ARCHS[arch](PretrainedConfig.from_dict(config))
+                return build_word_classifier(path, config)
             quiet_transformers()
             if kind == "adapter":  # the base model with the head the adapter was trained with
                 return build_from_config(path, {})

@@ -6,7 +6,6 @@ missing path is an error, never a download attempt.
 
 from __future__ import annotations
 
-import importlib
 import importlib.abc
 import importlib.machinery
 import logging
@@ -18,8 +17,14 @@ from pathlib import Path
 
 from torch import nn
 
+from slimtune.assets import teacher_path
 from slimtune.config import Preprocessing
 from slimtune.errors import SlimtuneError
+from slimtune.modeldir import check_model_dir, check_tokenizer_dir, read_json_object
+from slimtune.prune.structured import PRUNED_MODEL_TYPE, PrunedBertConfig
+from slimtune.skeleton import build_from_config, has_overlays, quiet_transformers
+from slimtune.wordmodels import FORMAT as WORD_FORMAT
+from slimtune.wordmodels import VOCAB_FILE, WordTokenizer, load_word_classifier
 
 # Loading a base encoder into a *ForSequenceClassification prints a "LOAD REPORT" table about the
 # new head on every load; that is expected here, so keep transformers quiet below errors.
@@ -27,13 +32,6 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 logging.getLogger("transformers").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-
-
-def quiet_transformers() -> None:
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()  # "Loading weights" / "Writing model shards" bars on every load/save
 
 
 def _minilm_path() -> str:
@@ -48,24 +46,11 @@ def _minilm_path() -> str:
 
 
 def _mpnet_path() -> str:
-    from slimtune import assets  # lazy: only needed when the alias is used, and no import cycle
-
-    return str(assets.teacher_path(install=False))
+    return str(teacher_path(install=False))
 
 
 # alias -> function returning a local directory
 MODEL_ALIASES: dict[str, Callable[[], str]] = {"minilm": _minilm_path, "mpnet": _mpnet_path}
-
-
-def lazy(module: str, name: str) -> Callable:
-    """`module.name(*args)`, imported on first call: no circular import, and `import slimtune` does not
-    pay for stages and formats a run does not use (peft, onnxruntime...)."""
-
-    def call(*args, **kwargs):
-        return getattr(importlib.import_module(module), name)(*args, **kwargs)
-
-    call.__name__ = f"{module}.{name}"
-    return call
 
 
 def _load_pruned(path: Path) -> nn.Module:
@@ -73,32 +58,7 @@ def _load_pruned(path: Path) -> nn.Module:
 
 
 # config.json["slimtune_format"] -> loader, for model directories that are not plain HF models.
-MODEL_LOADERS: dict[str, Callable[[Path], nn.Module]] = {
-    "word-classifier": lazy("slimtune.distill.wordlevel", "load_word_classifier"), "pruned": _load_pruned}
-
-# config.json key -> fn(model, spec) that rebuilds a structural change (low-rank factors, quantized
-# modules) on a model built from its config, before the weights load. Applied in this order (a
-# quantized low-rank model quantizes the factors); a pruned model may carry both.
-MODEL_OVERLAYS: dict[str, Callable[[nn.Module, dict], None]] = {
-    "slimtune_lowrank": lazy("slimtune.lowrank", "apply_lowrank_skeleton_"),
-    "slimtune_quantization": lazy("slimtune.quantize.core", "apply_quantization_skeleton_")}
-
-
-def build_from_config(path: Path, config: dict) -> nn.Module:
-    """The model a directory's config describes (pruned shapes included, each overlay the config records
-    applied), weights not loaded. Under `torch.device("meta")` it costs no memory (the model gate
-    compares its shapes with the weights file's header)."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
-    model = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(path, local_files_only=True))
-    if config.get("slimtune_format") == "pruned":
-        from slimtune.prune.structured import shrink_to_config
-
-        shrink_to_config(model)
-    for key, apply in MODEL_OVERLAYS.items():
-        if config.get(key):
-            apply(model, config[key])
-    return model
+MODEL_LOADERS: dict[str, Callable[[Path], nn.Module]] = {WORD_FORMAT: load_word_classifier, "pruned": _load_pruned}
 
 
 def load_with_overlays(path: Path, config: dict) -> nn.Module:
@@ -117,17 +77,12 @@ def load_with_overlays(path: Path, config: dict) -> nn.Module:
     return model
 
 
-def has_overlays(config: dict) -> bool:
-    return any(config.get(key) for key in MODEL_OVERLAYS)
-
-
 # ------------------------------------------------------------------ Auto classes for pruned models
 # After `import slimtune`, AutoConfig / AutoModelForSequenceClassification must load head-pruned BERTs
 # (model_type "slimtune_pruned_bert", see slimtune.prune.structured). Importing transformers here would
 # add 1-3 s to every `import slimtune`, so the model type is registered right after transformers imports
 # its AutoConfig module, and the model class when such a config is first built.
 _AUTO_CONFIG = "transformers.models.auto.configuration_auto"
-PRUNED_MODEL_TYPE = "slimtune_pruned_bert"
 
 
 def _register_pruned_model_type(configuration_auto) -> None:
@@ -142,8 +97,6 @@ def _register_pruned_model_type(configuration_auto) -> None:
 
             @classmethod
             def from_dict(cls, config_dict, **kwargs):
-                from slimtune.prune.structured import PrunedBertConfig
-
                 return PrunedBertConfig.from_dict(config_dict, **kwargs)
 
         configuration_auto.CONFIG_MAPPING.register(PRUNED_MODEL_TYPE, PrunedBertConfigStub, exist_ok=True)
@@ -202,17 +155,7 @@ def resolve_model_path(name_or_path: str | Path, *, buildable: bool = True) -> P
     return path
 
 
-def check_model_dir(path: Path, tokenizer: bool = True, buildable: bool = True):
-    """`slimtune.modeldir.check_model_dir` (config, weights, shapes, tokenizer files), imported on first use.
-    `tokenizer=False`: the weights alone are wanted (tokenizer files present are still checked)."""
-    from slimtune.modeldir import check_model_dir as gate
-
-    return gate(path, tokenizer=tokenizer, buildable=buildable)
-
-
 def read_config(path: Path) -> dict:
-    from slimtune.modeldir import read_json_object
-
     return read_json_object(Path(path) / "config.json")
 
 
@@ -221,12 +164,8 @@ def load_tokenizer(path: Path):
     if (Path(path) / "config.json").exists():
         check_model_dir(path)
     else:  # a tokenizer saved alone
-        from slimtune.modeldir import check_tokenizer_dir
-
         check_tokenizer_dir(path)
-    if (Path(path) / "word_vocab.json").is_file():  # a word-level distillation student
-        from slimtune.distill.wordlevel import WordTokenizer
-
+    if (Path(path) / VOCAB_FILE).is_file():  # a word-level distillation student
         return WordTokenizer.from_pretrained(path)
     from transformers import AutoTokenizer
 
@@ -282,10 +221,8 @@ def load_model(path: str | Path) -> nn.Module:
 
 def _load_adapter_dir(path: Path) -> nn.Module:
     """An adapter-only LoRA save: base model + adapter, merged into a plain module."""
-    from peft import PeftModel
+    from peft import PeftModel  # lazy: peft and transformers cost seconds to import
     from transformers import AutoConfig, AutoModelForSequenceClassification
-
-    from slimtune.modeldir import read_json_object
 
     adapter = check_model_dir(path, tokenizer=False).path / "adapter_config.json"  # a JSON object naming the base
     base = resolve_model_path(read_json_object(adapter)["base_model_name_or_path"])

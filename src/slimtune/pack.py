@@ -27,6 +27,7 @@ import zstandard
 
 from slimtune.errors import SlimtuneError
 from slimtune.io import atomic_dir, atomic_write_bytes, check_output_path
+from slimtune.models import read_config, resolve_model_path
 
 MAGIC = b"SLIMPACK"
 VERSION = 1
@@ -294,7 +295,6 @@ def pack_model(model_dir: str | Path, out: str | Path, codec: str = "ans", compa
     `compare` also codes the weights with the other codec and compresses the tensors' raw bytes with gzip -9 and
     zstd -19 for reference (zstd -19 takes ~15 s on a MiniLM).
     """
-    from slimtune.models import read_config, resolve_model_path
 
     if codec not in CODECS:
         raise SlimtuneError(f"codec '{codec}': unknown (choose one of: {', '.join(CODECS)})")

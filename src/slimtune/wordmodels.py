@@ -25,6 +25,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from transformers import PretrainedConfig
 from transformers.modeling_outputs import SequenceClassifierOutput
 
+from slimtune.data import jieba_module
 from slimtune.errors import SlimtuneError
 
 FORMAT = "word-classifier"
@@ -69,9 +70,7 @@ class WordTokenizer:
         if self.lowercase:
             text = text.lower()
         if self.chinese:
-            from slimtune.data import _jieba  # cached import that also silences jieba's startup log
-
-            return [w for piece in _jieba().lcut(text) for w in _WORD_RE.findall(piece)]
+            return [w for piece in jieba_module().lcut(text) for w in _WORD_RE.findall(piece)]
         return _WORD_RE.findall(text)
 
     def _ids(self, text: str) -> list[int]:

@@ -13,7 +13,11 @@ from pathlib import Path
 from torch import nn
 
 from slimtune.adapt.layers import anatomy
+from slimtune.assets import slimtune_home
 from slimtune.config import StudentSpec
+from slimtune.distill.teachers import content_hash
+from slimtune.distill.wordlevel import build_word_student
+from slimtune.distill.wordvectors import common_words, read_word_list
 from slimtune.errors import SlimtuneError
 from slimtune.models import load_for_classification, load_tokenizer, resolve_model_path
 
@@ -102,10 +106,6 @@ def build_student(spec: StudentSpec, *, current: nn.Module, current_tokenizer, t
 
 
 def _word_student(spec: StudentSpec, teacher_model, teacher_tokenizer, id2label, texts, teacher_path) -> Student:
-    from slimtune.assets import slimtune_home
-    from slimtune.distill.teachers import content_hash
-    from slimtune.distill.wordlevel import build_word_student
-
     label2id = {name: i for i, name in id2label.items()}
     # Chinese has no spaces between words: the vocabulary is built from jieba words (segmenting text that
     # data.segment_chinese already segmented is harmless: it only splits at the spaces it finds).
@@ -124,8 +124,6 @@ def _word_student(spec: StudentSpec, teacher_model, teacher_tokenizer, id2label,
 
 def _extra_word_list(spec: StudentSpec, chinese: bool = False) -> list[str]:
     """`student.extra_words` as words: a count of the language's most frequent words, or a file's lines."""
-    from slimtune.distill.wordvectors import common_words, read_word_list
-
     if spec.extra_words is None:
         return []
     if isinstance(spec.extra_words, int):

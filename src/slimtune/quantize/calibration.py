@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from slimtune.adapt.layers import anatomy
 from slimtune.batching import model_inputs
 from slimtune.errors import SlimtuneError
 from slimtune.quantize.codes import code_range, dequantize_codes, group_params, quantize_codes
@@ -90,8 +91,6 @@ def input_stats(model: nn.Module, modules: dict[str, nn.Module], batches: list[d
 def sequential_groups(model: nn.Module, names: list[str]) -> list[list[str]]:
     """Targets grouped by transformer block (one calibration pass per block, earlier blocks already
     quantized); a target outside the layer stack is a group of its own. `names` in execution order."""
-    from slimtune.adapt.layers import anatomy
-
     try:
         prefix = anatomy(model).layers + "."
     except SlimtuneError:

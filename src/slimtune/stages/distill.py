@@ -15,6 +15,7 @@ from typing import ClassVar, Literal
 import torch
 from pydantic import Field
 
+from slimtune.augment import EmbeddingSynonyms, augment_texts
 from slimtune.batching import EncodedDataset, encode, pad_id_of
 from slimtune.config import AugmentConfig, IntermediateConfig, LoopConfig, StudentSpec, TeacherSpec
 from slimtune.data import TaskData
@@ -74,8 +75,6 @@ def _transfer_set(run: Run, cfg: DistillConfig, teacher: Teacher):
     texts, labels, pairs = list(train.texts), list(train.labels), train.pairs
     n = len(texts)
     if cfg.transfer_augment is not None and cfg.transfer_augment.copies > 0:
-        from slimtune.augment import EmbeddingSynonyms, augment_texts
-
         aug = cfg.transfer_augment
         synonyms = None
         if aug.p_synonym > 0 or aug.p_insert > 0:  # neighbours in the teacher's own embedding table

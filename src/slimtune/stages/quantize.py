@@ -37,6 +37,8 @@ from slimtune.quantize.core import (
     quantize_,
     quantized_size_bytes,
 )
+from slimtune.quantize.granularity import choose_weight_scales
+from slimtune.quantize.mixed import average_bits, choose_bits
 from slimtune.quantize.targets import EMBEDDING_SPEC, embedding_names, quantize_targets
 from slimtune.stages.base import Run
 from slimtune.stages.quantize_training import run_quantization_aware
@@ -257,8 +259,6 @@ class Quantize:
         start_metric, size_before = run.primary_metric(model), quantized_size_bytes(model)
         extra: dict = {}
         if isinstance(cfg, MixedQuantize):
-            from slimtune.quantize.mixed import average_bits, choose_bits
-
             mc = cfg.mixed
             eval_fn = run.eval_fn() if mc.sensitivity == "accuracy" else None
             bits, sensitivity = choose_bits(model, mc.bits, mc.budget_bits, mc.sensitivity, batches, eval_fn,
@@ -270,8 +270,6 @@ class Quantize:
                                                              "per_layer": sensitivity},
                      "average_bits": round(average_bits(bits, targets), 4), "budget_bits": mc.budget_bits}
         elif isinstance(cfg, Int8Quantize) and cfg.weight_scales == "auto":
-            from slimtune.quantize.granularity import choose_weight_scales
-
             chosen = choose_weight_scales(model, targets, batches[0], cfg.per_channel_ratio,
                                           "symmetric" if cfg.symmetric else "asymmetric")
             specs = {name: _weight_spec(cfg) | ({"per_tensor": True} if c["per_tensor"] else {})
