@@ -128,3 +128,9 @@ def logits_of(out) -> torch.Tensor:
     if isinstance(out, tuple | list):
         return out[0]
     return out.logits
+
+
+def cross_entropy_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The classifier's loss on a batch's labels (a task's loss, and the default of the loop and of
+    gradient importance when no task is given)."""
+    return torch.nn.functional.cross_entropy(logits_of(model(**model_inputs(batch))), batch["labels"])

@@ -20,10 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from slimtune.batching import EncodedDataset, batch_indices, collate
+from slimtune.batching import EncodedDataset, batch_indices, collate, cross_entropy_loss
 from slimtune.checkpoint import CheckpointStore, load_weights, read_checkpoint
 from slimtune.config import LoopConfig
 from slimtune.ema import WeightEMA
@@ -33,21 +32,6 @@ BatchFn = Callable[[EncodedDataset, list[int]], dict[str, torch.Tensor]]
 EvalFn = Callable[[nn.Module], dict]
 
 
-def logits_of(out) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, tuple | list):
-        return out[0]
-    return out.logits
-
-
-def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """What the model's forward takes: everything but labels and loss-only extras."""
-    return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-
-
-def cross_entropy_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    return F.cross_entropy(logits_of(model(**model_inputs(batch))), batch["labels"])
 
 
 @dataclass(frozen=True)

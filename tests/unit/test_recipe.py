@@ -160,7 +160,7 @@ def test_the_run_directory_recipe_reruns_to_the_same_model(tmp_path, tiny_model_
 
     recipe = {"model": str(tiny_model_dir),
               "data": {"train": str(sst2_small[0]), "eval": str(sst2_small[1]), "max_length": 32},
-              "stages": [{"stage": "finetune", "epochs": 1, "lr": 1e-3, "batch_size": 16},
+              "stages": [{"stage": "finetune", "epochs": 1, "max_steps": 6, "lr": 1e-3, "batch_size": 16},
                          {"stage": "quantize", "method": "binary", "train": {"max_steps": 3}},
                          {"stage": "evaluate", "speed": False}]}
     first = slimtune.run(recipe, tmp_path / "a", progress=False)

@@ -25,16 +25,11 @@ from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 
 from slimtune.adapt.layers import anatomy
-from slimtune.batching import logits_of, model_inputs
+from slimtune.batching import cross_entropy_loss
 from slimtune.errors import SlimtuneError
 
 # config.json model_type of a BERT with per-layer head / neuron counts (AutoConfig learns it from slimtune.models)
 PRUNED_MODEL_TYPE = "slimtune_pruned_bert"
-
-
-def cross_entropy_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The default importance loss: the classifier's loss on the calibration batches' labels."""
-    return torch.nn.functional.cross_entropy(logits_of(model(**model_inputs(batch))), batch["labels"])
 
 Batches = Sequence[dict[str, torch.Tensor]]
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]

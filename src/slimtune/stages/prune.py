@@ -130,23 +130,24 @@ class PruneState:
 
 
 # ------------------------------------------------------------------------------------------- stage
-def _structured_(model, cfg, batches: list[dict], share: float, origin: dict) -> dict:
+def _structured_(model, cfg, batches: list[dict], share: float, origin: dict, loss_fn) -> dict:
     """Remove `share` of the configured heads / neurons (fractions of the stage-start counts) and, in
     the last round, the configured layers; returns what was applied."""
     gradient = cfg.importance == "gradient"
     plan: dict = {}
     if cfg.layers and share >= 1.0:  # whole layers go at once (a fraction of a layer is not a thing)
-        importance = st.layer_importance(model, batches) if gradient else st.head_importance_by_weight(model).sum(1)
+        importance = (st.layer_importance(model, batches, loss_fn) if gradient
+                      else st.head_importance_by_weight(model).sum(1))
         plan["dropped_layers"] = st.plan_layers(importance, cfg.layers)
         st.drop_layers_(model, plan["dropped_layers"])
     now = st.structured_config_update(model)
     if cfg.heads:
-        importance = st.head_importance(model, batches) if gradient else st.head_importance_by_weight(model)
+        importance = st.head_importance(model, batches, loss_fn) if gradient else st.head_importance_by_weight(model)
         fraction = _fraction_now(cfg.heads * share, origin["heads_per_layer"], now["heads_per_layer"])
         keep = st.plan_heads(importance, fraction, uniform=cfg.uniform)
         plan["dropped_empty_layers"] = st.prune_heads_(model, keep, drop_empty_layers=cfg.drop_empty_layers)
     if cfg.ffn:
-        importance = st.ffn_importance(model, batches if gradient else None)
+        importance = st.ffn_importance(model, batches if gradient else None, loss_fn)
         fraction = _fraction_now(cfg.ffn * share, origin["intermediate_per_layer"], now["intermediate_per_layer"])
         st.prune_ffn_(model, st.plan_ffn(importance, fraction, uniform=cfg.uniform))
     plan["shapes"] = st.structured_config_update(model)
@@ -257,7 +258,7 @@ class Prune:
         record: dict = {"round": phase, "share": round(share, 4)}
         pruner = None
         if not self.masks:
-            record |= _structured_(model, cfg, batches, share, origin)
+            record |= _structured_(model, cfg, batches, share, origin, run.task.loss)
         elif cfg.method == "magnitude" and cfg.schedule == "gradual":
             # the schedule spans the recovery's steps: resolved (auto included) with the recovery loss
             lr, bs = recovery_auto(run, cfg.recover, model, loss)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimtune.batching import EncodedDataset, collate, logits_of, model_inputs
+from slimtune.batching import EncodedDataset, collate, cross_entropy_loss
 from slimtune.config import DataConfig, Preprocessing
 from slimtune.data import TaskData, label_map_of, load_eval_data, prepare_data
 from slimtune.errors import SlimtuneError
@@ -55,7 +55,7 @@ class TextClassification:
         return collate(ds, indices, pad_id)
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return F.cross_entropy(logits_of(model(**model_inputs(batch))), batch["labels"])
+        return cross_entropy_loss(model, batch)
 
     def eval_fn(self, ds: EncodedDataset, pad_id: int) -> EvalFn:
         labels = torch.tensor(ds.labels)
