@@ -23,8 +23,7 @@ from pathlib import Path
 
 from slimtune.errors import SlimtuneError
 from slimtune.io import atomic_dir
-from slimtune.modeldir import check_model_dir
-from slimtune.skeleton import quiet_transformers
+from slimtune.modeldir import check_model_dir, quiet_transformers
 
 TEACHER_NAME = "all-mpnet-base-v2"
 PART_VERSION = "0.0.1"

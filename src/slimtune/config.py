@@ -13,6 +13,10 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
+# config.json model_type of a BERT whose layers have their own head / FFN widths (structured pruning);
+# slimtune.models teaches transformers' AutoConfig the type, slimtune.prune.structured defines it
+PRUNED_MODEL_TYPE = "slimtune_pruned_bert"
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)

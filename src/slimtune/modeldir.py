@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from slimtune.errors import SlimtuneError
-from slimtune.skeleton import build_from_config, build_word_classifier, quiet_transformers
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -80,6 +79,15 @@ class ModelDirInfo:
 
 
 _CACHE: dict[tuple, ModelDirInfo] = {}
+
+
+def quiet_transformers() -> None:
+    """transformers logs below errors and without progress bars (loading a base encoder into a
+    classifier prints a LOAD REPORT about the new head, every load and save draws bars)."""
+    from transformers.utils import logging as hf_logging  # lazy: transformers costs seconds to import
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
 
 class _NoTokenizer(SlimtuneError):
@@ -381,7 +389,9 @@ def _fits(file: Path, max_id: int, vocab_size: int | None) -> None:
 # ---------------------------------------------------------------------------------------- shapes
 def _skeleton(path: Path, config: dict, kind: str):
     """The model config.json describes, built on the meta device (no memory, no weights read)."""
-    import torch  # lazy: the gate's cheap checks need no torch
+    import torch  # lazy, as the skeleton: the gate's cheap checks (most bad input) need no torch
+
+    from slimtune.skeleton import build_from_config, build_word_classifier
 
     config_file = path / CONFIG_FILE
     try:

@@ -18,13 +18,9 @@ from pathlib import Path
 from torch import nn
 
 from slimtune.assets import teacher_path
-from slimtune.config import Preprocessing
+from slimtune.config import PRUNED_MODEL_TYPE, Preprocessing
 from slimtune.errors import SlimtuneError
-from slimtune.modeldir import check_model_dir, check_tokenizer_dir, read_json_object
-from slimtune.prune.structured import PRUNED_MODEL_TYPE, PrunedBertConfig
-from slimtune.skeleton import build_from_config, has_overlays, quiet_transformers
-from slimtune.wordmodels import FORMAT as WORD_FORMAT
-from slimtune.wordmodels import VOCAB_FILE, WordTokenizer, load_word_classifier
+from slimtune.modeldir import check_model_dir, check_tokenizer_dir, quiet_transformers, read_json_object
 
 # Loading a base encoder into a *ForSequenceClassification prints a "LOAD REPORT" table about the
 # new head on every load; that is expected here, so keep transformers quiet below errors.
@@ -58,7 +54,14 @@ def _load_pruned(path: Path) -> nn.Module:
 
 
 # config.json["slimtune_format"] -> loader, for model directories that are not plain HF models.
-MODEL_LOADERS: dict[str, Callable[[Path], nn.Module]] = {WORD_FORMAT: load_word_classifier, "pruned": _load_pruned}
+def _load_word_classifier(path: Path) -> nn.Module:
+    from slimtune.wordmodels import load_word_classifier  # lazy: torch and transformers load with a model
+
+    return load_word_classifier(path)
+
+
+MODEL_LOADERS: dict[str, Callable[[Path], nn.Module]] = {"word-classifier": _load_word_classifier,
+                                                         "pruned": _load_pruned}
 
 
 def load_with_overlays(path: Path, config: dict) -> nn.Module:
@@ -68,6 +71,8 @@ def load_with_overlays(path: Path, config: dict) -> nn.Module:
 
     if not (path / "model.safetensors").is_file():
         raise SlimtuneError(f"{path}: no model.safetensors")
+    from slimtune.skeleton import build_from_config  # lazy: torch and transformers load with a model
+
     model = build_from_config(path, config)
     try:
         model.load_state_dict(load_file(path / "model.safetensors"), strict=True)
@@ -97,6 +102,8 @@ def _register_pruned_model_type(configuration_auto) -> None:
 
             @classmethod
             def from_dict(cls, config_dict, **kwargs):
+                from slimtune.prune.structured import PrunedBertConfig  # lazy: see above
+
                 return PrunedBertConfig.from_dict(config_dict, **kwargs)
 
         configuration_auto.CONFIG_MAPPING.register(PRUNED_MODEL_TYPE, PrunedBertConfigStub, exist_ok=True)
@@ -165,7 +172,9 @@ def load_tokenizer(path: Path):
         check_model_dir(path)
     else:  # a tokenizer saved alone
         check_tokenizer_dir(path)
-    if (Path(path) / VOCAB_FILE).is_file():  # a word-level distillation student
+    if (Path(path) / "word_vocab.json").is_file():  # a word-level distillation student
+        from slimtune.wordmodels import WordTokenizer  # lazy: torch loads with a model
+
         return WordTokenizer.from_pretrained(path)
     from transformers import AutoTokenizer
 
@@ -196,6 +205,8 @@ def load_model(path: str | Path) -> nn.Module:
     path = resolve_model_path(path)
     config = read_config(path)
     fmt = config.get("slimtune_format")
+    from slimtune.skeleton import has_overlays  # lazy: torch and transformers load with a model
+
     if has_overlays(config):
         if fmt not in (None, "pruned"):
             raise SlimtuneError(f"{path}: slimtune_format '{fmt}' cannot carry low-rank or quantized layers")

@@ -31,13 +31,6 @@ MODEL_OVERLAYS: dict[str, Callable[[nn.Module, dict], None]] = {
 FORMATS = ("pruned", WORD_FORMAT)  # config.json["slimtune_format"] values
 
 
-def quiet_transformers() -> None:
-    from transformers.utils import logging as hf_logging  # lazy: transformers costs seconds to import
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()  # "Loading weights" / "Writing model shards" bars on every load/save
-
-
 def has_overlays(config: dict) -> bool:
     return any(config.get(key) for key in MODEL_OVERLAYS)
 

@@ -7,6 +7,7 @@ bytes and JSON into the files of a model directory (`check_model_dir`). A crash 
 ValueError, RecursionError...) would reach the user as a traceback.
 """
 
+import atexit
 import json
 import math
 import os
@@ -26,6 +27,7 @@ SCALE = float(os.environ.get("SLIMTUNE_PROPERTY_SCALE", "1"))
 SETTINGS = settings(max_examples=int(300 * SCALE), deadline=None, database=None,
                     suppress_health_check=[HealthCheck.too_slow])
 TMP = Path(tempfile.mkdtemp(prefix="slimtune-properties-"))  # one dir: hypothesis re-runs the body many times
+atexit.register(shutil.rmtree, TMP, ignore_errors=True)
 
 
 

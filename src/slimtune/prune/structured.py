@@ -26,10 +26,8 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from slimtune.adapt.layers import anatomy
 from slimtune.batching import cross_entropy_loss
+from slimtune.config import PRUNED_MODEL_TYPE
 from slimtune.errors import SlimtuneError
-
-# config.json model_type of a BERT with per-layer head / neuron counts (AutoConfig learns it from slimtune.models)
-PRUNED_MODEL_TYPE = "slimtune_pruned_bert"
 
 Batches = Sequence[dict[str, torch.Tensor]]
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
