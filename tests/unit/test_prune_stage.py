@@ -109,7 +109,7 @@ def teacher_dir(tmp_path_factory, tiny_model_dir, sst2_small):
 def test_recovery_learns_a_cached_teachers_soft_targets(tmp_path, tiny_model_dir, sst2_small, teacher_dir,
                                                         monkeypatch):
     import slimtune.stages.recovery as stage
-    from slimtune.train import model_inputs
+    from slimtune.batching import model_inputs
 
     monkeypatch.setenv("SLIMTUNE_HOME", str(tmp_path / "home"))
     seen = []
