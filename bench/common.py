@@ -85,6 +85,7 @@ def measure(models: dict[str, Path | InMemory], threads: int, rounds: int) -> di
     """Dev accuracy, params, size on disk, and median batch-1 latency / batch-32 throughput over
     `rounds` rounds interleaved across the models (so drifts of the machine hit every model alike).
     A directory holding `model.onnx` (a `slimtune export`) runs in ONNX Runtime, any other in torch."""
+    from slimtune.data import load_eval_data
     from slimtune.evaluate import (
         classification_metrics,
         count_parameters,
@@ -93,7 +94,6 @@ def measure(models: dict[str, Path | InMemory], threads: int, rounds: int) -> di
         predict_logits,
         time_forward,
     )
-    from slimtune.data import load_eval_data
     from slimtune.models import preprocessing_of
 
     loaded, rows = {}, {}
