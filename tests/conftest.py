@@ -8,14 +8,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-DEMO = Path(__file__).resolve().parents[1] / "src" / "slimtune" / "demo_data"
-
-
-def sst2_file(split: str) -> Path:
-    """SST-2 from ../shared when present, else the copy bundled for the demo."""
-    shared = SHARED / "sst2" / f"{split}.jsonl"
-    return shared if shared.is_file() else DEMO / f"{split}.jsonl"
+from helpers import SHARED, sst2_file  # noqa: F401  (SHARED: the fixtures below read more of it)
 
 
 @pytest.fixture(scope="session")

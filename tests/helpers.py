@@ -26,6 +26,16 @@ stages:
 """
 
 
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+DEMO = Path(__file__).resolve().parents[1] / "src" / "slimtune" / "demo_data"
+
+
+def sst2_file(split: str) -> Path:
+    """SST-2 from ../shared when present, else the copy bundled for the demo (same rows): never a skip."""
+    shared = SHARED / "sst2" / f"{split}.jsonl"
+    return shared if shared.is_file() else DEMO / f"{split}.jsonl"
+
+
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
 

@@ -11,13 +11,9 @@ file is slow), then the train split is augmented and both splits are tokenized.
 from __future__ import annotations
 
 import csv
-import functools
-import html
 import json
-import logging
 import math
 import re
-import unicodedata
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +26,7 @@ from slimtune.augment import EmbeddingSynonyms, augment_texts
 from slimtune.batching import EncodedDataset, encode
 from slimtune.config import AugmentConfig, DataConfig, Preprocessing
 from slimtune.errors import SlimtuneError
+from slimtune.textprep import make_preprocessor
 
 # ----------------------------------------------------------------------------------------- reading
 SUFFIX_FORMATS = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl",
@@ -201,71 +198,6 @@ def _read_saved_dataset(path: Path) -> _Table:
         ds = next(iter(ds.values()))
     rows = ds.to_list()
     return _Table(path, rows, list(range(1, len(rows) + 1)), by_line=False)
-
-
-# ---------------------------------------------------------------------------------------- cleaning
-_SCRIPT_OR_STYLE = re.compile(r"<(script|style)\b[^>]*>.*?</\1\s*>", re.IGNORECASE | re.DOTALL)
-# A letter must follow '<': "a < b and c > d" is a comparison, not a tag.
-_TAG = re.compile(r"</?[A-Za-z][^<>]*>")
-_WHITESPACE = re.compile(r"\s+")
-
-
-def clean_text(text: str, lowercase: bool = False) -> str:
-    """Undo HTML (entities, tags, script/style bodies), drop control and invisible format characters,
-    NFKC-normalise (full-width "ＡＢＣ１" -> "ABC1", ligatures), collapse whitespace."""
-    text = html.unescape(text)
-    text = _SCRIPT_OR_STYLE.sub(" ", text)
-    text = _TAG.sub(" ", text)  # a space, not nothing: "line<br/>break" is two words
-    text = _drop_invisible(text)
-    text = unicodedata.normalize("NFKC", text)
-    text = _WHITESPACE.sub(" ", text).strip()
-    return text.lower() if lowercase else text
-
-
-def _drop_invisible(text: str) -> str:
-    if text.isprintable():  # fast path: no control (Cc) or format (Cf) characters at all
-        return text
-    return "".join(_visible(ch) for ch in text)
-
-
-def _visible(ch: str) -> str:
-    category = unicodedata.category(ch)
-    if category == "Cc":  # tabs and newlines separate words; other control characters are noise
-        return " " if ch.isspace() else ""
-    if category == "Cf":  # zero-width spaces/joiners, BOM, soft hyphen, bidi marks
-        return ""
-    return ch
-
-
-# Han ideographs (CJK Unified + Extension A, compatibility ideographs, Extensions B and later)
-_CJK_RUN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f]+")
-
-
-def segment_chinese(text: str) -> str:
-    """Put spaces between the words of Chinese runs (jieba); everything else is kept as it is."""
-    if not _CJK_RUN.search(text):
-        return text
-    jieba = jieba_module()
-    return _CJK_RUN.sub(lambda run: " ".join(jieba.lcut(run.group())), text)
-
-
-@functools.cache
-def jieba_module():
-    import jieba
-
-    jieba.setLogLevel(logging.WARNING)  # otherwise it logs "Building prefix dict..." to stderr
-    return jieba
-
-
-def make_preprocessor(clean: bool, lowercase: bool, chinese: bool) -> Callable[[str], str]:
-    def preprocess(text: str) -> str:
-        if clean:
-            text = clean_text(text, lowercase=lowercase)
-        elif lowercase:
-            text = text.lower()
-        return segment_chinese(text) if chinese else text
-
-    return preprocess
 
 
 # ------------------------------------------------------------------------------------------ labels

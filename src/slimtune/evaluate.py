@@ -176,19 +176,23 @@ def time_forward(forward: Callable, ds: EncodedDataset, pad_id: int = 0, latency
             "throughput_eps": round(throughput_batches * batch_size / elapsed, 2)}
 
 
-HEADERS = {"accuracy": "accuracy", "f1_macro": "F1 macro", "params": "params (M)",
-           "trainable_params": "trainable (M)", "size_mb": "size MB", "latency_ms_b1": "ms (b=1)",
-           "throughput_eps": "ex/s (b=32)"}
+# two-line headers on purpose: every column of the final table fits an 80-column terminal whole
+HEADERS = {"accuracy": "accuracy", "f1_macro": "F1\nmacro", "params": "params\n(M)",
+           "trainable_params": "trained\n(M)", "size_mb": "size\nMB", "latency_ms_b1": "ms\nb=1",
+           "throughput_eps": "ex/s\nb=32"}
 
 
 def format_metrics_table(rows: dict[str, dict], keys: list[str]):
-    """A compact rich table, one row per named result (fits an 80-column terminal)."""
+    """A compact rich table, one row per named result: numbers are never cut (the names column wraps
+    instead), so it reads whole in an 80-column terminal."""
     from rich.table import Table
 
     table = Table()
-    table.add_column("model")
+    table.add_column("model", ratio=1, overflow="fold")
     for k in keys:
-        table.add_column(HEADERS.get(k, k), justify="right")
+        header = HEADERS.get(k, k.replace("_", "\n", 1))
+        table.add_column(header, justify="right", no_wrap=True,
+                         min_width=max(len(line) for line in header.splitlines()))
     for name, row in rows.items():
         table.add_row(name, *[_cell(k, row.get(k)) for k in keys])
     return table

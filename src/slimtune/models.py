@@ -6,6 +6,7 @@ missing path is an error, never a download attempt.
 
 from __future__ import annotations
 
+import difflib
 import importlib.abc
 import importlib.machinery
 import logging
@@ -47,6 +48,17 @@ def _mpnet_path() -> str:
 
 # alias -> function returning a local directory
 MODEL_ALIASES: dict[str, Callable[[], str]] = {"minilm": _minilm_path, "mpnet": _mpnet_path}
+# alias -> the hub name of the same weights: what a model card's `base_model` must say to resolve elsewhere
+HUB_NAMES = {"minilm": "sentence-transformers/all-MiniLM-L6-v2", "mpnet": "sentence-transformers/all-mpnet-base-v2"}
+
+
+def alias_suggestion(name: str) -> str:
+    """' (did you mean the alias 'minilm'?)' for a near-miss of an alias or a hub name of one; else ''."""
+    by_hub = {hub.lower(): alias for alias, hub in HUB_NAMES.items()}
+    if name.lower() in by_hub:
+        return f" (did you mean the alias '{by_hub[name.lower()]}', its local copy?)"
+    close = difflib.get_close_matches(name.lower(), list(MODEL_ALIASES), n=1, cutoff=0.6)
+    return f" (did you mean the alias '{close[0]}'?)" if close else ""
 
 
 def _load_pruned(path: Path) -> nn.Module:
@@ -152,10 +164,8 @@ def resolve_model_path(name_or_path: str | Path, *, buildable: bool = True) -> P
     else:
         path = Path(name).expanduser()
     if not path.exists():
-        raise SlimtuneError(
-            f"model '{name}': path not found (aliases: {', '.join(MODEL_ALIASES)}; "
-            "slimtune never downloads from a hub)"
-        )
+        raise SlimtuneError(f"model '{name}': path not found{alias_suggestion(name)} (aliases: "
+                            f"{', '.join(MODEL_ALIASES)}; slimtune never downloads from a hub)")
     # the gate: not a directory, no config.json, pickle-only, damaged or mismatched files are refused here,
     # before anything reaches transformers
     check_model_dir(path, tokenizer=False, buildable=buildable)
@@ -168,9 +178,9 @@ def read_config(path: Path) -> dict:
 
 def load_tokenizer(path: Path):
     # the gate: transformers 5 builds a 5-token tokenizer when the files are missing
-    if (Path(path) / "config.json").exists():
+    if (Path(path) / "config.json").exists() and not (Path(path) / "model.onnx").exists():
         check_model_dir(path)
-    else:  # a tokenizer saved alone
+    else:  # a tokenizer saved alone, or beside an exported ONNX graph (no torch weights there)
         check_tokenizer_dir(path)
     if (Path(path) / "word_vocab.json").is_file():  # a word-level distillation student
         from slimtune.wordmodels import WordTokenizer  # lazy: torch loads with a model

@@ -8,6 +8,7 @@ suggests the closest valid key, e.g. `recipe.yaml: stages.0.lerning_rate: unknow
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -130,14 +131,18 @@ def _describe(err: dict) -> str:
     if err["type"] == "literal_error":
         value = err.get("input")
         options = err.get("ctx", {}).get("expected", "")
-        return f"{where}: invalid value {value!r} (expected {options})"
+        close = difflib.get_close_matches(str(value), re.findall(r"'([^']*)'", options), n=1, cutoff=0.5)
+        hint = f"did you mean '{close[0]}'?" if close else f"expected {options}"
+        return f"{where}: invalid value {value!r} ({hint})"
     if len(loc) == 2 and loc[0] == "stages" and len(err["loc"]) > 2:  # a rule across a stage's keys
         where = f"{where} ({err['loc'][2]})"
     return f"{where}: {err['msg'].removeprefix('Value error, ')}"
 
 
-def parse_recipe(raw: dict, source: str = "recipe", base_dir: Path | None = None) -> Recipe:
-    """Validate a dict into a Recipe; data paths are made absolute relative to `base_dir`."""
+def parse_recipe(raw: dict, source: str = "recipe", base_dir: Path | None = None,
+                 overrides: list[str] = ()) -> Recipe:
+    """Validate a dict into a Recipe; data paths are made absolute relative to `base_dir`. An error in
+    a key that one of `overrides` (`--set KEY=VALUE`) set names that `--set`, not the file."""
     if not isinstance(raw, dict):
         raise SlimtuneError(f"{source}: a recipe must be a mapping of keys, got {type(raw).__name__}")
     try:
@@ -145,7 +150,10 @@ def parse_recipe(raw: dict, source: str = "recipe", base_dir: Path | None = None
     except ValidationError as e:
         # unknown keys first: a typo usually also causes the "field required" that follows it
         errors = sorted(e.errors(), key=lambda err: err["type"] != "extra_forbidden")
-        raise SlimtuneError(f"{source}: {_describe(errors[0])}") from None
+        described = _describe(errors[0])
+        culprit = next((item for item in reversed(overrides)
+                        if described.startswith(tuple(item.split("=", 1)[0] + end for end in ":. "))), None)
+        raise SlimtuneError(f"{f'--set {culprit}' if culprit else source}: {described}") from None
     if base_dir is not None:
         try:
             _make_paths_absolute(recipe, base_dir)
@@ -249,7 +257,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if raw is None:
         raise SlimtuneError(f"{path}: recipe file is empty")
     raw = apply_overrides(raw, overrides or []) if isinstance(raw, dict) else raw
-    return parse_recipe(raw, source=str(path), base_dir=path.resolve().parent)
+    return parse_recipe(raw, source=str(path), base_dir=path.resolve().parent, overrides=overrides or [])
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:

@@ -7,6 +7,8 @@ from typing import Any
 
 import yaml
 
+from slimtune.models import HUB_NAMES
+
 LABELS = {"accuracy": "Accuracy", "f1_macro": "F1 (macro)", "precision_macro": "Precision (macro)",
           "recall_macro": "Recall (macro)", "params": "Parameters", "trainable_params": "Trainable parameters",
           "size_mb": "Size on disk (MB)", "latency_ms_b1": "Latency, batch 1 (median ms)",
@@ -54,12 +56,15 @@ def model_card(recipe: Any, metrics: dict, data, task: Any, plain_hf: bool = Tru
     """README.md of the model directory. `recipe`: slimtune.recipe.Recipe; `task`: the run's Task."""
     final = metrics["final"]
     eval_name = Path(str(data.info.get("eval_file") or data.info.get("train_file"))).name
+    # `base_model` must resolve on a hub: the hub name of an alias, never the alias or a local path
+    hub_name = HUB_NAMES.get(recipe.model)
     meta = {
-        "base_model": recipe.model,
+        **({"base_model": hub_name} if hub_name else {}),
         "library_name": "transformers",
         "pipeline_tag": task.name,
         "tags": ["slimtune", *_methods(metrics)],
-        "slimtune": {"method": _methods(metrics), "stages": [s.stage for s in recipe.stages],
+        "slimtune": {"base_model": recipe.model, "method": _methods(metrics),
+                     "stages": [s.stage for s in recipe.stages],
                      "data": {"train": str(recipe.data.train),
                               "eval": str(recipe.data.eval) if recipe.data.eval else "stratified split"}},
         "model-index": [{
@@ -76,7 +81,8 @@ def model_card(recipe: Any, metrics: dict, data, task: Any, plain_hf: bool = Tru
     lines = [
         "---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "",
         f"# {task.name} model made with slimtune", "",
-        f"Base model: `{recipe.model}`. Stages: {' → '.join(s.stage for s in recipe.stages)}."
+        f"Base model: `{hub_name or recipe.model}`" + (f" (slimtune alias `{recipe.model}`)" if hub_name else "")
+        + f". Stages: {' → '.join(s.stage for s in recipe.stages)}."
         + (f" Labels: {labels}." if labels else ""),
         *(["", *_distill_lines(metrics)] if _distill_lines(metrics) else []),
         *(["", "Load it with `transformers` (or `slimtune.load_model`):", "",
@@ -86,9 +92,16 @@ def model_card(recipe: Any, metrics: dict, data, task: Any, plain_hf: bool = Tru
           ["", "Load it with slimtune (a slimtune architecture, not a transformers one):", "",
            "```python", "import slimtune", "model = slimtune.load_model(PATH)",
            "from slimtune.models import load_tokenizer", "tokenizer = load_tokenizer(PATH)", "```"]),
-        "", "## Evaluation", "", metrics_table(final),
+        *warnings_section(metrics), "", "## Evaluation", "", metrics_table(final),
     ]
     return "\n".join(lines) + "\n"
+
+
+def warnings_section(metrics: dict) -> list[str]:
+    """The run's warnings (the task's verdict on its final metrics) as markdown lines; none: nothing."""
+    if not metrics.get("warnings"):
+        return []
+    return ["", "## Warnings", "", *[f"- **{w}**" for w in metrics["warnings"]]]
 
 
 def metrics_table(final: dict) -> str:
@@ -108,6 +121,7 @@ def report_markdown(recipe: Any, metrics: dict, task: Any) -> str:
            f"- train: `{info.get('train_file')}` ({info.get('train_rows')} rows"
            + (f", +{info['augmented_rows']} augmented" if info.get("augmented_rows") else "") + ")",
            f"- eval: `{info.get('eval_file') or 'stratified split of train'}` ({info.get('eval_rows')} rows)",
+           *warnings_section(metrics),
            "", "## Final metrics (eval split)", "", metrics_table(final), "", "## Stages", "",
            "| # | stage | method | lr | batch | steps | epochs | trainable % | train ex/s | best dev |",
            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]

@@ -26,6 +26,7 @@ from slimtune.batching import EncodedDataset, batch_indices, collate, cross_entr
 from slimtune.checkpoint import CheckpointStore, load_weights, read_checkpoint
 from slimtune.config import LoopConfig
 from slimtune.ema import WeightEMA
+from slimtune.progress import StepReporter
 
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
 BatchFn = Callable[[EncodedDataset, list[int]], dict[str, torch.Tensor]]
@@ -262,7 +263,7 @@ class _Loop:
                 self.optimizer, mode="max" if s.higher_is_better else "min", factor=s.plateau_factor,
                 patience=s.plateau_patience)
         self.state = _LoopState(TrainResult(lr=s.lr, batch_size=s.batch_size))
-        self._bar = self._task = None
+        self._reporter: StepReporter | None = None
 
     def resume(self) -> bool:
         """Continue from `ctx.resume` if it is a checkpoint of this loop (same tag); returns whether that
@@ -327,7 +328,7 @@ class _Loop:
         elapsed = time.perf_counter() - t0
         res.train_seconds += elapsed
         res.examples_seen += seen
-        self._log_step(loss_sum, self.optimizer.param_groups[0]["lr"], seen / elapsed)
+        self._log_step(loss_sum, self.optimizer.param_groups[0]["lr"], seen, elapsed)
         return st.batch_pos >= len(order)
 
     def evaluate(self) -> bool:
@@ -411,20 +412,17 @@ class _Loop:
 
     @contextlib.contextmanager
     def progress_bar(self) -> Iterator[None]:
-        bar = _progress(self.ctx.progress, self.total_steps, self.ctx.tag)
-        with bar:
-            self._bar = bar
-            self._task = bar.add_task(self.ctx.tag, total=self.total_steps, completed=self.state.step,
-                                      loss=float("nan"), lr=self.s.lr, eps=0.0)
+        with StepReporter(self.ctx.progress, self.total_steps, self.ctx.tag, self.state.step) as reporter:
+            self._reporter = reporter
             yield
 
-    def _log_step(self, loss: float, lr: float, eps: float) -> None:
+    def _log_step(self, loss: float, lr: float, examples: int, seconds: float) -> None:
         step, ctx = self.state.step, self.ctx
-        self._bar.update(self._task, completed=step, loss=loss, lr=lr, eps=eps)
+        self._reporter.update(step, loss, lr, examples, seconds)
         if ctx.tb is not None:
             ctx.tb.add_scalar(f"{ctx.tag}/loss", loss, step)
             ctx.tb.add_scalar(f"{ctx.tag}/lr", lr, step)
-            ctx.tb.add_scalar(f"{ctx.tag}/examples_per_s", eps, step)
+            ctx.tb.add_scalar(f"{ctx.tag}/examples_per_s", examples / seconds, step)
 
 
 def _restore_best(model: nn.Module, ctx: TrainContext, res: TrainResult) -> None:
@@ -432,17 +430,6 @@ def _restore_best(model: nn.Module, ctx: TrainContext, res: TrainResult) -> None
         ctx.checkpoints.load_best(model)
     elif res.best_state is not None:
         model.load_state_dict(res.best_state)
-
-
-def _progress(enabled: bool, total: int, tag: str):
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[eps]:.0f} ex/s"),
-        TimeRemainingColumn(), console=Console(stderr=True), disable=not enabled, transient=False,
-    )
 
 
 def set_trainable(model: nn.Module, trainable: Callable[[str], bool]) -> int:

@@ -25,8 +25,8 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from transformers import PretrainedConfig
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from slimtune.data import jieba_module
 from slimtune.errors import SlimtuneError
+from slimtune.textprep import jieba_module
 
 FORMAT = "word-classifier"
 VOCAB_FILE = "word_vocab.json"

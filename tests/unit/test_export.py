@@ -28,8 +28,7 @@ def classifier_dir(tmp_path_factory, tiny_model_dir):
 def _tokenize(model_dir, texts):
     from tokenizers import Tokenizer
 
-    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))  # tokenizers alone, no transformers
-    tok.enable_padding(pad_id=0)
+    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))  # tokenizers alone, as exported: it pads
     enc = tok.encode_batch(texts)
     return {"input_ids": np.array([e.ids for e in enc], dtype=np.int64),
             "attention_mask": np.array([e.attention_mask for e in enc], dtype=np.int64),
@@ -43,7 +42,12 @@ def test_fp32_export_runs_with_onnxruntime_and_tokenizers_alone(classifier_dir, 
     report = export_onnx(classifier_dir, tmp_path / "onnx", data=sst2_small[1], sample_size=40)
     assert report["parity"] == "pass" and report["fp32_max_abs_diff"] <= 1e-4
     out = tmp_path / "onnx"
-    assert {"model.onnx", "tokenizer.json", "config.json", "export.json"} <= {p.name for p in out.iterdir()}
+    assert {"model.onnx", "tokenizer.json", "config.json", "export.json", "preprocessing.json",
+            "preprocess.py"} <= {p.name for p in out.iterdir()}
+    assert json.loads((out / "preprocessing.json").read_text())["max_length"] == 64
+    from slimtune.models import load_tokenizer
+
+    assert load_tokenizer(out)("a film")["input_ids"][0] == 101  # an export dir is a tokenizer dir too
     texts = ["a gripping , funny film", "dull", "the plot goes nowhere and the actors seem bored to tears"]
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     feed = {k: v for k, v in _tokenize(out, texts).items() if k in {i.name for i in session.get_inputs()}}
@@ -56,7 +60,8 @@ def test_fp32_export_runs_with_onnxruntime_and_tokenizers_alone(classifier_dir, 
 
 
 @pytest.mark.parametrize("mode", ["dynamic", "static"])
-def test_int8_export_is_smaller_and_agrees(classifier_dir, sst2_small, tmp_path, mode):
+def test_int8_export_is_smaller_and_agrees(classifier_dir, sst2_small, tmp_path, mode, caplog):
+    caplog.set_level("INFO")
     report = export_onnx(classifier_dir, tmp_path / mode, quantize=mode, data=sst2_small[1], sample_size=64,
                          optimize=False)
     fp32 = export_onnx(classifier_dir, tmp_path / "fp32", optimize=False, sample_size=16)
@@ -64,6 +69,8 @@ def test_int8_export_is_smaller_and_agrees(classifier_dir, sst2_small, tmp_path,
     assert report["size_mb"] < fp32["size_mb"]
     saved = json.loads((tmp_path / mode / "export.json").read_text())
     assert saved["int8_format"].startswith(mode)
+    # ONNX Runtime's hint pointing at an image-classification example does not apply here (export.py)
+    assert not any("pre-processing" in r.getMessage() for r in caplog.records)
 
 
 @pytest.fixture(scope="module")
@@ -235,3 +242,112 @@ def test_static_reshapes_keep_dynamic_batch_and_sequence(classifier_dir, tmp_pat
                                      "token_type_ids": np.zeros_like(ids.numpy())})[0]
         assert np.abs(got - want).max() < 1e-4
     assert onnx_graph.static_reshapes_(graph) == 0  # nothing left to rewrite
+
+
+def test_the_exported_tokenizer_pads_and_truncates_at_the_training_length(classifier_dir, tmp_path):
+    from tokenizers import Tokenizer
+
+    export_onnx(classifier_dir, tmp_path / "onnx", optimize=False, sample_size=8)
+    tok = Tokenizer.from_file(str(tmp_path / "onnx" / "tokenizer.json"))
+    enc = tok.encode_batch(["short", "a much longer sentence " * 40])
+    assert len(enc[0].ids) == len(enc[1].ids) == 64  # padded to the batch, cut at max_length 64
+    assert enc[0].attention_mask.count(1) == 3
+
+
+def test_the_deploy_doc_runs_as_written_without_torch_or_slimtune(classifier_dir, tmp_path):
+    """docs/deploy.md's code block, run in a fresh interpreter against a real export: it must give
+    slimtune predict's labels, with cleaning, and import neither torch nor slimtune."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from slimtune.predict import Predictor
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "deploy.md").read_text()
+    code = re.search(r"```python\n(.*?)```", doc, re.S).group(1)
+    export_onnx(classifier_dir, tmp_path / "onnx", optimize=False, sample_size=8)
+    code = code.replace('"runs/my-run/onnx"', repr(str(tmp_path / "onnx")))
+    texts = ["<p>A gripping,&nbsp;funny film.</p>", "Dull and\u200b far too long.", "ＦＵＬＬ width  text"]
+    check = (f"\nprint(json.dumps([r['label'] for r in classify({texts!r})]))"
+             "\nassert not any(m == 'torch' or m.startswith('slimtune') for m in sys.modules), 'imported'")
+    res = subprocess.run([sys.executable, "-c", code + check], capture_output=True, text=True, cwd=tmp_path,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got == [r["label"] for r in Predictor(classifier_dir)(texts)]
+
+
+def test_comparison_counts_changes_and_the_noise_of_the_drop():
+    from slimtune.batching import EncodedDataset
+    from slimtune.tasks.classification import TextClassification
+
+    labels = [0] * 100 + [1] * 100
+    ds = EncodedDataset(input_ids=[[1]] * 200, labels=labels)
+    ref = np.eye(2)[labels]  # torch right everywhere
+    cand = ref.copy()
+    cand[:7] = np.eye(2)[1]  # int8 turns 7 right answers wrong
+    m = TextClassification().compare_outputs(ref, cand, ds, labelled=True)
+    assert m["rows"] == 200 and m["changed"] == 7 and m["agreement"] == pytest.approx(0.965)
+    assert m["torch_accuracy"] == 1.0 and m["onnx_accuracy"] == pytest.approx(0.965)
+    assert m["drop_pt"] == pytest.approx(3.5) and m["lost"] == 7 and m["gained"] == 0
+    # paired difference: sd = sqrt(7 - 49/200) / 200 -> 95% half-width 2.55 pt
+    assert m["drop_interval_pt"] == pytest.approx(100 * 1.96 * np.sqrt(7 - 49 / 200) / 200)
+    unlabelled = TextClassification().compare_outputs(ref, cand, ds, labelled=False)
+    assert set(unlabelled) == {"rows", "agreement", "changed"}
+
+
+@pytest.fixture
+def int8_loses_3_points(monkeypatch):
+    """The int8 graph's measured comparison, replaced by one that lost 3 points on 200 rows (a real
+    graph's drop depends on the CPU's kernels; the policy is what is tested here)."""
+    from slimtune.tasks.classification import TextClassification
+
+    def lost_three(self, reference, candidate, ds, labelled):
+        return {"rows": 200, "agreement": 0.97, "changed": 6, "torch_accuracy": 0.85, "onnx_accuracy": 0.82,
+                "drop_pt": 3.0, "drop_interval_pt": 2.4, "lost": 6, "gained": 0}
+
+    monkeypatch.setattr(TextClassification, "compare_outputs", lost_three)
+
+
+def test_an_int8_graph_past_max_drop_is_refused_with_what_to_try(classifier_dir, sst2_small, tmp_path,
+                                                                 int8_loses_3_points):
+    with pytest.raises(SlimtuneError) as e:
+        export_onnx(classifier_dir, tmp_path / "int8", quantize="dynamic", data=sst2_small[1], optimize=False)
+    msg = str(e.value)
+    assert "misses the export policy" in msg and "+3.00 pt, max 0.5 pt" in msg and "±2.40 pt" in msg
+    assert "--quantize static" in msg and "weight_scales: per_channel" in msg and "--force" in msg
+    assert "\n" not in msg and not (tmp_path / "int8").exists()
+    ok = export_onnx(classifier_dir, tmp_path / "int8", quantize="dynamic", data=sst2_small[1], optimize=False,
+                     max_drop=4)
+    assert ok["parity"] == "pass" and not ok["forced"] and ok["max_drop_pt"] == 4
+
+
+def test_force_keeps_the_graph_and_says_so(classifier_dir, sst2_small, tmp_path, int8_loses_3_points):
+    report = export_onnx(classifier_dir, tmp_path / "int8", quantize="dynamic", data=sst2_small[1],
+                         optimize=False, force=True)
+    saved = json.loads((tmp_path / "int8" / "export.json").read_text())
+    assert report["parity"] == saved["parity"] == "fail" and saved["forced"] is True
+    assert saved["drop_pt"] == 3.0 and saved["drop_interval_pt"] == 2.4 and saved["rows"] == 200
+    assert (tmp_path / "int8" / "model.onnx").is_file()
+
+
+def test_without_labelled_rows_agreement_is_a_warning_not_a_verdict(classifier_dir, tmp_path):
+    report = export_onnx(classifier_dir, tmp_path / "int8", quantize="dynamic", optimize=False, sample_size=32)
+    assert report["parity"] == "unchecked" and report["labelled"] is False
+    assert "not a check" in report["parity_detail"] and "random tokens" in report["parity_rows"]
+    assert (tmp_path / "int8" / "model.onnx").is_file()
+
+
+def test_a_run_model_is_measured_on_the_rows_its_run_held_back(tiny_model_dir, sst2_small, tmp_path):
+    from helpers import write_recipe
+
+    from slimtune.runner import run
+
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, sst2_small[0], eval_fraction=0.2,
+                          stages=[{"stage": "finetune", "method": "full", "epochs": 1, "lr": 1e-3}])
+    metrics = run(recipe, tmp_path / "run", progress=False)
+    report = export_onnx(tmp_path / "run" / "model", tmp_path / "int8", quantize="dynamic", optimize=False)
+    assert report["labelled"] is True and report["parity"] in ("pass", "fail")
+    assert report["rows"] == metrics["data"]["eval_rows"] and "did not train on" in report["parity_rows"]
+    assert "held out of" in report["parity_rows"] and report["torch_accuracy"] == pytest.approx(
+        metrics["final"]["accuracy"])

@@ -58,6 +58,22 @@ def test_overrides_are_yaml_typed_and_reject_unknown_paths():
         apply_overrides({**BASE}, ["data.max_length"])
 
 
+def test_a_bad_set_value_names_the_set_not_the_file(tmp_path):
+    import yaml
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({**BASE, "stages": [{"stage": "finetune", "method": "full"}]}))
+    with pytest.raises(SlimtuneError) as e:
+        load_recipe(recipe, ["stages.0.epochs=two"])
+    assert str(e.value).startswith("--set stages.0.epochs=two: stages.0.epochs: ")
+    with pytest.raises(SlimtuneError, match=r"^--set stages.0.method=lorra: stages.0.method: invalid value 'lorra' "
+                                            r"\(did you mean 'lora'\?\)"):
+        load_recipe(recipe, ["stages.0.method=lorra"])
+    recipe.write_text(yaml.safe_dump({**BASE, "stages": [{"stage": "finetune", "epochs": "two"}]}))
+    with pytest.raises(SlimtuneError, match=r"r.yaml: stages.0.epochs"):  # the file's own mistake
+        load_recipe(recipe, ["data.max_length=64"])
+
+
 def test_recipe_file_errors(tmp_path):
     with pytest.raises(SlimtuneError, match="recipe file not found"):
         load_recipe(tmp_path / "nope.yaml")

@@ -5,7 +5,9 @@ Stages, the runner, eval, predict and export ask the run's task and never test i
 - its training loss (`loss`);
 - its metrics, the primary one and its direction (`eval_fn` for the loop, `evaluate` for a full report);
 - what predict and a server return (`predictions`);
-- the ONNX signature (`onnx_inputs`, `onnx_outputs`);
+- the ONNX signature (`onnx_outputs`) and how far an exported graph's outputs are from torch's
+  (`compare_outputs`);
+- what a user must be warned about in its final metrics (`warnings`);
 - the model class used to load (`load_pretrained`, `model_class`).
 
 Adding a task: one new module in this package with a class satisfying `Task`, plus one line in
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -84,3 +87,13 @@ class Task(Protocol):
 
     def write_artifacts(self, final: dict, out: Path) -> list[str]:
         """Files next to metrics.json that this task's report needs (e.g. a confusion matrix); their names."""
+
+    def compare_outputs(self, reference: np.ndarray, candidate: np.ndarray, ds: EncodedDataset,
+                        labelled: bool) -> dict:
+        """How far a deployed graph's outputs (`candidate`) are from the torch model's (`reference`) on `ds`:
+        `rows`, `agreement`, `changed`; with labels also `torch_<primary>`, `onnx_<primary>`, `drop_pt` (points
+        of the primary metric lost) and `drop_interval_pt` (95% half-width of that drop on this many rows)."""
+
+    def warnings(self, final: dict) -> list[str]:
+        """What a user must know about the final metrics before trusting them (a model that predicts one
+        answer everywhere, one no better than a trivial baseline, an eval split too small to tell); one line each."""

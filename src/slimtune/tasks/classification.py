@@ -7,9 +7,11 @@ class probability. The ONNX graph maps the tokenizer's inputs to `logits`.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,6 +23,8 @@ from slimtune.errors import SlimtuneError
 from slimtune.evaluate import classification_metrics, predict_logits, save_confusion_matrix
 from slimtune.models import load_for_classification
 from slimtune.tasks.base import EvalFn, Metric
+
+TINY_SPLIT_PT = 5.0  # warn when the eval accuracy's 95% interval is wider than ± this many points
 
 
 class TextClassification:
@@ -84,6 +88,45 @@ class TextClassification:
 
     def onnx_outputs(self) -> list[str]:
         return ["logits"]
+
+    def compare_outputs(self, reference: np.ndarray, candidate: np.ndarray, ds: EncodedDataset,
+                        labelled: bool) -> dict:
+        ref, cand = reference.argmax(-1), candidate.argmax(-1)
+        n = len(ref)
+        out = {"rows": n, "agreement": float((ref == cand).mean()) if n else 1.0, "changed": int((ref != cand).sum())}
+        if not labelled or not n:
+            return out
+        labels = np.asarray(ds.labels)
+        right_ref, right_cand = ref == labels, cand == labels
+        lost, gained = int((right_ref & ~right_cand).sum()), int((~right_ref & right_cand).sum())
+        # the paired difference of two classifiers on the same rows: only the changed predictions vary it
+        spread = math.sqrt(max(lost + gained - (lost - gained) ** 2 / n, 0.0)) / n
+        return out | {"torch_accuracy": float(right_ref.mean()), "onnx_accuracy": float(right_cand.mean()),
+                      "drop_pt": 100 * (lost - gained) / n, "drop_interval_pt": 100 * 1.96 * spread,
+                      "lost": lost, "gained": gained}
+
+    def warnings(self, final: dict) -> list[str]:
+        cm = final.get("confusion_matrix") or {}
+        matrix, names = np.asarray(cm.get("matrix") or [[0]]), cm.get("labels") or []
+        n, accuracy = int(matrix.sum()), final.get("accuracy")
+        if not n or accuracy is None:
+            return []
+        out = []
+        predicted = matrix.sum(axis=0)
+        if len(names) > 1 and (predicted > 0).sum() == 1:
+            out.append(f"the model predicts '{names[int(predicted.argmax())]}' for all {n} eval rows: it has not "
+                       "learned the task (more epochs, a higher lr, or full fine-tuning on small data)")
+        true = matrix.sum(axis=1)
+        majority = float(true.max() / n)
+        if accuracy <= majority:
+            out.append(f"accuracy {accuracy:.4f} does not beat the majority-class baseline {majority:.4f} "
+                       f"(always '{names[int(true.argmax())]}')")
+        # the binomial interval, its variance floored at p = 0.95's so a perfect score on 20 rows is not "exact"
+        half = 100 * 1.96 * math.sqrt(max(accuracy * (1 - accuracy), 0.0475) / n)
+        if half > TINY_SPLIT_PT:
+            out.append(f"the eval split has only {n} rows: its accuracy is known to about ±{half:.0f} pt (95%), "
+                       "so differences smaller than that are noise (give data.eval a larger file)")
+        return out
 
     def write_artifacts(self, final: dict, out: Path) -> list[str]:
         if not final.get("confusion_matrix"):
