@@ -23,6 +23,7 @@ class EncodedDataset:
     token_type_ids: list[list[int]] | None = None
     texts: list[str] = field(default_factory=list)  # the cleaned texts, for reports and augmentation
     pairs: list[str] | None = None  # the cleaned second texts of pair tasks (re-encoding for a new tokenizer)
+    token_labels: list[list[int]] | None = None  # per-token targets (causal LM: -100 where nothing is scored)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -39,6 +40,7 @@ class EncodedDataset:
             token_type_ids=None if self.token_type_ids is None else [self.token_type_ids[i] for i in idx],
             texts=[self.texts[i] for i in idx] if self.texts else [],
             pairs=None if self.pairs is None else [self.pairs[i] for i in idx],
+            token_labels=None if self.token_labels is None else [self.token_labels[i] for i in idx],
         )
 
 

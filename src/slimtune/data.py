@@ -55,10 +55,10 @@ class _Table:
 
 def read_rows(path: Path, fmt: str = "auto") -> list[dict]:
     """The rows of a data file as dicts. `fmt` (csv, tsv, jsonl, datasets) overrides the extension."""
-    return _read_table(Path(path), fmt).rows
+    return read_table(Path(path), fmt).rows
 
 
-def _read_table(path: Path, fmt: str = "auto") -> _Table:
+def read_table(path: Path, fmt: str = "auto") -> _Table:
     if not path.exists():
         raise SlimtuneError(f"{path}: data file not found")
     fmt = _format_of(path, fmt)
@@ -67,11 +67,11 @@ def _read_table(path: Path, fmt: str = "auto") -> _Table:
     elif path.is_dir():
         raise SlimtuneError(f"{path}: is a directory, not a {fmt} file")
     elif fmt == "csv":
-        table = _read_delimited(path, _decoded_lines(path), ",")
+        table = _read_delimited(path, decoded_lines(path), ",")
     elif fmt == "tsv":
-        table = _read_delimited(path, _decoded_lines(path), "\t")
+        table = _read_delimited(path, decoded_lines(path), "\t")
     else:
-        table = _read_json(path, _decoded_lines(path))
+        table = _read_json(path, decoded_lines(path))
     if not table.rows:
         raise SlimtuneError(f"{path}: {'dataset' if path.is_dir() else 'file'} is empty (no rows)")
     return table
@@ -91,7 +91,7 @@ def _format_of(path: Path, fmt: str) -> str:
                         "(or set data.format to csv, tsv, jsonl or datasets)")
 
 
-def _decoded_lines(path: Path) -> list[str]:
+def decoded_lines(path: Path) -> list[str]:
     """The file's lines with their line endings, decoded one by one so a bad byte gets its line number."""
     data = path.read_bytes()
     if data.startswith(UTF16_BOMS):
@@ -319,7 +319,7 @@ class _Examples:
 
 def _load_examples(path: Path, fmt: str, text_field: str, label_field: str,
                    pair_field: str | None) -> _Examples:
-    table = _read_table(Path(path), fmt)
+    table = read_table(Path(path), fmt)
     count = range(len(table.rows))
     return _Examples(
         table=table,

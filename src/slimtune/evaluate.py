@@ -114,8 +114,10 @@ def dir_size_mb(path: Path) -> float:
 
 
 def tensors_size_mb(model: nn.Module) -> float:
-    """In-memory size of the state dict (the size a model directory would have, minus tokenizer)."""
-    return round(sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 1e6, 3)
+    """In-memory size of the state dict (the size a model directory would have, minus tokenizer); a tensor
+    shared by two names (a language-model head tied to the embeddings) counts once, as it is saved once."""
+    unique = {(t.untyped_storage().data_ptr(), t.storage_offset(), t.shape): t for t in model.state_dict().values()}
+    return round(sum(t.numel() * t.element_size() for t in unique.values()) / 1e6, 3)
 
 
 def cpu_description() -> str:
@@ -143,6 +145,39 @@ def measure_speed(model: nn.Module, ds: EncodedDataset, pad_id: int = 0, latency
         speed = time_forward(lambda inputs: model(**inputs), ds, pad_id, latency_runs, throughput_batches,
                              batch_size, warmup, prepare=model_inputs)
         return speed | {"threads": torch.get_num_threads(), "cpu": cpu_description()}
+    finally:
+        torch.set_num_threads(previous)
+        model.train(was_training)
+
+
+@torch.inference_mode()
+def measure_generation_speed(model: nn.Module, prompt: list[int], new_tokens: int = 32, runs: int = 3,
+                             threads: int | None = None) -> dict:
+    """A causal LM's batch-1 speed: prefill tokens/s (the whole `prompt` in one forward) and decode
+    tokens/s (one token per forward with the KV cache, greedy), each the median of `runs` after a warm-up."""
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    was_training = model.training
+    model.eval()
+    ids = torch.tensor([prompt], dtype=torch.long)
+    try:
+        prefill, decode = [], []
+        for run in range(runs + 1):  # the first run warms up
+            t0 = time.perf_counter()
+            out = model(input_ids=ids, use_cache=True)
+            t1 = time.perf_counter()
+            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            for _ in range(new_tokens):
+                out = model(input_ids=token, past_key_values=cache, use_cache=True)
+                cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            t2 = time.perf_counter()
+            if run:
+                prefill.append(len(prompt) / (t1 - t0))
+                decode.append(new_tokens / (t2 - t1))
+        return {"prefill_tokens_per_s": round(statistics.median(prefill), 1),
+                "decode_tokens_per_s": round(statistics.median(decode), 2), "prompt_tokens": len(prompt),
+                "threads": torch.get_num_threads(), "cpu": cpu_description()}
     finally:
         torch.set_num_threads(previous)
         model.train(was_training)
@@ -177,7 +212,9 @@ def time_forward(forward: Callable, ds: EncodedDataset, pad_id: int = 0, latency
 
 
 # two-line headers on purpose: every column of the final table fits an 80-column terminal whole
-HEADERS = {"accuracy": "accuracy", "f1_macro": "F1\nmacro", "params": "params\n(M)",
+HEADERS = {"accuracy": "accuracy", "f1_macro": "F1\nmacro", "perplexity": "perplex-\nity",
+           "prefill_tokens_per_s": "prefill\ntok/s", "decode_tokens_per_s": "decode\ntok/s",
+           "params": "params\n(M)",
            "trainable_params": "trained\n(M)", "size_mb": "size\nMB", "latency_ms_b1": "ms\nb=1",
            "throughput_eps": "ex/s\nb=32"}
 

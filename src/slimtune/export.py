@@ -95,6 +95,9 @@ def export_onnx(model_dir: str | Path, out: str | Path, *, quantize: str | None 
     if config.get("slimtune_format") == "word-classifier":
         raise SlimtuneError(f"{path}: word-level BiLSTM/CNN classifiers are not exportable to ONNX (their packed "
                             "LSTM sequences have no ONNX equivalent); they run in torch")
+    if not task_of_model(config).onnx_outputs():
+        raise SlimtuneError(f"{path}: a {task_of_model(config).name} model; its ONNX export (a decoder with a KV "
+                            "cache in the graph) is not built yet: it runs in torch (`slimtune generate`)")
     out = check_output_path(Path(out).expanduser().resolve(), kind="directory")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise SlimtuneError(f"{out}: output directory exists and is not empty (use --overwrite to replace it)")

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from torch import nn
 
-from slimtune.assets import teacher_path
-from slimtune.config import PRUNED_MODEL_TYPE, Preprocessing
+from slimtune.assets import smollm2_path, teacher_path
+from slimtune.config import PRUNED_MODEL_TYPE, Preprocessing, names_causal_lm
 from slimtune.errors import SlimtuneError
 from slimtune.modeldir import check_model_dir, check_tokenizer_dir, quiet_transformers, read_json_object
 
@@ -46,10 +46,16 @@ def _mpnet_path() -> str:
     return str(teacher_path(install=False))
 
 
+def _smollm2_path() -> str:
+    return str(smollm2_path(install=False))
+
+
 # alias -> function returning a local directory
-MODEL_ALIASES: dict[str, Callable[[], str]] = {"minilm": _minilm_path, "mpnet": _mpnet_path}
+MODEL_ALIASES: dict[str, Callable[[], str]] = {"minilm": _minilm_path, "mpnet": _mpnet_path,
+                                               "smollm2": _smollm2_path}
 # alias -> the hub name of the same weights: what a model card's `base_model` must say to resolve elsewhere
-HUB_NAMES = {"minilm": "sentence-transformers/all-MiniLM-L6-v2", "mpnet": "sentence-transformers/all-mpnet-base-v2"}
+HUB_NAMES = {"minilm": "sentence-transformers/all-MiniLM-L6-v2", "mpnet": "sentence-transformers/all-mpnet-base-v2",
+             "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
 
 def alias_suggestion(name: str) -> str:
@@ -210,6 +216,19 @@ def load_for_classification(path: Path, id2label: dict[int, str]) -> nn.Module:
             from None
 
 
+def load_causal_lm(path: str | Path) -> nn.Module:
+    """A local causal language model (plain HF directory, safetensors), after the gate."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, use_safetensors=True,
+                                                     dtype="float32")
+    except (OSError, ValueError, RuntimeError) as e:
+        raise SlimtuneError(f"{path}: cannot load it as a causal language model ({str(e).splitlines()[0]})") from None
+    return model
+
+
 def load_model(path: str | Path) -> nn.Module:
     """The torch module of any model directory slimtune writes (or any local HF classifier)."""
     path = resolve_model_path(path)
@@ -227,6 +246,8 @@ def load_model(path: str | Path) -> nn.Module:
         return MODEL_LOADERS[fmt](path).eval()
     if (path / "adapter_config.json").is_file():
         return _load_adapter_dir(path).eval()
+    if names_causal_lm(config):
+        return load_causal_lm(path).eval()
     from transformers import AutoModelForSequenceClassification
 
     info = check_model_dir(path, tokenizer=False)

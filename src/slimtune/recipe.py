@@ -8,12 +8,13 @@ suggests the closest valid key, e.g. `recipe.yaml: stages.0.lerning_rate: unknow
 from __future__ import annotations
 
 import difflib
+import functools
 import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, create_model
 
 from slimtune.config import DataConfig, Strict, tagged_union
 from slimtune.errors import SlimtuneError
@@ -33,21 +34,31 @@ StageConfig = tagged_union({name: _stage_config(name) for name in STAGES}, "stag
 class Recipe(Strict):
     task: Literal[tuple(TASKS)] = "text-classification"  # type: ignore[valid-type]
     model: str = "minilm"
-    data: DataConfig
+    data: DataConfig  # the task's own data section: `recipe_class(task)` narrows it for other tasks
     stages: list[StageConfig] = Field(min_length=1)  # type: ignore[valid-type]
     keep_checkpoints: bool = Field(False, description="keep OUT/checkpoints/ once the run has finished "
                                                       "(by default they are removed: they only serve --resume)")
 
 
+@functools.cache
+def recipe_class(task: str) -> type[Recipe]:
+    """The recipe schema of `task`: Recipe with the task's data section (each task owns its data keys,
+    so a classification key in a causal-LM recipe is an unknown key, not silently ignored)."""
+    data_config = getattr(TASKS.get(task), "data_config", DataConfig)
+    if data_config is DataConfig:
+        return Recipe
+    return create_model("Recipe", __base__=Recipe, data=(data_config, ...))
+
+
 # ------------------------------------------------------------------------------------ load / dump
-def _model_for_path(loc: tuple) -> type[BaseModel] | None:
+def _model_for_path(loc: tuple, root: type[BaseModel] = Recipe) -> type[BaseModel] | None:
     """The pydantic model that owns the location `loc` (for 'did you mean' suggestions)."""
-    model: Any = Recipe
+    model: Any = root
     stage: Any = None
     for part in loc[:-1]:
         if isinstance(part, int):
             continue
-        if model is Recipe and part == "stages":
+        if model is root and part == "stages":
             model = None
             continue
         if model is None and stage is None and part in STAGES:  # the stage union's tag in the location
@@ -101,11 +112,11 @@ def _other_methods(loc: tuple, key: str) -> list[str]:
     return [name for name, cls in methods.items() if key in cls.model_fields] if len(loc) == 5 else []
 
 
-def _describe(err: dict) -> str:
+def _describe(err: dict, root: type[BaseModel] = Recipe) -> str:
     loc = _user_path(tuple(err["loc"]))
     where = ".".join(str(p) for p in loc) or "<root>"
     if err["type"] == "extra_forbidden":
-        owner = _model_for_path(tuple(err["loc"]))
+        owner = _model_for_path(tuple(err["loc"]), root)
         names = [f.alias or n for n, f in getattr(owner, "model_fields", {}).items()]  # 'from', not 'from_'
         key = str(err["loc"][-1])
         elsewhere = _other_methods(tuple(err["loc"]), key)
@@ -145,12 +156,13 @@ def parse_recipe(raw: dict, source: str = "recipe", base_dir: Path | None = None
     a key that one of `overrides` (`--set KEY=VALUE`) set names that `--set`, not the file."""
     if not isinstance(raw, dict):
         raise SlimtuneError(f"{source}: a recipe must be a mapping of keys, got {type(raw).__name__}")
+    schema = recipe_class(raw["task"]) if isinstance(raw.get("task"), str) else Recipe
     try:
-        recipe = Recipe.model_validate(raw)
+        recipe = schema.model_validate(raw)
     except ValidationError as e:
         # unknown keys first: a typo usually also causes the "field required" that follows it
         errors = sorted(e.errors(), key=lambda err: err["type"] != "extra_forbidden")
-        described = _describe(errors[0])
+        described = _describe(errors[0], schema)
         culprit = next((item for item in reversed(overrides)
                         if described.startswith(tuple(item.split("=", 1)[0] + end for end in ":. "))), None)
         raise SlimtuneError(f"{f'--set {culprit}' if culprit else source}: {described}") from None

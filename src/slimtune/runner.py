@@ -24,7 +24,6 @@ from torch.utils.tensorboard import SummaryWriter
 from slimtune.adapt.lora import is_peft
 from slimtune.batching import calibration_batches
 from slimtune.checkpoint import CheckpointStore, read_checkpoint
-from slimtune.config import Preprocessing
 from slimtune.errors import SlimtuneError
 from slimtune.evaluate import dir_size_mb
 from slimtune.export import export_onnx, int8_activations
@@ -39,7 +38,7 @@ from slimtune.tasks import get_task
 from slimtune.train import seed_everything
 
 # metrics.json's `final`: the task's keys, then these (None when not measured)
-MODEL_KEYS = ("params", "trainable_params", "size_mb", "latency_ms_b1", "throughput_eps")
+MODEL_KEYS = ("params", "trainable_params", "size_mb")
 EXTRA_KEYS = ("precision_micro", "recall_micro", "f1_micro", "latency_ms_b1_p90", "threads", "cpu", "split")
 TASK_KEY = "slimtune_task"  # config.json: which task the model directory was trained for
 
@@ -107,6 +106,10 @@ def _check_same_recipe(root: Path, recipe: Recipe) -> None:
 
 def _prepare(recipe: Recipe, show_progress: bool) -> tuple[Run, list[Stage]]:
     task = get_task(recipe.task)
+    for i, cfg in enumerate(recipe.stages):
+        if task.supported_stages is not None and cfg.stage not in task.supported_stages:
+            raise SlimtuneError(f"stages.{i}: stage '{cfg.stage}' is not available for task {task.name} yet "
+                                f"(available: {', '.join(task.supported_stages)})")
     model_path = resolve_model_path(recipe.model)
     tokenizer = load_tokenizer(model_path)
     # The task's outputs first (cheap), so the head is built with the right size before data prep,
@@ -116,9 +119,9 @@ def _prepare(recipe: Recipe, show_progress: bool) -> tuple[Run, list[Stage]]:
     # one recipe, or a killed run and its resume, start from the same weights.
     seed_everything(next((s.seed for s in recipe.stages if hasattr(s, "seed")), 42))
     model = task.load_pretrained(model_path, outputs)
-    emb = model.get_input_embeddings().weight.detach() if recipe.data.augment else None
-    data = task.prepare_data(recipe.data, tokenizer, outputs, embedding_weight=emb)
-    state = Run(task=task, model=model, tokenizer=tokenizer, data=data, preprocessing=Preprocessing.of(recipe.data),
+    emb = model.get_input_embeddings().weight.detach() if getattr(recipe.data, "augment", None) else None
+    data = task.prepare_data(recipe.data, tokenizer, outputs, embedding_weight=emb, model_config=model.config)
+    state = Run(task=task, model=model, tokenizer=tokenizer, data=data, preprocessing=task.preprocessing(recipe.data),
                 base_model=recipe.model, show_progress=show_progress)
     stages = [build_stage(cfg) for cfg in recipe.stages]
     for i, stage in enumerate(stages):
@@ -167,7 +170,7 @@ def _write_outputs(recipe: Recipe, run: Run, out: Path, store: CheckpointStore, 
     with atomic_dir(out / "model") as tmp:
         save_model_dir(run, tmp)
         final["size_mb"] = dir_size_mb(tmp)
-        keys = (*task.final_keys, *MODEL_KEYS)
+        keys = (*task.final_keys, *MODEL_KEYS, *task.speed_keys)
         metrics = {"final": {k: final.get(k) for k in keys} | {k: final[k] for k in EXTRA_KEYS if k in final},
                    "stages": stage_metrics, "data": run.data.info, "base_model": recipe.model, "task": task.name,
                    "warnings": task.warnings(final)}

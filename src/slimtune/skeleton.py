@@ -16,6 +16,7 @@ from pathlib import Path
 
 from torch import nn
 
+from slimtune.config import names_causal_lm
 from slimtune.errors import SlimtuneError
 from slimtune.lowrank import apply_lowrank_skeleton_
 from slimtune.prune.structured import shrink_to_config
@@ -39,11 +40,13 @@ def build_from_config(path: Path, config: dict) -> nn.Module:
     """The model a directory's config describes (pruned shapes included, each overlay the config records
     applied), weights not loaded. Under `torch.device("meta")` it costs no memory (the model gate
     compares its shapes with the weights file's header)."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification  # lazy: slow to import
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification  # lazy: slow
 
     if config.get("slimtune_format") == WORD_FORMAT:
         return build_word_classifier(path, config)
-    model = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(path, local_files_only=True))
+    # a decoder keeps its language-model head (the gate then checks lm_head, not a classifier it never had)
+    auto = AutoModelForCausalLM if names_causal_lm(config) else AutoModelForSequenceClassification
+    model = auto.from_config(AutoConfig.from_pretrained(path, local_files_only=True))
     if config.get("slimtune_format") == "pruned":
         shrink_to_config(model)
     for key, apply in MODEL_OVERLAYS.items():

@@ -82,7 +82,8 @@ class LoopSettings:
             lr=float(lr), batch_size=int(batch_size), epochs=cfg.epochs if epochs is None else epochs,
             max_steps=cfg.max_steps, grad_accum=cfg.grad_accum, weight_decay=cfg.weight_decay,
             grad_clip=cfg.grad_clip, schedule=cfg.schedule, warmup_ratio=cfg.warmup_ratio,
-            plateau_factor=cfg.plateau_factor, plateau_patience=cfg.plateau_patience, metric=cfg.metric,
+            plateau_factor=cfg.plateau_factor, plateau_patience=cfg.plateau_patience,
+            metric=cfg.metric or "loss",  # callers with a task pass its primary metric (Run.fit)
             eval_every=cfg.eval_every, early_stopping_patience=es.patience if es else None,
             min_delta=es.min_delta if es else 0.0, keep_best=cfg.keep_best, ema_decay=cfg.ema_decay,
             seed=cfg.seed, checkpoint_every=cfg.checkpoint_every, bucket_by_length=cfg.bucket_by_length,

@@ -39,6 +39,8 @@ def test_issue_recipe_parses_with_paths_relative_to_the_file(tmp_path):
     ({**BASE, "modle": "x"}, "modle: unknown key (did you mean 'model'?)"),
     ({**BASE, "stages": [{"stage": "finetune", "lr": -1}]}, "stages.0.lr"),
     ({**BASE, "stages": []}, "stages"),
+    ({**BASE, "stages": [{"stage": "prune", "method": "activation", "n_m": [4, 4]}]}, "0 < N < M"),
+    ({**BASE, "stages": [{"stage": "prune", "method": "activation", "n_m": [3, 2]}]}, "n_m [3, 2]"),
 ])
 def test_errors_name_the_field_and_suggest(raw, expected):
     msg = error_of(raw)

@@ -31,7 +31,7 @@ def ds():
 
 
 def stage(**kw):
-    base = dict(epochs=2, lr=1e-3, batch_size=8)
+    base = dict(epochs=2, lr=1e-3, batch_size=8, metric="accuracy")
     return LoopConfig(**(base | kw))
 
 

@@ -95,12 +95,17 @@ class Run:
                             runner_state=self.progress, progress=self.show_progress,
                             pad_id=self.pad_id if pad_id is None else pad_id)
 
-    def loop_direction(self, cfg: LoopConfig) -> bool:
-        """True when a larger `cfg.metric` is better (the task says, per metric)."""
-        if cfg.metric not in self.task.loop_metrics:
-            raise SlimtuneError(f"metric: '{cfg.metric}' is not a metric of task {self.task.name} "
+    def loop_metric(self, cfg: LoopConfig) -> str:
+        """The dev metric that picks the best weights: `cfg.metric`, else the task's primary one."""
+        metric = cfg.metric or self.task.primary.name
+        if metric not in self.task.loop_metrics:
+            raise SlimtuneError(f"metric: '{metric}' is not a metric of task {self.task.name} "
                                 f"(choose from {', '.join(self.task.loop_metrics)})")
-        return self.task.loop_metrics[cfg.metric]
+        return metric
+
+    def loop_direction(self, cfg: LoopConfig) -> bool:
+        """True when a larger loop metric is better (the task says, per metric)."""
+        return self.task.loop_metrics[self.loop_metric(cfg)]
 
     def fit(self, model: nn.Module, cfg: LoopConfig, *, lr: float, batch_size: int, loss_fn: LossFn | None = None,
             make_batch: Callable | None = None, train_ds: EncodedDataset | None = None,
@@ -114,7 +119,7 @@ class Run:
         if not resume:
             ctx.resume = None
         settings = LoopSettings.from_config(cfg, lr=lr, batch_size=batch_size, epochs=epochs,
-                                            higher_is_better=self.loop_direction(cfg))
+                                            higher_is_better=self.loop_direction(cfg), metric=self.loop_metric(cfg))
         return train(model, self.data.train if train_ds is None else train_ds, settings, ctx,
                      loss_fn=loss_fn or self.task.loss,
                      make_batch=make_batch or (lambda ds, idx: self.task.collate(ds, idx, pad)),

@@ -8,7 +8,7 @@ from typing import ClassVar, Literal
 from pydantic import Field
 
 from slimtune.config import Strict
-from slimtune.evaluate import count_parameters, measure_speed, tensors_size_mb
+from slimtune.evaluate import count_parameters, tensors_size_mb
 from slimtune.stages.base import Run
 
 
@@ -28,8 +28,8 @@ def measure(run: Run, speed: bool = True, latency_runs: int = 50, throughput_bat
     params, trainable = count_parameters(model)
     metrics |= {"params": params, "trainable_params": trainable, "size_mb": tensors_size_mb(model)}
     if speed:
-        metrics |= measure_speed(model, ds, pad_id=run.pad_id, latency_runs=latency_runs,
-                                 throughput_batches=throughput_batches, threads=threads)
+        metrics |= run.task.measure_speed(model, ds, run.pad_id, latency_runs=latency_runs,
+                                          throughput_batches=throughput_batches, threads=threads)
     return metrics
 
 

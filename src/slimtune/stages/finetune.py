@@ -81,7 +81,8 @@ class Finetune:
 
     def rebuild(self, run: Run) -> None:
         if self.config.method == "lora" and self.config.lora.save_adapter_only:
-            run.model = apply_lora(run.model, self.config.lora, run.base_model)  # the checkpoint holds adapters
+            run.model = apply_lora(run.model, self.config.lora, run.base_model,  # the checkpoint holds adapters
+                                   task_type=run.task.peft_task_type, train_head=run.task.new_head)
 
     def run(self, run: Run) -> dict:
         cfg = self.config
@@ -93,7 +94,8 @@ class Finetune:
         else:
             # adapters / frozen parts first: lr and batch size auto are tuned on the model as it trains
             if cfg.method == "lora":
-                run.model = apply_lora(run.model, cfg.lora, run.base_model)
+                run.model = apply_lora(run.model, cfg.lora, run.base_model, task_type=run.task.peft_task_type,
+                                       train_head=run.task.new_head)
             else:
                 set_trainable(run.model, trainable_predicate(cfg, anatomy(run.model)))
             model = run.model

@@ -87,6 +87,8 @@ class ActivationPrune(Strict):
     def _amount(self):
         if self.sparsity is None and self.n_m is None:
             raise ValueError("activation pruning needs sparsity or n_m")
+        if self.n_m is not None and not 0 < self.n_m[0] < self.n_m[1]:
+            raise ValueError(f"n_m {list(self.n_m)}: N of every M weights stay, so 0 < N < M (e.g. [2, 4])")
         return self
 
 

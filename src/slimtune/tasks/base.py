@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from slimtune.batching import EncodedDataset
-from slimtune.config import DataConfig, Preprocessing
+from slimtune.config import Preprocessing
 from slimtune.data import TaskData
 
 EvalFn = Callable[[nn.Module], dict]
@@ -50,9 +50,22 @@ class Task(Protocol):
     final_keys: ClassVar[tuple[str, ...]]
     # metrics the training loop can select checkpoints on (LoopConfig.metric), with their direction
     loop_metrics: ClassVar[dict[str, bool]]
+    # the keys `measure_speed` writes into `final` (latency and throughput; prefill and decode tokens/s)
+    speed_keys: ClassVar[tuple[str, ...]]
+    # PEFT's task type for LoRA, and whether the head is new (trains fully beside adapters) or pretrained
+    peft_task_type: ClassVar[str]
+    new_head: ClassVar[bool]
+    # the stages that work on this task's models (None: all of them)
+    supported_stages: ClassVar[tuple[str, ...] | None]
+    # the recipe's `data:` section for this task (a pydantic model with `train` and `eval` paths)
+    data_config: ClassVar[type]
 
-    def output_space(self, data: DataConfig) -> dict[int, str]:
+    def output_space(self, data: Any) -> dict[int, str]:
         """What the model's head must produce, read cheaply before the model loads (labels...)."""
+
+    def preprocessing(self, data: Any) -> Preprocessing:
+        """The record saved with the model (`slimtune_preprocessing`) that eval, predict, export and
+        generate read back, from the recipe's data section."""
 
     def load_pretrained(self, path: Path, outputs: dict[int, str]) -> nn.Module:
         """The starting model of a run: a pretrained directory with this task's head."""
@@ -60,12 +73,14 @@ class Task(Protocol):
     def model_class(self) -> type:
         """The transformers Auto class that loads a saved model of this task."""
 
-    def prepare_data(self, data: DataConfig, tokenizer, outputs: dict[int, str],
-                     embedding_weight: torch.Tensor | None = None) -> TaskData:
-        """Read, clean, split and encode the recipe's data."""
+    def prepare_data(self, data: Any, tokenizer, outputs: dict[int, str],
+                     embedding_weight: torch.Tensor | None = None, model_config: Any = None) -> TaskData:
+        """Read, clean, split and encode the recipe's data (`model_config`: limits such as the context)."""
 
-    def eval_dataset(self, path: Path, tokenizer, model_config: Any, pre: Preprocessing) -> EncodedDataset:
-        """A labelled file for `slimtune eval`, treated exactly as the model's training data was."""
+    def eval_dataset(self, path: Path, tokenizer, model_config: Any, pre: Preprocessing,
+                     limit: int | None = None, stride: int | None = None) -> EncodedDataset:
+        """A file for `slimtune eval`, treated exactly as the model's training data was; `limit`: its
+        first N rows (or tokens of a text), `stride`: the eval window step of a language model."""
 
     def collate(self, ds: EncodedDataset, indices: list[int], pad_id: int) -> dict[str, torch.Tensor]:
         """One padded batch."""
@@ -78,6 +93,10 @@ class Task(Protocol):
 
     def evaluate(self, model: nn.Module, ds: EncodedDataset, outputs: dict[int, str], pad_id: int) -> dict:
         """Every metric of the task on `ds` (the evaluate stage, `slimtune eval`)."""
+
+    def measure_speed(self, model: nn.Module, ds: EncodedDataset, pad_id: int, latency_runs: int = 50,
+                      throughput_batches: int = 10, threads: int | None = None) -> dict:
+        """CPU speed on `ds` (the keys of `speed_keys`, plus threads and CPU)."""
 
     def predictions(self, logits: torch.Tensor, outputs: dict[int, str]) -> list[dict]:
         """What predict and a server return for a batch of model outputs."""

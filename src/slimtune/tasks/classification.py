@@ -20,7 +20,7 @@ from slimtune.batching import EncodedDataset, collate, cross_entropy_loss
 from slimtune.config import DataConfig, Preprocessing
 from slimtune.data import TaskData, label_map_of, load_eval_data, prepare_data
 from slimtune.errors import SlimtuneError
-from slimtune.evaluate import classification_metrics, predict_logits, save_confusion_matrix
+from slimtune.evaluate import classification_metrics, measure_speed, predict_logits, save_confusion_matrix
 from slimtune.models import load_for_classification
 from slimtune.tasks.base import EvalFn, Metric
 
@@ -31,10 +31,18 @@ class TextClassification:
     name: ClassVar[str] = "text-classification"
     primary: ClassVar[Metric] = Metric("accuracy", higher_is_better=True)
     final_keys: ClassVar[tuple[str, ...]] = ("accuracy", "f1_macro", "precision_macro", "recall_macro")
+    speed_keys: ClassVar[tuple[str, ...]] = ("latency_ms_b1", "throughput_eps")
     loop_metrics: ClassVar[dict[str, bool]] = {"accuracy": True, "f1_macro": True, "loss": False}
+    data_config: ClassVar[type] = DataConfig
+    peft_task_type: ClassVar[str] = "SEQ_CLS"
+    new_head: ClassVar[bool] = True
+    supported_stages: ClassVar[tuple[str, ...] | None] = None
 
     def output_space(self, data: DataConfig) -> dict[int, str]:
         return label_map_of(data)[1]
+
+    def preprocessing(self, data: DataConfig) -> Preprocessing:
+        return Preprocessing.of(data)
 
     def load_pretrained(self, path: Path, outputs: dict[int, str]) -> nn.Module:
         return load_for_classification(path, outputs)
@@ -45,15 +53,19 @@ class TextClassification:
         return AutoModelForSequenceClassification
 
     def prepare_data(self, data: DataConfig, tokenizer, outputs: dict[int, str],
-                     embedding_weight: torch.Tensor | None = None) -> TaskData:
+                     embedding_weight: torch.Tensor | None = None, model_config: Any = None) -> TaskData:
         label2id = {name: i for i, name in outputs.items()}
         return prepare_data(data, tokenizer, embedding_weight=embedding_weight, label2id=label2id)
 
-    def eval_dataset(self, path: Path, tokenizer, model_config: Any, pre: Preprocessing) -> EncodedDataset:
+    def eval_dataset(self, path: Path, tokenizer, model_config: Any, pre: Preprocessing,
+                     limit: int | None = None, stride: int | None = None) -> EncodedDataset:
+        if stride is not None:
+            raise SlimtuneError("--stride: a classifier scores whole rows (it applies to causal-lm models)")
         label2id = getattr(model_config, "label2id", None) or {}
         if not label2id:
             raise SlimtuneError("the model's config.json has no label2id: it is not a classifier")
-        return load_eval_data(path, tokenizer, {str(k): int(v) for k, v in label2id.items()}, pre)
+        ds = load_eval_data(path, tokenizer, {str(k): int(v) for k, v in label2id.items()}, pre)
+        return ds.subset(range(min(limit, len(ds)))) if limit else ds
 
     def collate(self, ds: EncodedDataset, indices: list[int], pad_id: int) -> dict[str, torch.Tensor]:
         return collate(ds, indices, pad_id)
@@ -76,6 +88,11 @@ class TextClassification:
     def evaluate(self, model: nn.Module, ds: EncodedDataset, outputs: dict[int, str], pad_id: int) -> dict:
         logits = predict_logits(model, ds, pad_id=pad_id)
         return classification_metrics(ds.labels, logits.argmax(-1).tolist(), outputs) | {"eval_examples": len(ds)}
+
+    def measure_speed(self, model: nn.Module, ds: EncodedDataset, pad_id: int, latency_runs: int = 50,
+                      throughput_batches: int = 10, threads: int | None = None) -> dict:
+        return measure_speed(model, ds, pad_id=pad_id, latency_runs=latency_runs,
+                             throughput_batches=throughput_batches, threads=threads)
 
     def predictions(self, logits: torch.Tensor, outputs: dict[int, str]) -> list[dict]:
         probs = torch.softmax(logits.float(), dim=-1)

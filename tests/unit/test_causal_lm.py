@@ -1,0 +1,222 @@
+"""`task: causal-lm` on a tiny random Llama (2 layers, hidden 32) with MiniLM's real tokenizer."""
+
+import json
+import math
+
+import pytest
+import torch
+import yaml
+from helpers import slimtune as slimtune_cli
+
+import slimtune
+from slimtune.config import CausalLMData
+from slimtune.errors import SlimtuneError
+from slimtune.lmdata import IGNORE_INDEX, prepare_lm_data, windows
+from slimtune.recipe import parse_recipe
+from slimtune.tasks import task_of_model
+from slimtune.tasks.causal_lm import perplexity
+
+# a chat template in the usual shape: user turn, then the assistant header the model answers after
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|> {{ m.content }} [SEP] {% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|> {% endif %}")
+
+TEXT = "\n".join(
+    f"= section {i} =\nthe {w} river runs past the old mill , and the miller counts {i} sacks of grain before dawn ."
+    for i, w in enumerate(["quiet", "long", "cold", "wide", "slow", "dark", "bright", "deep"] * 6))
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory, minilm_path):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(minilm_path)
+    tok.chat_template = CHAT_TEMPLATE
+    tok.eos_token = "[SEP]"
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      pad_token_id=tok.pad_token_id, eos_token_id=tok.sep_token_id, tie_word_embeddings=True)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def text_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("lmtext")
+    lines = TEXT.splitlines(keepends=True)
+    (d / "train.txt").write_text("".join(lines[: len(lines) * 3 // 4]))
+    (d / "eval.txt").write_text("".join(lines[len(lines) * 3 // 4:]))
+    return d
+
+
+def test_a_plain_decoder_directory_is_a_causal_lm(tiny_llama_dir):
+    assert task_of_model(json.loads((tiny_llama_dir / "config.json").read_text())).name == "causal-lm"
+
+
+@pytest.mark.parametrize("stride", [None, 16, 7])
+def test_perplexity_is_the_token_nll_of_a_plain_transformers_sliding_loop(tiny_llama_dir, stride):
+    """The reference loop of the transformers docs (perplexity of fixed-length models), with the count of
+    scored tokens made exact: every token after the first is scored once."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    ids = torch.tensor([tok(TEXT, add_special_tokens=False)["input_ids"]])
+    block, step = 32, stride or 32
+    nll_sum, n_tokens, prev_end = 0.0, 0, 0
+    with torch.no_grad():
+        for begin in range(0, ids.shape[1], step):
+            end = min(begin + block, ids.shape[1])
+            trg_len = end - prev_end
+            input_ids = ids[:, begin:end]
+            target = input_ids.clone()
+            target[:, :-trg_len] = -100
+            loss = model(input_ids, labels=target).loss  # mean over the shifted, unmasked targets
+            counted = int((target[:, 1:] != -100).sum())
+            nll_sum, n_tokens = nll_sum + float(loss) * counted, n_tokens + counted
+            prev_end = end
+            if end == ids.shape[1]:
+                break
+    ds = windows(ids[0].tolist(), block, stride)
+    ours = perplexity(model, ds, pad_id=0, batch_size=3)  # batched and padded: the same numbers
+    assert ours["eval_tokens"] == n_tokens == ids.shape[1] - (1 if stride else len(ds))
+    assert ours["perplexity"] == pytest.approx(math.exp(nll_sum / n_tokens), rel=1e-5)
+
+
+def test_held_back_tail_is_never_trained_on(tiny_llama_dir, text_files):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    data = prepare_lm_data(CausalLMData(train=text_files / "train.txt", block_size=32, eval_fraction=0.2), tok)
+    stream = tok((text_files / "train.txt").read_text(), add_special_tokens=False)["input_ids"]
+    cut = int(len(stream) * 0.8)
+    assert [t for b in data.train.input_ids for t in b] == stream[:cut]
+    assert all(len(b) == 32 for b in data.train.input_ids[:-1])
+    assert [t for w in data.eval.input_ids for t in w] == stream[cut:]
+    assert data.info["eval_tokens"] == len(stream) - cut - len(data.eval)
+
+
+def test_instruction_rows_learn_only_the_response(tiny_llama_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    rows = [{"prompt": f"name a colour number {i}", "response": f"blue , colour {i}"} for i in range(20)]
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = prepare_lm_data(CausalLMData(train=tmp_path / "sft.jsonl", block_size=64), tok)
+    ids, labels = data.train.input_ids[0], data.train.token_labels[0]
+    learned = [t for t, lab in zip(ids, labels, strict=True) if lab != IGNORE_INDEX]
+    assert tok.decode(learned).replace(" ", "").startswith("blue,colour")
+    assert tok.decode(learned).endswith("[SEP]")  # the end of the answer is learned too
+    prompt = [t for t, lab in zip(ids, labels, strict=True) if lab == IGNORE_INDEX]
+    assert "name a colour" in tok.decode(prompt) and "< | assistant | >" in tok.decode(prompt)
+    assert len(data.eval) == 2 and len(data.train) == 18
+
+    (tmp_path / "bad.jsonl").write_text(json.dumps(rows[0]) + "\n" + json.dumps({"prompt": "hi"}) + "\n")
+    with pytest.raises(SlimtuneError, match=r"bad.jsonl:2: instruction row without 'response'"):
+        prepare_lm_data(CausalLMData(train=tmp_path / "bad.jsonl", block_size=64), tok)
+
+
+@pytest.mark.parametrize("setup, message", [
+    (lambda d: (d / "empty.txt").write_text("\n\n"), r"empty.txt: text file is empty"),
+    (lambda d: (d / "t.txt").write_text(TEXT), r"data.block_size: 512 is larger than the model's context of 256"),
+])
+def test_bad_lm_data_is_one_line(tiny_llama_dir, tmp_path, setup, message):
+    from transformers import AutoTokenizer
+
+    setup(tmp_path)
+    name = "empty.txt" if "empty" in message else "t.txt"
+    with pytest.raises(SlimtuneError, match=message):
+        prepare_lm_data(CausalLMData(train=tmp_path / name, block_size=512 if name == "t.txt" else 32),
+                        AutoTokenizer.from_pretrained(tiny_llama_dir), model_max=256)
+
+
+def test_each_task_has_its_own_data_keys():
+    lm = {"task": "causal-lm", "model": "x/y", "data": {"train": "a.txt", "block_size": 64},
+          "stages": [{"stage": "evaluate"}]}
+    assert parse_recipe(lm).data.block_size == 64
+    with pytest.raises(SlimtuneError, match=r"data.label_field: unknown key"):
+        parse_recipe({**lm, "data": {"train": "a.txt", "label_field": "y"}})
+    with pytest.raises(SlimtuneError, match=r"data.block_size: unknown key"):
+        parse_recipe({**lm, "task": "text-classification"})
+    with pytest.raises(SlimtuneError, match=r"stride 80 > block_size 64"):
+        parse_recipe({**lm, "data": {"train": "a.txt", "block_size": 64, "stride": 80}})
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_fine_tuning_lowers_held_back_perplexity_and_eval_reads_it_back(tiny_llama_dir, text_files, tmp_path,
+                                                                         method):
+    recipe = {"task": "causal-lm", "model": str(tiny_llama_dir),
+              "data": {"train": str(text_files / "train.txt"), "eval": str(text_files / "eval.txt"),
+                       "block_size": 32},
+              "stages": [{"stage": "finetune", "method": method, "epochs": 3, "batch_size": 8,
+                          "lr": 3e-3 if method == "full" else 1e-2},
+                         {"stage": "evaluate", "latency_runs": 1}]}
+    from transformers import AutoTokenizer
+
+    base = prepare_lm_data(CausalLMData(train=text_files / "train.txt", eval=text_files / "eval.txt", block_size=32),
+                           AutoTokenizer.from_pretrained(tiny_llama_dir))
+    start = perplexity(slimtune.load_model(tiny_llama_dir), base.eval, pad_id=0)
+    metrics = slimtune.run(recipe, tmp_path / "out", progress=False)
+    final = metrics["final"]
+    assert final["eval_tokens"] == start["eval_tokens"]
+    # a random 30k-token model starts near uniform (~30k); full fine-tuning learns this text's few words
+    assert final["perplexity"] < (0.5 if method == "full" else 0.95) * start["perplexity"]
+    assert final["decode_tokens_per_s"] > 0 and final["prefill_tokens_per_s"] > 0
+    if method == "lora":
+        assert final["trainable_params"] < 0.2 * final["params"]
+    saved = yaml.safe_load((tmp_path / "out" / "recipe.yaml").read_text())
+    assert saved["task"] == "causal-lm" and saved["data"]["block_size"] == 32
+
+    proc = slimtune_cli("eval", tmp_path / "out" / "model", "--data", text_files / "eval.txt", "--no-speed")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    scored = json.loads(proc.stdout)
+    assert scored["perplexity"] == pytest.approx(final["perplexity"], rel=1e-4)
+    assert scored["eval_tokens"] == final["eval_tokens"]
+    limited = json.loads(slimtune_cli("eval", tmp_path / "out" / "model", "--data", text_files / "eval.txt",
+                                      "--max-tokens", "40", "--no-speed").stdout)
+    assert limited["eval_tokens"] == 40 - 2  # two 32-token windows: each one's first token has no context
+
+
+def test_generate_streams_what_greedy_decoding_gives(tiny_llama_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    ids = tok(tok.apply_chat_template([{"role": "user", "content": "the river"}], add_generation_prompt=True,
+                                      tokenize=False), add_special_tokens=False, return_tensors="pt")["input_ids"]
+    expected = tok.decode(model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)[0, ids.shape[1]:],
+                          skip_special_tokens=True)
+    proc = slimtune_cli("generate", tiny_llama_dir, "the river", "--max-new-tokens", "12", "--temperature", "0")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == expected.strip() and expected.strip()
+    # two prompts from stdin, sampled with a seed: the same seed, the same text
+    runs = [slimtune_cli("generate", tiny_llama_dir, "-", "--max-new-tokens", "8", "--seed", "3",
+                         input="the river\nthe mill\n") for _ in range(2)]
+    assert runs[0].returncode == 0 and runs[0].stdout == runs[1].stdout
+    assert len(runs[0].stdout.strip().splitlines()) == 2
+
+
+def test_generate_refuses_what_it_cannot_do(tiny_llama_dir, tiny_model_dir):
+    long = slimtune_cli("generate", tiny_llama_dir, "word " * 300, "--max-new-tokens", "8")
+    assert long.returncode == 2 and "exceeds the model's context of 256 tokens" in long.stderr
+    assert len(long.stderr.strip().splitlines()) == 1
+    clf = slimtune_cli("generate", tiny_model_dir, "hello")
+    assert clf.returncode == 2 and "not a causal language model" in clf.stderr
+
+
+def test_predict_and_export_point_a_causal_lm_elsewhere(tiny_llama_dir, tmp_path):
+    proc = slimtune_cli("predict", tiny_llama_dir, "hello")
+    assert proc.returncode == 2 and "slimtune generate" in proc.stderr
+    proc = slimtune_cli("export", tiny_llama_dir, "--out", tmp_path / "onnx")
+    assert proc.returncode == 2 and "causal" in proc.stderr and not (tmp_path / "onnx").exists()
+
+
+def test_a_stage_the_task_does_not_support_yet_is_refused_before_out_exists(tiny_llama_dir, text_files, tmp_path):
+    recipe = {"task": "causal-lm", "model": str(tiny_llama_dir),
+              "data": {"train": str(text_files / "train.txt"), "block_size": 32},
+              "stages": [{"stage": "prune", "method": "magnitude", "sparsity": 0.5}]}
+    with pytest.raises(SlimtuneError, match=r"stages.0: stage 'prune' is not available for task causal-lm yet"):
+        slimtune.run(recipe, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
