@@ -8,6 +8,7 @@ step processes. The batch *order* is still shuffled, so the optimiser sees a ran
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -62,11 +63,13 @@ def pad_id_of(tokenizer) -> int:
     return 0 if pid is None else int(pid)
 
 
-def calibration_batches(ds: EncodedDataset, n_batches: int, batch_size: int, seed: int, pad_id: int) -> list[dict]:
+def calibration_batches(ds: EncodedDataset, n_batches: int, batch_size: int, seed: int, pad_id: int,
+                        collate_fn: Callable | None = None) -> list[dict]:
     """The first `n_batches` batches of a seeded shuffle of `ds`: what pruning importance, activation
-    ranges, GPTQ/AWQ statistics and static int8 export all calibrate on (the same rows for the same seed)."""
+    ranges, GPTQ/AWQ statistics and static int8 export all calibrate on (the same rows for the same seed).
+    `collate_fn(ds, indices, pad_id)`: the task's collation (default: one label per row)."""
     order = batch_indices(ds.lengths, batch_size, shuffle=True, seed=seed)
-    return [collate(ds, idx, pad_id) for idx in order[:n_batches]]
+    return [(collate_fn or collate)(ds, idx, pad_id) for idx in order[:n_batches]]
 
 
 def batch_indices(lengths: np.ndarray, batch_size: int, *, shuffle: bool, seed: int = 0,

@@ -107,8 +107,11 @@ def _check_same_recipe(root: Path, recipe: Recipe) -> None:
 def _prepare(recipe: Recipe, show_progress: bool) -> tuple[Run, list[Stage]]:
     task = get_task(recipe.task)
     for i, cfg in enumerate(recipe.stages):
-        if task.supported_stages is not None and cfg.stage not in task.supported_stages:
-            raise SlimtuneError(f"stages.{i}: stage '{cfg.stage}' is not available for task {task.name} yet "
+        method = getattr(cfg, "method", None)
+        names = (cfg.stage, f"{cfg.stage}:{method}")
+        if task.supported_stages is not None and not set(names) & set(task.supported_stages):
+            what = f"stage '{cfg.stage}'" + (f" with method '{method}'" if method else "")
+            raise SlimtuneError(f"stages.{i}: {what} is not available for task {task.name} yet "
                                 f"(available: {', '.join(task.supported_stages)})")
     model_path = resolve_model_path(recipe.model)
     tokenizer = load_tokenizer(model_path)

@@ -216,7 +216,60 @@ def test_predict_and_export_point_a_causal_lm_elsewhere(tiny_llama_dir, tmp_path
 def test_a_stage_the_task_does_not_support_yet_is_refused_before_out_exists(tiny_llama_dir, text_files, tmp_path):
     recipe = {"task": "causal-lm", "model": str(tiny_llama_dir),
               "data": {"train": str(text_files / "train.txt"), "block_size": 32},
-              "stages": [{"stage": "prune", "method": "magnitude", "sparsity": 0.5}]}
-    with pytest.raises(SlimtuneError, match=r"stages.0: stage 'prune' is not available for task causal-lm yet"):
+              "stages": [{"stage": "prune", "method": "structured", "heads": 0.5}]}
+    with pytest.raises(SlimtuneError, match=r"stages.0: stage 'prune' with method 'structured' is not available for "
+                                            r"task causal-lm yet"):
         slimtune.run(recipe, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("prune", [{"method": "magnitude", "sparsity": 0.5},
+                                   {"method": "sparsegpt", "sparsity": 0.5, "calibration": {"samples": 5}},
+                                   {"method": "activation", "n_m": [2, 4], "calibration_batches": 2,
+                                    "calibration_batch_size": 4, "recover": {"epochs": 1, "lr": 1e-3}}])
+def test_unstructured_pruning_of_a_decoder(tiny_llama_dir, text_files, tmp_path, prune):
+    recipe = {"task": "causal-lm", "model": str(tiny_llama_dir),
+              "data": {"train": str(text_files / "train.txt"), "eval": str(text_files / "eval.txt"),
+                       "block_size": 32},
+              "stages": [{"stage": "prune", **prune}, {"stage": "evaluate", "speed": False}]}
+    metrics = slimtune.run(recipe, tmp_path / "out", progress=False)
+    stage = metrics["stages"][0]
+    assert stage["final_sparsity"] == pytest.approx(0.5, abs=1e-3) and "start_perplexity" in stage
+    model = slimtune.load_model(tmp_path / "out" / "model")  # a plain Llama with zeros
+    weights = [m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    assert sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights) == pytest.approx(0.5, abs=1e-3)
+    if "n_m" in prune:  # 2 of every 4 consecutive input weights kept
+        w = weights[0].reshape(weights[0].shape[0], -1, 4)
+        assert bool(((w != 0).sum(-1) <= 2).all())
+    assert math.isfinite(metrics["final"]["perplexity"])
+
+
+ISSUE_16_RECIPE = """\
+task: causal-lm
+model: smollm2
+data: {train: wiki.valid.raw, eval: wiki.test.raw, block_size: 512}
+stages:
+  - stage: prune
+    method: sparsegpt      # or activation (Wanda), magnitude; n_m: [2, 4] for 2:4
+    sparsity: 0.5
+    calibration: {samples: 64}
+  - stage: evaluate
+"""
+
+
+def test_the_issue_recipe_parses_as_written(tmp_path):
+    from slimtune.recipe import load_recipe
+
+    (tmp_path / "r.yaml").write_text(ISSUE_16_RECIPE)
+    recipe = load_recipe(tmp_path / "r.yaml")
+    prune = recipe.stages[0]
+    assert (prune.method, prune.sparsity, prune.calibration.samples) == ("sparsegpt", 0.5, 64)
+    assert recipe.data.block_size == 512 and recipe.data.eval == tmp_path / "wiki.test.raw"
+    for method in ("activation", "magnitude"):  # the comment's alternatives: magnitude needs no calibration
+        raw = yaml.safe_load(ISSUE_16_RECIPE)
+        raw["stages"][0]["method"] = method
+        if method == "magnitude":
+            with pytest.raises(SlimtuneError, match="calibration: not a key of method magnitude"):
+                parse_recipe(raw)
+        else:
+            assert parse_recipe(raw).stages[0].calibration.samples == 64

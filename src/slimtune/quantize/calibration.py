@@ -84,7 +84,7 @@ def input_stats(model: nn.Module, modules: dict[str, nn.Module], batches: list[d
     forward_all(model, batches, {m: hook for m in acc}, state=state)
     for name, m in modules.items():
         if not acc[m]["rows"]:
-            raise SlimtuneError(f"quantize: the calibration batches never reach {name}")
+            raise SlimtuneError(f"the calibration batches never reach {name}")
     return {name: acc[m] for name, m in modules.items()}
 
 
@@ -124,16 +124,18 @@ def rtn_output_mse(model: nn.Module, diffs: dict[nn.Module, torch.Tensor], batch
 
 
 # ---------------------------------------------------------------------------------- GPTQ and AWQ
-def _upper_cholesky_of_inverse(h: torch.Tensor) -> torch.Tensor:
-    """Upper Cholesky factor of H^-1 (float64); more dampening if H is not positive definite."""
-    damp = GPTQ_DAMP * torch.diag(h).mean()
+def upper_cholesky_of_inverse(h: torch.Tensor, damp_ratio: float = GPTQ_DAMP,
+                              what: str = "quantize: gptq") -> torch.Tensor:
+    """Upper Cholesky factor of H^-1 (float64) with `damp_ratio` x mean diag(H) added to the diagonal;
+    more dampening if H is not positive definite (GPTQ and SparseGPT both update weights through it)."""
+    damp = damp_ratio * torch.diag(h).mean()
     eye = torch.eye(h.shape[0], dtype=h.dtype)
     for _ in range(6):
         factor, info = torch.linalg.cholesky_ex(h + damp * eye)
         if not info:
             return torch.linalg.cholesky(torch.cholesky_inverse(factor), upper=True)
         damp *= 10
-    raise SlimtuneError("quantize: gptq: the calibration Hessian is not positive definite even when dampened")
+    raise SlimtuneError(f"{what}: the calibration Hessian is not positive definite even when dampened")
 
 
 def gptq_codes(w: torch.Tensor, hessian: torch.Tensor, bits: int, scheme: str, group_size: int | None):
@@ -144,7 +146,7 @@ def gptq_codes(w: torch.Tensor, hessian: torch.Tensor, bits: int, scheme: str, g
     dead = torch.diag(h) == 0  # inputs that are always 0: their weights do not matter
     h[dead, dead] = 1
     weight[:, dead] = 0
-    hinv = _upper_cholesky_of_inverse(h).float()
+    hinv = upper_cholesky_of_inverse(h).float()
     gs = group_size or cols
     scale = torch.ones(rows, cols // gs)
     zero = torch.zeros(rows, cols // gs) if scheme == "asymmetric" else None

@@ -1,8 +1,9 @@
-"""`stage: prune` — magnitude, activation (Wanda, N:M), structured (heads / FFN neurons / layers
-physically removed), each in one shot or in iterative prune -> recover rounds (`iterative: {rounds: 3}`);
+"""`stage: prune` — magnitude, activation (Wanda, N:M), sparsegpt (OBS mask and weight update from each
+layer's input Hessian, N:M too), structured (heads / FFN neurons / layers physically removed), each in
+one shot or in iterative prune -> recover rounds (`iterative: {rounds: 3}`);
 recovery runs on the one training loop, optionally distilled from the unpruned model or a teacher.
 
-Masks (magnitude, activation) are held during recovery and made permanent at the end of the stage,
+Masks (magnitude, activation, sparsegpt) are held during recovery and made permanent at the end of the stage,
 so the saved model is a plain HF model with zeros. Structured pruning leaves smaller matrices.
 
 Resume: a killed prune stage restarts from its beginning (deterministic, so it ends the same), from
@@ -13,6 +14,7 @@ rebuilds the pruned shapes recorded in the run state, and the checkpoint's weigh
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -24,6 +26,7 @@ from slimtune.config import RecoverConfig, Strict, tagged_union
 from slimtune.errors import SlimtuneError
 from slimtune.prune import structured as st
 from slimtune.prune import unstructured as un
+from slimtune.prune.sparsegpt import prune_sparsegpt_
 from slimtune.stages.base import Run, open_compression, trainable_record
 from slimtune.stages.recovery import RecoveryLoss, recover, recovery_auto, recovery_loss, validate_recover
 from slimtune.train import LoopSettings, optimizer_steps, seed_everything
@@ -68,6 +71,10 @@ class MagnitudePrune(Strict):
         return self
 
 
+class CalibrationSamples(Strict):
+    samples: int = Field(ge=1, description="train rows (blocks, for a causal LM) to calibrate on")
+
+
 class ActivationPrune(Strict):
     """Wanda: |W| * ||X|| from calibration batches, unstructured or N:M."""
 
@@ -77,19 +84,30 @@ class ActivationPrune(Strict):
     n_m: tuple[int, int] | None = Field(None, description="N:M sparsity, e.g. [2, 4]")
     targets: list[str] | None = Field(None, description="module-name patterns (default: encoder Linears)")
     ignore: list[str] | None = None
-    calibration_batches: int = Field(8, ge=1, description="train batches for the activation norms")
+    calibration_batches: int = Field(8, ge=1, description="train batches for the activation statistics")
     calibration_batch_size: int = Field(16, ge=1)
+    calibration: CalibrationSamples | None = Field(None, description="exactly this many train rows instead "
+                                                   "(calibration_batches x calibration_batch_size otherwise)")
     recover: RecoverConfig | None = None
     iterative: MaskRounds | None = None
     seed: int = 42
 
     @model_validator(mode="after")
     def _amount(self):
-        if self.sparsity is None and self.n_m is None:
-            raise ValueError("activation pruning needs sparsity or n_m")
+        if (self.sparsity is None) == (self.n_m is None):
+            raise ValueError(f"{self.method} pruning needs exactly one of sparsity or n_m")
         if self.n_m is not None and not 0 < self.n_m[0] < self.n_m[1]:
             raise ValueError(f"n_m {list(self.n_m)}: N of every M weights stay, so 0 < N < M (e.g. [2, 4])")
         return self
+
+
+class SparseGPTPrune(ActivationPrune):
+    """SparseGPT: masks chosen and surviving weights updated from each layer's input Hessian, block by
+    block (slimtune.prune.sparsegpt)."""
+
+    method: Literal["sparsegpt"]
+    block_size: int = Field(128, ge=1, description="columns per mask-selection and lazy-update block")
+    damp: float = Field(0.01, gt=0, description="x mean diag(H) added to the Hessian's diagonal")
 
 
 class StructuredPrune(Strict):
@@ -120,7 +138,8 @@ class StructuredPrune(Strict):
 
 
 # method -> config; the stage runs each through the same rounds (a new method: its config + one line here)
-PRUNE_METHODS = {"magnitude": MagnitudePrune, "activation": ActivationPrune, "structured": StructuredPrune}
+PRUNE_METHODS = {"magnitude": MagnitudePrune, "activation": ActivationPrune, "sparsegpt": SparseGPTPrune,
+                 "structured": StructuredPrune}
 PruneConfig = tagged_union(PRUNE_METHODS, "method", default="magnitude")
 
 
@@ -168,6 +187,9 @@ def _masks_(model, cfg, batches: list[dict], share: float) -> dict:
     if cfg.method == "activation":
         report = un.prune_activation_(model, batches, sparsity=sparsity, n_m=cfg.n_m, targets=cfg.targets,
                                       ignore=cfg.ignore)
+    elif cfg.method == "sparsegpt":
+        report = prune_sparsegpt_(model, batches, sparsity=sparsity, n_m=cfg.n_m, targets=cfg.targets,
+                                  ignore=cfg.ignore, block_size=cfg.block_size, damp=cfg.damp)
     else:
         report = un.prune_magnitude_(model, sparsity=sparsity, threshold=cfg.threshold, scope=cfg.scope,
                                      norm=cfg.norm, targets=cfg.targets, ignore=cfg.ignore)
@@ -194,7 +216,7 @@ class Prune:
     Config: ClassVar[object] = PruneConfig
     methods: ClassVar[dict] = PRUNE_METHODS
 
-    def __init__(self, config: MagnitudePrune | ActivationPrune | StructuredPrune):
+    def __init__(self, config: MagnitudePrune | ActivationPrune | SparseGPTPrune | StructuredPrune):
         self.config = config
 
     @property
@@ -209,6 +231,7 @@ class Prune:
     def run(self, run: Run) -> dict:
         cfg, primary = self.config, run.task.primary
         start = open_compression(run, "prune")
+        t0 = time.perf_counter()
         model = run.model
         batches = self._calibration(run)
         loss = recovery_loss(run, cfg.recover, model)
@@ -235,6 +258,7 @@ class Prune:
         run.save_state(PruneState(shapes=None if self.masks else st.structured_config_update(model)))
         params = sum(p.numel() for p in model.parameters())
         return {"stage": "prune", "method": cfg.method, "iterative": cfg.iterative is not None,
+                "seconds": round(time.perf_counter() - t0, 1),  # pruning and recovery, not the start metric
                 f"start_{primary.name}": start.metric, "rounds": records, "params_before": start.params,
                 "params_after": params, **trainable_record(model),
                 "final_sparsity": round(un.sparsity_report(model, self._targets(model)).overall, 4)
@@ -244,10 +268,17 @@ class Prune:
         cfg = self.config
         if cfg.method == "magnitude":  # weights alone decide
             return []
-        batches = calibration_batches(run.data.train, cfg.calibration_batches, cfg.calibration_batch_size,
-                                      cfg.seed, run.pad_id)
+        size, count = cfg.calibration_batch_size, cfg.calibration_batches
+        if getattr(cfg, "calibration", None) is not None:  # exactly `samples` rows
+            size = min(size, cfg.calibration.samples)
+            count = -(-cfg.calibration.samples // size)
+        batches = calibration_batches(run.data.train, count, size, cfg.seed, run.pad_id, collate_fn=run.task.collate)
         if not batches:
             raise SlimtuneError("prune: calibration set is empty (the train split has no rows)")
+        if getattr(cfg, "calibration", None) is not None:
+            extra = sum(len(b["input_ids"]) for b in batches) - cfg.calibration.samples
+            if extra > 0:
+                batches[-1] = {k: v[:-extra] for k, v in batches[-1].items()}
         return batches
 
     def _targets(self, model):

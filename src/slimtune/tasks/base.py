@@ -55,7 +55,7 @@ class Task(Protocol):
     # PEFT's task type for LoRA, and whether the head is new (trains fully beside adapters) or pretrained
     peft_task_type: ClassVar[str]
     new_head: ClassVar[bool]
-    # the stages that work on this task's models (None: all of them)
+    # the stages ("prune") or stage methods ("prune:magnitude") that work on this task's models (None: all)
     supported_stages: ClassVar[tuple[str, ...] | None]
     # the recipe's `data:` section for this task (a pydantic model with `train` and `eval` paths)
     data_config: ClassVar[type]

@@ -74,9 +74,10 @@ class CausalLM:
     data_config: ClassVar[type] = CausalLMData
     peft_task_type: ClassVar[str] = "CAUSAL_LM"
     new_head: ClassVar[bool] = False
-    # pruning (magnitude, Wanda, SparseGPT), weight-only quantization and distillation of decoders are
-    # measured against their own anchors before they open here
-    supported_stages: ClassVar[tuple[str, ...] | None] = ("finetune", "evaluate")
+    # "stage" or "stage:method". Structured pruning (BERT heads and neurons), weight-only quantization
+    # with a decode kernel and distillation of decoders open here once measured
+    supported_stages: ClassVar[tuple[str, ...] | None] = ("finetune", "evaluate", "prune:magnitude",
+                                                          "prune:activation", "prune:sparsegpt")
 
     def output_space(self, data: CausalLMData) -> dict[int, str]:
         return {}  # the vocabulary is the model's own
@@ -100,14 +101,16 @@ class CausalLM:
 
     def eval_dataset(self, path: Path, tokenizer, model_config: Any, pre: Preprocessing,
                      limit: int | None = None, stride: int | None = None) -> EncodedDataset:
-        block = pre.max_length
+        block, clean = pre.max_length, pre.clean
         if "slimtune_preprocessing" not in (model_config.to_dict() if hasattr(model_config, "to_dict") else {}):
-            # a model slimtune did not train: a 512-token window (or its whole context, if shorter)
+            # a model slimtune did not train: a 512-token window (or its whole context, if shorter), and the
+            # text as a recipe's LM data reads it by default (uncleaned: newlines are part of the text)
             block = min(DEFAULT_BLOCK, getattr(model_config, "max_position_embeddings", None) or DEFAULT_BLOCK)
+            clean = CausalLMData.model_fields["clean"].default
         if stride is not None and stride > block:
             raise SlimtuneError(f"--stride {stride}: larger than the eval window of {block} tokens (tokens "
                                 "between windows would never be scored)")
-        cfg = CausalLMData(train=path, text_field=pre.text_field, clean=pre.clean, block_size=block)
+        cfg = CausalLMData(train=path, text_field=pre.text_field, clean=clean, block_size=block)
         tokens = read_lm_tokens(path, cfg, tokenizer, limit)
         if tokens.stream is None:  # instruction rows: the responses' perplexity
             return examples_dataset(tokens.examples, block)
