@@ -31,6 +31,7 @@ test-slow: setup
 	$(VENV)/bin/pytest -m slow
 
 bench: setup
+	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) bench/finetune_speed.py
 
 clean:

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random BERT classifiers built inline, and paths to the real assets."""
+"""Shared fixtures: tiny random BERT classifiers and Llama decoders built inline, and paths to the real assets."""
 
 import os
 from pathlib import Path
@@ -8,7 +8,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from helpers import SHARED, sst2_file  # noqa: F401  (SHARED: the fixtures below read more of it)
+from helpers import LM_TEXT, SHARED, save_tiny_llama, sst2_file  # noqa: F401  (SHARED: the fixtures below read more of it)
 
 
 @pytest.fixture(scope="session")
@@ -42,3 +42,19 @@ def sst2_small(tmp_path_factory) -> tuple[Path, Path]:
         lines = sst2_file(split).read_text(encoding="utf-8").splitlines()[:n]
         (d / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return d / "train.jsonl", d / "dev.jsonl"
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, minilm_path) -> Path:
+    """A tiny random Llama (2 layers, hidden 32) with MiniLM's real tokenizer and a chat template."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), minilm_path)
+
+
+@pytest.fixture(scope="session")
+def text_files(tmp_path_factory) -> Path:
+    """LM_TEXT as train.txt (the first 3/4 of its lines) and eval.txt (the rest)."""
+    d = tmp_path_factory.mktemp("lmtext")
+    lines = LM_TEXT.splitlines(keepends=True)
+    (d / "train.txt").write_text("".join(lines[: len(lines) * 3 // 4]))
+    (d / "eval.txt").write_text("".join(lines[len(lines) * 3 // 4:]))
+    return d

@@ -69,6 +69,34 @@ def write_chinese_csv(path: Path, copies: int = 5) -> Path:
     return path
 
 
+# causal-LM tests: a small repetitive text a tiny decoder learns in a few epochs, and a chat template in the
+# usual shape (user turn, then the assistant header the model answers after)
+LM_TEXT = "\n".join(
+    f"= section {i} =\nthe {w} river runs past the old mill , and the miller counts {i} sacks of grain before dawn ."
+    for i, w in enumerate(["quiet", "long", "cold", "wide", "slow", "dark", "bright", "deep"] * 6))
+LM_CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|> {{ m.content }} [SEP] {% endfor %}"
+                    "{% if add_generation_prompt %}<|assistant|> {% endif %}")
+
+
+def save_tiny_llama(path: Path, tokenizer_dir, num_layers: int = 2, seed: int = 0, hidden: int = 32) -> Path:
+    """A random Llama (hidden 32, 4 heads, 2 KV heads, context 256) with MiniLM's real tokenizer (from
+    `tokenizer_dir`) and the chat template above, saved as a plain HF directory at `path`."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok.chat_template = LM_CHAT_TEMPLATE
+    tok.eos_token = "[SEP]"
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=256, pad_token_id=tok.pad_token_id, eos_token_id=tok.sep_token_id,
+                      tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
 def make_run(model, data, tokenizer=None, **kw):
     """A `slimtune.stages.Run` for stage tests on an inline model (text classification, default preprocessing)."""
     from slimtune.config import Preprocessing

@@ -169,15 +169,17 @@ def export_cmd(
                                               metavar="FILE")] = None,
     max_drop: Annotated[float, typer.Option(help="accuracy points int8 may lose against torch on those rows",
                                             metavar="PT")] = 0.5,
-    force: Annotated[bool, typer.Option("--force", help="keep an int8 graph that loses more than --max-drop "
-                                        "(export.json records it)")] = False,
+    force: Annotated[bool, typer.Option("--force", help="keep an int8 graph that loses more than --max-drop, or a "
+                                        "decoder whose greedy tokens differ from torch's (export.json records it)")
+                     ] = False,
     optimize: Annotated[bool, typer.Option(help="try ONNX Runtime's transformer fusions; keep them if faster")] = True,
     threads: Annotated[int | None, typer.Option(help="ONNX Runtime threads for the speed comparisons",
                                                 metavar="N")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing non-empty OUT")] = False,
 ):
     """Export to ONNX (dynamic batch/sequence axes) that onnxruntime + tokenizers serve alone; int8 is
-    measured against torch and held to --max-drop (docs/deploy.md)."""
+    measured against torch and held to --max-drop (docs/deploy.md). A causal LM exports as one decoder graph
+    with its KV cache, held to greedy generations identical to torch's."""
     from slimtune.export import export_onnx
 
     if format_ != "onnx":

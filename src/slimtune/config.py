@@ -191,7 +191,9 @@ class StudentSpec(Strict):
 
     from_: str | None = Field(None, alias="from", json_schema_extra={"ref": "model"},
                               description="model dir or alias (default for layers: the teacher)")
-    layers: list[int] | None = Field(None, description="keep these encoder layers (DistilBERT-style init)")
+    layers: list[int] | int | None = Field(
+        None, description="keep these encoder/decoder layers (DistilBERT-style init); a count N keeps N evenly "
+                          "spaced layers, the first and the last included")
     arch: Literal["bilstm", "cnn"] | None = None  # word-level student trained from scratch
     hidden: int = Field(256, ge=1, description="word students: LSTM units per direction / CNN filters per width")
     embed_dim: int = Field(300, ge=1, description="word students without teacher-initialised embeddings")

@@ -2,6 +2,10 @@
 
 OUT holds `model.onnx` (dynamic batch and sequence axes), the tokenizer files and config.json, so
 onnxruntime + tokenizers alone can serve it, plus `export.json` saying what was done and measured.
+What is traced, and under which names, is the model's task's (`Task.onnx_signature`): a classifier maps
+the tokenizer's inputs to logits; a causal LM is a decoder with its KV cache in the graph
+(slimtune.onnx_decoder), which its task checks itself (greedy generations identical to torch's,
+`parity.greedy_verdict`; `--force` keeps a graph that misses it) instead of steps 2-4 below.
 
 What the export does, in order, each step measured rather than assumed:
 1. torch -> ONNX (TorchScript exporter, opset 17: the dynamo exporter's graphs lack the value_info
@@ -46,9 +50,10 @@ from slimtune.models import (
     resolve_model_path,
 )
 from slimtune.onnx_int8 import onnx_feed, quantization_scope, quantize_graph
-from slimtune.parity import DEFAULT_MAX_DROP_PT, ParitySample, miss_hint, parity_sample, verdict
+from slimtune.parity import DEFAULT_MAX_DROP_PT, ParitySample, greedy_verdict, miss_hint, parity_sample, verdict
 from slimtune.quantize.core import dequantize_
 from slimtune.tasks import task_of_model
+from slimtune.tasks.base import OnnxSignature
 
 FP32_TOLERANCE = 1e-4
 
@@ -87,7 +92,8 @@ def export_onnx(model_dir: str | Path, out: str | Path, *, quantize: str | None 
     is the in-memory model of `model_dir` when the caller has it (the runner), else it is loaded;
     `calibration` (collated batches) replaces the sample's first batches for static calibration.
     An int8 graph that loses more than `max_drop` points of the task's primary metric is refused with
-    what to try, unless `force` (then kept, and `forced` is set in the report)."""
+    what to try, unless `force` (then kept, and `forced` is set in the report). So is a graph that misses
+    its task's own check (`OnnxSignature.check`: a decoder's greedy generations)."""
     if quantize not in (None, "dynamic", "static"):
         raise SlimtuneError(f"--quantize {quantize!r}: expected dynamic or static")
     path = resolve_model_path(model_dir)
@@ -95,9 +101,10 @@ def export_onnx(model_dir: str | Path, out: str | Path, *, quantize: str | None 
     if config.get("slimtune_format") == "word-classifier":
         raise SlimtuneError(f"{path}: word-level BiLSTM/CNN classifiers are not exportable to ONNX (their packed "
                             "LSTM sequences have no ONNX equivalent); they run in torch")
-    if not task_of_model(config).onnx_outputs():
-        raise SlimtuneError(f"{path}: a {task_of_model(config).name} model; its ONNX export (a decoder with a KV "
-                            "cache in the graph) is not built yet: it runs in torch (`slimtune generate`)")
+    task = task_of_model(config)
+    if quantize and quantize not in task.onnx_quantize:
+        raise SlimtuneError(f"--quantize {quantize}: not available for a {task.name} model (its ONNX graph is "
+                            "exported in fp32; leave --quantize out)")
     out = check_output_path(Path(out).expanduser().resolve(), kind="directory")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise SlimtuneError(f"{out}: output directory exists and is not empty (use --overwrite to replace it)")
@@ -105,18 +112,23 @@ def export_onnx(model_dir: str | Path, out: str | Path, *, quantize: str | None 
         raise SlimtuneError("--quantize static needs --data FILE: its activation ranges are calibrated on your text")
     model = load_model(path) if model is None else model
     tokenizer = load_tokenizer(path)
-    check_consistent_config(model, path)
+    plain = plain_float_model(model)
+    signature = task.onnx_signature(plain, tokenizer, path)  # refuses a config that disagrees with the weights
+    if signature.check is not None:
+        if data is not None:
+            raise SlimtuneError(f"--data {data}: a {task.name} export reads no labelled rows (its graph is checked by "
+                                "generating with it); leave --data out")
+        return _export_self_checked(path, out, plain, tokenizer, signature, threads, force)
     measured_on = (ParitySample(sample, True, f"{len(sample)} rows of the run's eval split") if sample is not None
                    else parity_sample(path, model, tokenizer, data, sample_size))
     sample = measured_on.rows
     pad = int(tokenizer.pad_token_id or 0)
-    plain = plain_float_model(model)
     report: dict = {"source": str(path), "quantize": quantize, "sample_size": len(sample),
                     "labelled": measured_on.labelled, "parity_rows": measured_on.source}
     with tempfile.TemporaryDirectory() as work_dir, atomic_dir(out) as tmp:
         work = Path(work_dir)
         fp32 = work / "fp32.onnx"
-        torch_to_onnx(plain, fp32, with_token_types="token_type_ids" in _input_names(tokenizer))
+        trace_to_onnx(signature, fp32)
         report["fp32_max_abs_diff"] = _max_abs_diff(plain, OnnxClassifier(fp32, threads), sample, pad)
         if report["fp32_max_abs_diff"] > FP32_TOLERANCE:
             raise SlimtuneError(f"{path}: ONNX fp32 parity failed: max |logit diff| "
@@ -146,15 +158,46 @@ def export_onnx(model_dir: str | Path, out: str | Path, *, quantize: str | None 
             report["forced"] = report["parity"] == "fail"
         else:
             report["parity"] = "pass"
-        shutil.copyfile(graph, tmp / "model.onnx")
-        pre = preprocessing_of(path)
-        save_tokenizer_for_runtime(tokenizer, tmp, pad, pre.max_length)
-        atomic_write_text(tmp / PREPROCESSING_FILE, json.dumps(pre.model_dump(mode="json"), indent=2))
-        shutil.copyfile(textprep.__file__, tmp / "preprocess.py")  # the same cleaning, standard library only
-        plain.config.save_pretrained(tmp)  # an HF config (labels, sizes): tooling that reads it needs no slimtune
-        report["size_mb"] = round((tmp / "model.onnx").stat().st_size / 1e6, 3)
-        atomic_write_text(tmp / "export.json", json.dumps(report, indent=2))
+        _write_beside_graph(graph, tmp, path, plain, tokenizer, signature, report)
     return report
+
+
+def _export_self_checked(path: Path, out: Path, plain: nn.Module, tokenizer, signature: OnnxSignature,
+                         threads: int | None, force: bool) -> dict:
+    """A graph its task checks itself (a decoder: greedy generations against torch's): traced, checked,
+    written with its files, or refused with the check's one-line detail unless `force`."""
+    report: dict = {"source": str(path), "quantize": None, "inputs": signature.input_names,
+                    "outputs": signature.output_names}
+    with tempfile.TemporaryDirectory() as work_dir, atomic_dir(out) as tmp:
+        graph = Path(work_dir) / "fp32.onnx"
+        trace_to_onnx(signature, graph)
+        report.update(greedy_verdict(signature.check(graph, threads)))
+        report["fp32_max_abs_diff"] = report.get("max_abs_logit_diff")
+        report["fusion"] = "not applied (the graph is checked as exported)"
+        if report["parity"] == "fail" and not force:
+            raise SlimtuneError(f"{path}: the ONNX graph misses the export policy: {report['parity_detail']} "
+                                "(--force keeps it anyway)")
+        report["forced"] = report["parity"] == "fail"
+        _write_beside_graph(graph, tmp, path, plain, tokenizer, signature, report)
+    return report
+
+
+def _write_beside_graph(graph: Path, tmp: Path, path: Path, plain: nn.Module, tokenizer, signature: OnnxSignature,
+                        report: dict) -> None:
+    """model.onnx with the tokenizer, preprocessing record and cleaning code, config and export.json."""
+    shutil.copyfile(graph, tmp / "model.onnx")
+    pre = preprocessing_of(path)
+    if signature.pad_tokenizer:
+        save_tokenizer_for_runtime(tokenizer, tmp, int(tokenizer.pad_token_id or 0), pre.max_length)
+    else:
+        tokenizer.save_pretrained(tmp)
+    atomic_write_text(tmp / PREPROCESSING_FILE, json.dumps(pre.model_dump(mode="json"), indent=2))
+    shutil.copyfile(textprep.__file__, tmp / "preprocess.py")  # the same cleaning, standard library only
+    plain.config.save_pretrained(tmp)  # an HF config (labels, sizes): tooling that reads it needs no slimtune
+    if getattr(plain, "generation_config", None) is not None:  # a generative model's EOS / pad ids
+        plain.generation_config.save_pretrained(tmp)
+    report["size_mb"] = round((tmp / "model.onnx").stat().st_size / 1e6, 3)
+    atomic_write_text(tmp / "export.json", json.dumps(report, indent=2))
 
 
 PREPROCESSING_FILE = "preprocessing.json"
@@ -184,22 +227,6 @@ def int8_activations(model: nn.Module) -> str | None:
     return "static" if "static" in modes else modes.pop() if modes else None
 
 
-def check_consistent_config(model: nn.Module, path: Path) -> None:
-    """A config that disagrees with the weights would export a graph that lies about its model."""
-    cfg = getattr(model, "config", None)
-    layers = getattr(getattr(getattr(model, "base_model", None), "encoder", None), "layer", None)
-    if cfg is None or layers is None:
-        raise SlimtuneError(f"{path}: not a transformer encoder classifier (no config / encoder layers)")
-    if cfg.num_hidden_layers != len(layers):
-        raise SlimtuneError(f"{path}/config.json: num_hidden_layers is {cfg.num_hidden_layers} but the model has "
-                            f"{len(layers)} layers")
-    n_labels = len(cfg.id2label)
-    head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
-    if head.out_features != n_labels:
-        raise SlimtuneError(f"{path}/config.json: id2label has {n_labels} labels but the classifier outputs "
-                            f"{head.out_features}")
-
-
 def plain_float_model(model: nn.Module) -> nn.Module:
     """A deep copy with quantized modules replaced by float ones holding the dequantized weights."""
     plain = copy.deepcopy(model).eval()
@@ -210,32 +237,27 @@ def plain_float_model(model: nn.Module) -> nn.Module:
     return plain
 
 
-class _LogitsOnly(nn.Module):
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
+def trace_to_onnx(signature: OnnxSignature, dest: Path) -> None:
+    """The TorchScript exporter (`dynamo=False`, opset 17) on the task's signature."""
+    import warnings
 
-    def forward(self, input_ids, attention_mask, token_type_ids=None):
-        kwargs = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
+    with warnings.catch_warnings(), torch.inference_mode():
+        # TracerWarnings about python bools in masking and cache code: they freeze branches that the same
+        # inputs always take (no padding beyond the mask, a cache present); the parity checks run the graph
+        warnings.simplefilter("ignore")
+        torch.onnx.export(signature.module, signature.example, str(dest), input_names=signature.input_names,
+                          output_names=signature.output_names, dynamic_axes=signature.dynamic_axes,
+                          opset_version=17, dynamo=False, do_constant_folding=True)
 
 
 def torch_to_onnx(model: nn.Module, dest: Path, with_token_types: bool) -> None:
-    import warnings
+    """A classifier's graph from a model alone (the benchmarks and tests call this)."""
+    from types import SimpleNamespace
 
-    names = ["input_ids", "attention_mask"] + (["token_type_ids"] if with_token_types else [])
-    example = tuple(torch.ones(2, 8, dtype=torch.long) if n != "token_type_ids" else torch.zeros(2, 8, dtype=torch.long)
-                    for n in names)
-    outputs = task_of_model(model.config).onnx_outputs()
-    axes = {n: {0: "batch", 1: "sequence"} for n in names} | {o: {0: "batch"} for o in outputs}
-    with warnings.catch_warnings(), torch.inference_mode():
-        warnings.simplefilter("ignore")  # TracerWarnings about python bools in masking code: harmless here
-        torch.onnx.export(_LogitsOnly(model), example, str(dest), input_names=names, output_names=outputs,
-                          dynamic_axes=axes, opset_version=17, dynamo=False, do_constant_folding=True)
-
-
-def _input_names(tokenizer) -> list[str]:
-    return list(getattr(tokenizer, "model_input_names", ["input_ids", "attention_mask"]))
+    inputs = ["input_ids", "attention_mask"] + (["token_type_ids"] if with_token_types else [])
+    source = Path(getattr(model.config, "name_or_path", "") or "model")
+    trace_to_onnx(task_of_model(model.config).onnx_signature(model, SimpleNamespace(model_input_names=inputs),
+                                                              source), dest)
 
 
 def _max_abs_diff(model: nn.Module, clf: OnnxClassifier, ds: EncodedDataset, pad: int) -> float:

@@ -12,6 +12,11 @@ on labelled rows, in this order of preference:
 
 The policy: the int8 graph may lose at most `max_drop` points of the task's primary metric on those rows.
 Every verdict carries the rows' own noise (the 95% interval of the drop), and a miss says what to try.
+
+A task that checks its graph itself (`OnnxSignature.check`: a decoder runs greedy generations of torch
+and of the graph, its KV cache fed back) is held to `greedy_verdict`: the generations must be identical
+token for token. A float graph that generates differently is wrong, whatever its logits' distance; the
+max |logit difference| is reported beside the verdict, not judged.
 """
 
 from __future__ import annotations
@@ -104,6 +109,18 @@ def verdict(measured: dict, sample: ParitySample, max_drop: float, primary: str)
               f"({drop:+.2f} pt, max {max_drop:g} pt; ±{noise:.2f} pt 95% on {sample.source}; "
               f"{measured['changed']} of {measured['rows']} predictions changed)")
     return measured | {"parity": "pass" if drop <= max_drop else "fail", "parity_detail": detail}
+
+
+def greedy_verdict(measured: dict) -> dict:
+    """`measured` (slimtune.onnx_decoder.greedy_parity) plus `parity` (pass: every prompt's greedy tokens
+    identical) and a one-line detail."""
+    same = "identical" if measured["identical"] else (
+        f"differ on {measured['prompts_differing']} of {measured['prompts']} prompts (first: "
+        f"{measured['first_difference']})")
+    detail = (f"greedy generations {same}: {measured['prompts']} prompts, up to {measured['new_tokens']} new tokens "
+              f"each, {measured['tokens_compared']} tokens compared with torch; max |logit diff| "
+              f"{measured['max_abs_logit_diff']:.2e}")
+    return measured | {"parity": "pass" if measured["identical"] else "fail", "parity_detail": detail}
 
 
 def miss_hint(mode: str, report: dict, sample: ParitySample, max_drop: float) -> str:

@@ -166,6 +166,10 @@ def parse_recipe(raw: dict, source: str = "recipe", base_dir: Path | None = None
         culprit = next((item for item in reversed(overrides)
                         if described.startswith(tuple(item.split("=", 1)[0] + end for end in ":. "))), None)
         raise SlimtuneError(f"{f'--set {culprit}' if culprit else source}: {described}") from None
+    for i, stage in enumerate(recipe.stages):  # keys the recipe's task cannot use (a stage config's own rule)
+        problem = stage.problem_for(TASKS[recipe.task]) if hasattr(stage, "problem_for") else None
+        if problem:
+            raise SlimtuneError(f"{source}: stages.{i}.{problem}")
     if base_dir is not None:
         try:
             _make_paths_absolute(recipe, base_dir)

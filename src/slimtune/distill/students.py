@@ -1,12 +1,15 @@
 """Students: the run's model, another local model, a layer selection of a model, or a word-level net.
 
-A student brings its own tokenizer; the distill stage re-encodes the texts with it, so a student
-never has to share the teacher's vocabulary (only the logits, and pooled hidden states, are matched).
+A student brings its own tokenizer; with per-example targets (a classifier) the distill stage
+re-encodes the texts with it, so a student never has to share the teacher's vocabulary (only the
+logits, and pooled hidden states, are matched). Per-token targets (a causal LM) compare distributions
+over the vocabulary index by index: there teacher and student share one (`distill.online`).
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,25 +33,43 @@ class Student:
     source: str  # where it came from, for the report
 
 
-def select_layers(model: nn.Module, layers: list[int]) -> nn.Module:
-    """A copy of `model` keeping only encoder layers `layers` (in that order), same width.
+def select_layers(model: nn.Module, layers: list[int] | int) -> nn.Module:
+    """A copy of `model` keeping only encoder (or decoder) layers `layers` (in that order; a count: see
+    `layer_indices`), same width.
 
     This is the DistilBERT initialisation (every other layer of the teacher). The copy stays a plain
-    HF model: `num_hidden_layers` is updated, so it saves and loads with transformers alone.
+    HF model: `num_hidden_layers` and per-layer config lists are updated, so it saves and loads with
+    transformers alone.
     """
     an = anatomy(model)
-    check_layers(layers, an.num_layers)
+    layers = layer_indices(layers, an.num_layers)
     student = copy.deepcopy(model)
     parent_name, attr = an.layers.rsplit(".", 1)
     parent = student.get_submodule(parent_name)
     old = getattr(parent, attr)
     setattr(parent, attr, nn.ModuleList([old[i] for i in layers]))
     student.config.num_hidden_layers = len(layers)
+    for key, value in list(vars(student.config).items()):  # e.g. layer_types: a decoder's KV cache is built from it
+        if "layer" in key and isinstance(value, list | tuple) and len(value) == an.num_layers:
+            setattr(student.config, key, type(value)(value[i] for i in layers))
     for new_index, layer in enumerate(getattr(parent, attr)):  # layer_idx is used by caches/masks in HF 5
         for module in layer.modules():
             if hasattr(module, "layer_idx"):
                 module.layer_idx = new_index
     return student
+
+
+def layer_indices(layers: list[int] | int, num_layers: int) -> list[int]:
+    """The layers a `student.layers` keeps: a list as given (checked), or for a count N, N evenly spaced
+    layers with the first and the last kept (30 -> 20 drops about every third layer)."""
+    if isinstance(layers, list):
+        check_layers(layers, num_layers)
+        return layers
+    if not 1 <= layers <= num_layers:
+        raise SlimtuneError(f"student.layers: {layers} layers asked, the model has {num_layers}")
+    if layers == 1:
+        return [0]
+    return [round(i * (num_layers - 1) / (layers - 1)) for i in range(layers)]
 
 
 def check_layers(layers: list[int], num_layers: int) -> None:
@@ -78,30 +99,32 @@ def student_blueprint(spec: StudentSpec, *, current_config, current_tokenizer, t
         return "current", current_config, current_tokenizer
     if spec.layers is None:
         return "model", config, tokenizer
-    check_layers(spec.layers, int(getattr(config, "num_hidden_layers", 0) or 0))
+    kept = layer_indices(spec.layers, int(getattr(config, "num_hidden_layers", 0) or 0))
     config = copy.deepcopy(config)
-    config.num_hidden_layers = len(spec.layers)
+    config.num_hidden_layers = len(kept)
     return "layers", config, tokenizer
 
 
 def build_student(spec: StudentSpec, *, current: nn.Module, current_tokenizer, teacher_model: nn.Module,
-                  teacher_tokenizer, id2label: dict[int, str], texts: list[str], teacher_path: Path | None = None
-                  ) -> Student:
+                  teacher_tokenizer, id2label: dict[int, str], texts: list[str], teacher_path: Path | None = None,
+                  load: Callable[[Path], nn.Module] | None = None) -> Student:
     """The student a `student:` spec asks for (see StudentSpec). `teacher_path`: word vectors read from
-    the teacher are cached on disk under its content hash."""
+    the teacher are cached on disk under its content hash. `load(path)`: how a `from` model loads (the
+    run's task's loader; default a classifier over `id2label`)."""
     if spec.arch is not None:
         return _word_student(spec, teacher_model, teacher_tokenizer, id2label, texts, teacher_path)
+    load = load or (lambda path: load_for_classification(path, id2label))
     if spec.layers is not None:
         if spec.from_:
             source_path = resolve_model_path(spec.from_)
-            base, tokenizer, source = load_for_classification(source_path, id2label), load_tokenizer(source_path), \
-                spec.from_
+            base, tokenizer, source = load(source_path), load_tokenizer(source_path), spec.from_
         else:
             base, tokenizer, source = teacher_model, teacher_tokenizer, "teacher"
-        return Student(select_layers(base, spec.layers), tokenizer, "layers", f"{source} layers {spec.layers}")
+        kept = layer_indices(spec.layers, anatomy(base).num_layers)
+        return Student(select_layers(base, kept), tokenizer, "layers", f"{source} layers {kept}")
     if spec.from_:
         path = resolve_model_path(spec.from_)
-        return Student(load_for_classification(path, id2label), load_tokenizer(path), "model", spec.from_)
+        return Student(load(path), load_tokenizer(path), "model", spec.from_)
     return Student(current, current_tokenizer, "current", "the run's model")
 
 

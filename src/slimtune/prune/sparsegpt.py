@@ -6,8 +6,8 @@ w^2 / [H^-1]_jj^2 (lowest pruned: per block over all rows for a sparsity, per gr
 N:M), and each column's error (w - w_masked) / [H^-1]_jj is spread over the columns still to come
 through the upper Cholesky factor of H^-1 — GPTQ's update with "set to zero" in place of "round".
 Blocks of the transformer are processed in order, each calibrated on inputs that already went
-through the pruned blocks before it (sequential, as in the paper); the blocks' inputs are carried
-from one block to the next, so calibration costs two passes per block.
+through the pruned blocks before it (sequential, as in the paper), with the blocks' inputs carried
+from one block to the next (`slimtune.quantize.blockwise`, shared with GPTQ and AWQ).
 
 Written here rather than taken from a library: no maintained package prunes arbitrary HF models
 with SparseGPT offline (llm-compressor needs a GPU-oriented stack and its own model wrappers).
@@ -20,12 +20,11 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from slimtune.adapt.layers import anatomy
-from slimtune.batching import model_inputs
 from slimtune.errors import SlimtuneError
 from slimtune.modules import select_linears
 from slimtune.prune.unstructured import PruneReport, set_mask_, sparsity_report
-from slimtune.quantize.calibration import input_stats, upper_cholesky_of_inverse, valid_rows
+from slimtune.quantize.blockwise import calibrate_blockwise_
+from slimtune.quantize.calibration import input_stats, upper_cholesky_of_inverse
 
 BLOCK_SIZE = 128  # columns per lazy-update block (the paper's)
 
@@ -89,102 +88,17 @@ def prune_sparsegpt_(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]
             raise SlimtuneError(f"n_m {tuple(n_m)}: in_features of {bad[0]} is not a multiple of {n_m[1]}")
     batches = list(batches)
 
-    def prune(name: str, hessian: torch.Tensor) -> None:
-        weight, keep = sparsegpt_weight(linears[name].weight, hessian, sparsity, n_m, block_size, damp)
-        _write_weight_(linears[name], weight)
-        set_mask_(linears[name], keep)
+    def prune(stats: dict[str, dict]) -> None:
+        for name, st in stats.items():
+            weight, keep = sparsegpt_weight(linears[name].weight, st["hessian"], sparsity, n_m, block_size, damp)
+            _write_weight_(linears[name], weight)
+            set_mask_(linears[name], keep)
 
-    done = _prune_layer_stack(model, linears, batches, prune)
+    done = calibrate_blockwise_(model, linears, batches, prune)
     rest = {name: lin for name, lin in linears.items() if name not in done}  # targets outside the stack
     if rest:
-        stats = input_stats(model, rest, batches)
-        for name in rest:
-            prune(name, stats[name]["hessian"])
+        prune(input_stats(model, rest, batches))
     return sparsity_report(model, linears)
-
-
-class _Stop(Exception):
-    """Ends a calibration forward once the first block's inputs are captured."""
-
-
-def _prune_layer_stack(model: nn.Module, linears: dict[str, nn.Linear], batches: list[dict], prune) -> set[str]:
-    """Prune the targets inside the layer stack block by block: each block's Hessians come from inputs
-    that went through the already-pruned blocks before it. The blocks' inputs are kept between blocks
-    (one pass per block, not a forward of the whole model per block). Returns the names it pruned."""
-    try:
-        prefix = anatomy(model).layers
-    except SlimtuneError:
-        return set()
-    layers = model.get_submodule(prefix)
-    calls = _first_block_calls(model, layers[0], batches)
-    masks = [b.get("attention_mask") for b in batches]
-    done: set[str] = set()
-    for i, layer in enumerate(layers):
-        names = [n for n in linears if n.startswith(f"{prefix}.{i}.")]
-        if names:
-            hessians = _block_hessians(layer, {n: linears[n] for n in names}, calls, masks)
-            for n in names:
-                prune(n, hessians[n])
-            done.update(names)
-        calls = [((_hidden(layer(*args, **kwargs)), *args[1:]), kwargs) for args, kwargs in calls]
-    return done
-
-
-def _block_hessians(layer: nn.Module, linears: dict[str, nn.Linear], calls: list, masks: list) -> dict:
-    """Sum of x x^T of each Linear's inputs (padding excluded) while `layer` runs on its kept inputs."""
-    hessians = {n: torch.zeros(lin.in_features, lin.in_features) for n, lin in linears.items()}
-    current: dict = {}
-
-    def hook_for(name: str):
-        def hook(module, args):
-            x = valid_rows(args[0], current.get("mask"))
-            hessians[name] += x.T @ x
-        return hook
-
-    handles = [lin.register_forward_pre_hook(hook_for(n)) for n, lin in linears.items()]
-    try:
-        for (args, kwargs), mask in zip(calls, masks, strict=True):
-            current["mask"] = mask
-            layer(*args, **kwargs)
-    finally:
-        for h in handles:
-            h.remove()
-    return hessians
-
-
-def _first_block_calls(model: nn.Module, first: nn.Module, batches: list[dict]) -> list[tuple[tuple, dict]]:
-    """The (args, kwargs) the first block receives for each calibration batch, without a KV cache."""
-    calls = []
-
-    def capture(module, args, kwargs):
-        kwargs = dict(kwargs)
-        if "hidden_states" in kwargs:  # always positional below
-            args = (kwargs.pop("hidden_states"), *args)
-        for key in ("past_key_value", "past_key_values"):
-            if key in kwargs:
-                kwargs[key] = None
-        if "use_cache" in kwargs:
-            kwargs["use_cache"] = False
-        calls.append((args, kwargs))
-        raise _Stop
-
-    handle = first.register_forward_pre_hook(capture, with_kwargs=True)
-    was_training = model.training
-    model.eval()
-    try:
-        for batch in batches:
-            try:
-                model(**model_inputs(batch))
-            except _Stop:
-                pass
-    finally:
-        handle.remove()
-        model.train(was_training)
-    return calls
-
-
-def _hidden(output) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple | list) else output
 
 
 def _write_weight_(linear: nn.Linear, weight: torch.Tensor) -> None:

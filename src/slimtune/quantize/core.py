@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimtune.errors import SlimtuneError
+from slimtune.quantize.blockwise import calibrate_blockwise_, layer_stack
 from slimtune.quantize.calibration import (
     awq_codes,
     gptq_codes,
@@ -51,6 +52,7 @@ from slimtune.quantize.codes import (
     fake_quantize_activations,
     quantize_codes,
 )
+from slimtune.quantize.kernels import kernel_of, packed_linear, use_packed
 
 # names other modules import from here (the public surface of quantization)
 __all__ = ["QUANTIZED", "QuantizedEmbedding", "QuantizedLinear", "apply_quantization_skeleton_",
@@ -65,18 +67,20 @@ ALGORITHMS = ("rtn", "gptq", "awq")
 # ------------------------------------------------------------------------------------------ specs
 def layer_spec(kind: str = "linear", bits: int = 8, scheme: str = "symmetric", group_size: int | None = None,
                int_bits: int | None = None, frac_bits: int | None = None, activations: str | None = None,
-               input_scale: bool = False, per_tensor: bool = False, scale_group: str | None = None) -> dict:
+               input_scale: bool = False, per_tensor: bool = False, scale_group: str | None = None,
+               kernel: str | None = None) -> dict:
     """One layer's entry of the contract's `layers` mapping. `scale_group`: per-tensor layers naming the
-    same group share one scale (that of their concatenated weights)."""
+    same group share one scale (that of their concatenated weights). `kernel: packed`: the layer runs on
+    a packed int8/int4 kernel where its layout allows (`slimtune.quantize.kernels`); absent: float."""
     spec = {"kind": kind, "bits": bits, "scheme": scheme, "group_size": group_size, "int_bits": int_bits,
             "frac_bits": frac_bits, "activations": activations}
     return (spec | ({"input_scale": True} if input_scale else {}) | ({"per_tensor": True} if per_tensor else {})
-            | ({"scale_group": scale_group} if scale_group else {}))
+            | ({"scale_group": scale_group} if scale_group else {}) | ({"kernel": kernel} if kernel else {}))
 
 
 def check_spec(name: str, module: nn.Module, spec: dict) -> dict:
     """`spec` completed with defaults; SlimtuneError naming the module if it cannot apply to `module`."""
-    unknown = set(spec) - set(layer_spec(input_scale=True, per_tensor=True, scale_group="g"))
+    unknown = set(spec) - set(layer_spec(input_scale=True, per_tensor=True, scale_group="g", kernel="packed"))
     if unknown:
         raise SlimtuneError(f"quantize: {name}: unknown spec keys {sorted(unknown)}")
     spec = layer_spec(**{k: v for k, v in spec.items() if v is not None or k == "group_size"})
@@ -110,6 +114,8 @@ def check_spec(name: str, module: nn.Module, spec: dict) -> dict:
         raise SlimtuneError(f"quantize: {name}: group_size {gs} does not divide its {cols} input features")
     if spec.get("scale_group") and not spec.get("per_tensor"):
         raise SlimtuneError(f"quantize: {name}: scale_group needs per_tensor (one scale shared by the group)")
+    if spec.get("kernel") not in (None, "packed", "float"):
+        raise SlimtuneError(f"quantize: {name}: kernel {spec['kernel']!r} (packed or float)")
     if spec["activations"] not in (None, "dynamic", "static") or (spec["activations"] and kind == "embedding"):
         raise SlimtuneError(f"quantize: {name}: activations {spec['activations']!r} (null, dynamic or static; "
                             f"Linear layers only)")
@@ -147,6 +153,7 @@ class QuantizedLinear(nn.Module):
         self.observing = False  # True while calibrate_activations_ records ranges: float inputs pass through
         _register_codes(self, out_features, in_features, spec)
         self.register_buffer("input_scale", torch.ones(in_features) if spec.get("input_scale") else None)
+        self.kernel = kernel_of(self)[0] if spec.get("kernel") == "packed" else "float"
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         static = self.activations == "static"
         self.register_buffer("act_scale", torch.tensor(1.0) if static else None)
@@ -192,6 +199,8 @@ class QuantizedLinear(nn.Module):
             scale, zero_point = dynamic_activation_params(x)
         elif self.activations == "static" and not self.observing:
             scale, zero_point = self.act_scale, self.act_zero_point
+        elif use_packed(self, x):
+            return packed_linear(self, x)
         else:
             return F.linear(x, self.dequantized_weight().to(x.dtype), bias)
         if self.integer_kernel and x.dtype == torch.float32:
@@ -207,7 +216,8 @@ class QuantizedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-                f"scheme={self.scheme}, group_size={self.group_size}, activations={self.activations}")
+                f"scheme={self.scheme}, group_size={self.group_size}, activations={self.activations}, "
+                f"kernel={self.kernel}")
 
 
 class QuantizedEmbedding(nn.Module):
@@ -298,6 +308,10 @@ def quantize_(model: nn.Module, targets: dict[str, dict], calibration: list[dict
             report = _quantize_rtn_(model, specs, calibration)
         else:
             report = _quantize_sequential_(model, specs, calibration, algorithm)
+    for name in specs:
+        module = model.get_submodule(name)
+        if isinstance(module, QuantizedLinear):
+            report[name]["kernel"] = module.kernel
     _record(model, specs, method)
     return report
 
@@ -370,12 +384,28 @@ def _quantize_rtn_(model: nn.Module, specs: dict, calibration: list[dict] | None
 
 
 def _quantize_sequential_(model: nn.Module, specs: dict, calibration: list[dict], algorithm: str) -> dict:
+    """Targets before the layer stack (embeddings), then the stack block by block on carried inputs
+    (`slimtune.quantize.blockwise`), then those after it (a head), each calibrated on inputs that went
+    through everything quantized before it."""
     report = {}
-    for group in sequential_groups(model, list(specs)):
-        linears = {name: model.get_submodule(name) for name in group if specs[name]["kind"] == "linear"}
-        stats = input_stats(model, linears, calibration) if linears else {}
-        for name in group:
-            report[name] = _quantize_one_(model, name, specs[name], stats.get(name), algorithm)
+
+    def quantize_group(stats: dict[str, dict]) -> None:
+        for name, st in stats.items():
+            report[name] = _quantize_one_(model, name, specs[name], st, algorithm)
+
+    def one_pass_per_group(names: list[str]) -> None:  # a whole-model calibration forward per group
+        for group in sequential_groups(model, names):
+            linears = {name: model.get_submodule(name) for name in group if specs[name]["kind"] == "linear"}
+            stats = input_stats(model, linears, calibration) if linears else {}
+            quantize_group({name: stats.get(name) for name in group})
+
+    stack = layer_stack(model)
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    before = [n for n in specs if stack is None or order[n] < order[stack[0]]]
+    one_pass_per_group(before)
+    in_stack = {n: model.get_submodule(n) for n in specs if n not in before and specs[n]["kind"] == "linear"}
+    done = calibrate_blockwise_(model, in_stack, calibration, quantize_group)
+    one_pass_per_group([n for n in specs if n not in before and n not in done])
     return report
 
 

@@ -33,13 +33,18 @@ def quantize_targets(model: nn.Module, targets: list[str] | None, ignore: list[s
     return chosen
 
 
-def word_embedding_name(model: nn.Module) -> str:
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    name = next((n for n, m in model.named_modules() if m is emb), None) if emb is not None else None
-    if not isinstance(emb, nn.Embedding) or not name:
-        raise SlimtuneError(f"quantize: embeddings: {type(model).__name__} has no nn.Embedding word embedding "
-                            f"(set embeddings: false)")
+def _named_module(model: nn.Module, getter: str, kind: type, error: str) -> str:
+    """The name of the module `model.<getter>()` returns, which must be a `kind`; else `error`."""
+    module = getattr(model, getter)() if hasattr(model, getter) else None
+    name = next((n for n, m in model.named_modules() if m is module), None) if module is not None else None
+    if not isinstance(module, kind) or not name:
+        raise SlimtuneError(f"quantize: {type(model).__name__} has no {error}")
     return name
+
+
+def word_embedding_name(model: nn.Module) -> str:
+    return _named_module(model, "get_input_embeddings", nn.Embedding,
+                         "nn.Embedding word embedding (set embeddings: false)")
 
 
 def embedding_names(model: nn.Module) -> list[str]:
@@ -49,3 +54,21 @@ def embedding_names(model: nn.Module) -> list[str]:
     parent = word.rsplit(".", 1)[0] + "." if "." in word else ""
     return [word] + [n for n, m in model.named_modules()
                      if isinstance(m, nn.Embedding) and n != word and n.startswith(parent)]
+
+
+def output_head_name(model: nn.Module) -> str:
+    """The output head's module name (a causal LM's `lm_head`)."""
+    return _named_module(model, "get_output_embeddings", nn.Linear,
+                         "nn.Linear output head (an LM's lm_head); set head: false")
+
+
+def untie_embeddings_(model: nn.Module) -> bool:
+    """A head that shares the input embedding's table gets its own copy (and the config says so), so
+    either can be quantized, or left float, and each saves and loads as itself. True if it was tied."""
+    get_in, get_out = (getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None))
+    inp, out = (get_in() if get_in else None), (get_out() if get_out else None)
+    if inp is None or out is None or getattr(out, "weight", None) is not getattr(inp, "weight", None):
+        return False
+    out.weight = nn.Parameter(inp.weight.detach().clone(), requires_grad=inp.weight.requires_grad)
+    model.config.tie_word_embeddings = False
+    return True

@@ -26,6 +26,7 @@ from slimtune.distill.wordvectors import common_words, read_word_list
 from slimtune.errors import SlimtuneError
 from slimtune.models import load_tokenizer
 from slimtune.stages.base import Run, console
+from slimtune.stages.distill_online import online_option_problem, rebuild_online, run_online, validate_online
 from slimtune.train import seed_everything
 from slimtune.wordmodels import WORD_ARCHS
 
@@ -51,6 +52,10 @@ class DistillConfig(LoopConfig):
     def teachers(self) -> list[TeacherSpec]:
         items = self.teacher if isinstance(self.teacher, list) else [self.teacher]
         return [t if isinstance(t, TeacherSpec) else TeacherSpec(path=t) for t in items]
+
+    def problem_for(self, task) -> str | None:
+        """The first key (path: why) that `task` cannot use; the recipe is refused with it when read."""
+        return online_option_problem(self) if task.soft_targets == "token" else None
 
 
 @dataclass
@@ -178,16 +183,21 @@ class Distill:
     def __init__(self, config: DistillConfig):
         self.config = config
 
+    # per-token soft targets (a causal LM's vocabulary at every position) are too large to cache: the
+    # teachers run online (stages/distill_online.py); per-example ones are cached once (below)
     def validate(self, run: Run) -> None:
         run.loop_direction(self.config)
-        validate_distill(run, self.config)
+        (validate_online if run.task.soft_targets == "token" else validate_distill)(run, self.config)
 
     def rebuild(self, run: Run) -> None:
         """On --resume past this stage: rebuild the student's structure (weights come from the checkpoint)."""
-        _adopt_student(run, setup_distill(run, self.config))
+        if run.task.soft_targets == "token":
+            rebuild_online(run, self.config)
+        else:
+            _adopt_student(run, setup_distill(run, self.config))
 
     def run(self, run: Run) -> dict:
-        return run_distill(run, self.config)
+        return (run_online if run.task.soft_targets == "token" else run_distill)(run, self.config)
 
 
 def run_distill(run: Run, cfg: DistillConfig) -> dict:

@@ -18,6 +18,7 @@ quantize stage, the quantized modules are rebuilt from the spec kept in the stag
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -39,7 +40,13 @@ from slimtune.quantize.core import (
 )
 from slimtune.quantize.granularity import choose_weight_scales
 from slimtune.quantize.mixed import average_bits, choose_bits
-from slimtune.quantize.targets import EMBEDDING_SPEC, embedding_names, quantize_targets
+from slimtune.quantize.targets import (
+    EMBEDDING_SPEC,
+    embedding_names,
+    output_head_name,
+    quantize_targets,
+    untie_embeddings_,
+)
 from slimtune.stages.base import Run
 from slimtune.stages.quantize_training import run_quantization_aware
 from slimtune.train import seed_everything
@@ -81,6 +88,21 @@ class WeightOnlyQuantize(_Quantize):
     symmetric: bool = True
     algorithm: Literal["rtn", "gptq", "awq"] = Field(
         "rtn", description="round-to-nearest, GPTQ error compensation or AWQ activation-aware scaling")
+    head: bool = Field(False, description="also quantize the output head (a causal LM's lm_head: a fifth of "
+                                          "SmolLM2's weights, read at every decoded token); a head tied to the "
+                                          "input embedding is untied first")
+    head_bits: Literal[8, 4] | None = Field(None, description="head: its width (default: bits); 8 keeps the most "
+                                                              "sensitive layer of a small LM at one scale per row")
+    kernel: Literal["packed", "float"] = Field(
+        "packed", description="packed: layers whose codes fit torch's packed int8 (one scale per row) or int4 "
+                              "(groups of 32-256) kernels multiply from them with bf16 activations (faster than "
+                              "fp32 at small batches, decode above all); float: dequantize and run the float matmul")
+
+    @model_validator(mode="after")
+    def _head(self):
+        if self.head_bits is not None and not self.head:
+            raise ValueError("head_bits applies to the head: set head: true")
+        return self
 
 
 class FixedPointQuantize(_Quantize):
@@ -185,7 +207,8 @@ def _weight_spec(cfg, bits: int | None = None) -> dict:
     activations = {"dynamic_int8": "dynamic", "static_int8": "static"}.get(cfg.method)
     return layer_spec(bits=bits or getattr(cfg, "bits", 8), scheme=scheme, group_size=getattr(cfg, "group_size", None),
                       activations=activations,
-                      per_tensor=activations is not None and cfg.weight_scales == "per_tensor")
+                      per_tensor=activations is not None and cfg.weight_scales == "per_tensor",
+                      kernel=getattr(cfg, "kernel", None))
 
 
 def _pooler(model: nn.Module, cfg) -> list[str]:
@@ -221,7 +244,10 @@ class Quantize:
 
     def validate(self, run: Run) -> None:
         """Before OUT exists: the targets and group size against the model as loaded."""
-        quantize_targets(run.model, self.config.targets, self.config.ignore, getattr(self.config, "group_size", None))
+        group_size = getattr(self.config, "group_size", None)
+        quantize_targets(run.model, self.config.targets, self.config.ignore, group_size)
+        if getattr(self.config, "head", False):
+            quantize_targets(run.model, [output_head_name(run.model)], None, group_size)
 
     def rebuild(self, run: Run) -> None:
         """On --resume past a finished quantize stage: the quantized modules (empty), so the checkpoint fits."""
@@ -253,6 +279,7 @@ class Quantize:
     def _post_training(self, run: Run) -> dict:
         cfg, primary = self.config, run.task.primary.name
         seed_everything(cfg.seed)
+        t0 = time.perf_counter()
         model = run.model
         targets = quantize_targets(model, cfg.targets, cfg.ignore, getattr(cfg, "group_size", None))
         batches = self.calibration(run)
@@ -280,6 +307,15 @@ class Quantize:
         else:
             specs = {name: _weight_spec(cfg) for name in targets}
         saturated = _saturation(targets, cfg) if isinstance(cfg, FixedPointQuantize) else {}
+        head = getattr(cfg, "head", False)
+        if head:
+            head_name = output_head_name(model)
+            quantize_targets(model, [head_name], None, getattr(cfg, "group_size", None))  # its width checked
+            head_bits = getattr(cfg, "head_bits", None) or cfg.bits
+            # int8 heads take one scale per row (the packed int8 kernel's layout); int4 ones the groups
+            specs[head_name] = _weight_spec(cfg, head_bits) | ({"group_size": None} if head_bits == 8 else {})
+        if (head or cfg.embeddings) and untie_embeddings_(model):
+            extra["untied_embeddings"] = True  # quantized apart, so the head no longer reads the input table
         if cfg.embeddings:
             specs |= {name: EMBEDDING_SPEC for name in embedding_names(model)}
             if isinstance(cfg, Int8Quantize) and cfg.targets is None:
@@ -300,6 +336,7 @@ class Quantize:
                 f"start_{primary}": start_metric, primary: run.primary_metric(model), "quantized_layers": len(specs),
                 "size_bytes_before": size_before, "size_bytes_quantized": size_after,
                 "compression": round(size_before / size_after, 3),
+                "seconds": round(time.perf_counter() - t0, 1),  # calibration and quantization
                 "calibration": {"split": "train", "batches": len(batches), "batch_size": cfg.calibration_batch_size,
                                 "examples": sum(len(b["input_ids"]) for b in batches)},
                 "layers": report, **extra}

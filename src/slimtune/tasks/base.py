@@ -3,10 +3,14 @@
 Stages, the runner, eval, predict and export ask the run's task and never test its name. A task owns:
 - reading and encoding its data, and collating a batch (`prepare_data`, `collate`, `eval_dataset`);
 - its training loss (`loss`);
+- what distillation matches: per-example or per-token soft targets, and where they sit in the logits
+  (`soft_targets`, `distill_rows`);
 - its metrics, the primary one and its direction (`eval_fn` for the loop, `evaluate` for a full report);
 - what predict and a server return (`predictions`);
-- the ONNX signature (`onnx_outputs`) and how far an exported graph's outputs are from torch's
-  (`compare_outputs`);
+- the ONNX export: what is traced, with which names and dynamic axes, and how the task checks the graph
+  itself when a row-by-row comparison cannot (`onnx_signature`; a decoder: its KV cache and greedy
+  generations), the int8 modes its graph takes (`onnx_quantize`), and how far an exported graph's
+  outputs are from torch's (`compare_outputs`);
 - what a user must be warned about in its final metrics (`warnings`);
 - the model class used to load (`load_pretrained`, `model_class`).
 
@@ -19,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 import numpy as np
 import torch
@@ -43,6 +47,24 @@ class Metric:
         return b is None or (a > b if self.higher_is_better else a < b)
 
 
+@dataclass
+class OnnxSignature:
+    """What `torch.onnx.export` traces for a task's model, and how the exported fp32 graph is checked."""
+
+    module: nn.Module  # flat tensors in, flat tensors out (e.g. a transformers cache object does not trace)
+    example: tuple[torch.Tensor, ...]  # one traced call; the axes named in dynamic_axes vary at run time
+    input_names: list[str]
+    output_names: list[str]
+    dynamic_axes: dict[str, dict[int, str]]
+    # the task's own check of the fp32 graph: (graph path, threads) -> a measurement that
+    # `slimtune.parity.greedy_verdict` judges (a decoder: greedy generations of torch and of the graph).
+    # None: export compares the graph's outputs row by row on its parity sample (`compare_outputs`)
+    check: Callable[[Path, int | None], dict] | None = None
+    # the exported tokenizer.json pads and truncates at max_length (batches of a classifier); False keeps
+    # it as trained (a decoder's prompts are neither padded nor cut)
+    pad_tokenizer: bool = True
+
+
 class Task(Protocol):
     name: ClassVar[str]
     primary: ClassVar[Metric]
@@ -59,6 +81,12 @@ class Task(Protocol):
     supported_stages: ClassVar[tuple[str, ...] | None]
     # the recipe's `data:` section for this task (a pydantic model with `train` and `eval` paths)
     data_config: ClassVar[type]
+    # the `export --quantize` modes (ONNX Runtime int8) its graph takes; () exports fp32 only
+    onnx_quantize: ClassVar[tuple[str, ...]]
+    # what distillation matches: "example" = one output distribution per example (small: each teacher labels
+    # the transfer set once, cached on disk); "token" = one per scored token (a vocabulary-wide distribution
+    # per token is too large to keep: the teachers run online, frozen, on each training batch)
+    soft_targets: ClassVar[Literal["example", "token"]]
 
     def output_space(self, data: Any) -> dict[int, str]:
         """What the model's head must produce, read cheaply before the model loads (labels...)."""
@@ -88,6 +116,11 @@ class Task(Protocol):
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The training loss of a batch."""
 
+    def distill_rows(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The output distributions distillation matches, as logit rows [N, V], and each row's hard target
+        [N]: one row per example for a classifier, one per scored next-token position for a language model
+        (the positions and targets of its `loss`)."""
+
     def eval_fn(self, ds: EncodedDataset, pad_id: int) -> EvalFn:
         """The loop's dev evaluation: model -> {metric: value} (keys of `loop_metrics`)."""
 
@@ -101,8 +134,10 @@ class Task(Protocol):
     def predictions(self, logits: torch.Tensor, outputs: dict[int, str]) -> list[dict]:
         """What predict and a server return for a batch of model outputs."""
 
-    def onnx_outputs(self) -> list[str]:
-        """Names of the exported graph's outputs (its inputs are the tokenizer's)."""
+    def onnx_signature(self, model: nn.Module, tokenizer, source: Path) -> OnnxSignature:
+        """What export traces (a float, eval-mode `model`), its names and dynamic axes, and the task's own
+        check of the graph if it has one. Refuses, naming `source`, a model whose config disagrees with its
+        weights or that the graph cannot carry."""
 
     def write_artifacts(self, final: dict, out: Path) -> list[str]:
         """Files next to metrics.json that this task's report needs (e.g. a confusion matrix); their names."""

@@ -4,7 +4,8 @@ Data: a text file, JSON Lines of texts, or instruction rows (slimtune.lmdata). L
 cross-entropy over the scored tokens (the response only for instruction rows). Metric: perplexity
 (primary, lower is better) = exp(mean token NLL) over every scored token of the eval text, with the
 sliding window of `stride`. Speed: batch-1 prefill and KV-cached decode tokens/s. `slimtune generate`
-streams text; predict returns the most likely next tokens.
+streams text; predict returns the most likely next tokens; export writes one ONNX decoder graph with its KV
+cache, checked by greedy generations identical to torch's (slimtune.onnx_decoder).
 """
 
 from __future__ import annotations
@@ -28,16 +29,22 @@ from slimtune.lmdata import (
     collate_lm,
     examples_dataset,
     prepare_lm_data,
+    prompt_text,
     read_lm_tokens,
     scored_tokens,
     windows,
 )
 from slimtune.models import load_causal_lm
-from slimtune.tasks.base import EvalFn, Metric
+from slimtune.onnx_decoder import KVCacheDecoder, greedy_parity
+from slimtune.tasks.base import EvalFn, Metric, OnnxSignature
 
 DEFAULT_BLOCK = 512  # eval window of a model without a saved record
 FEW_EVAL_TOKENS = 4096  # below this many scored tokens a perplexity moves by several percent between texts
 EVAL_BATCH = 4  # windows per forward: the logits of 512 tokens x 49k vocabulary are 100 MB each
+# the export's check: greedy generations of torch and of the ONNX graph, token for token
+PARITY_PROMPTS = ("List five facts about the ocean.", "Write a short story about a lighthouse keeper.",
+                  "Explain how a bicycle stays upright.")  # long answers: EOS comes after the compared tokens
+PARITY_NEW_TOKENS = 24
 
 
 def token_nll(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -75,9 +82,12 @@ class CausalLM:
     peft_task_type: ClassVar[str] = "CAUSAL_LM"
     new_head: ClassVar[bool] = False
     # "stage" or "stage:method". Structured pruning (BERT heads and neurons), weight-only quantization
-    # with a decode kernel and distillation of decoders open here once measured
+    # with a decode kernel open here once measured
     supported_stages: ClassVar[tuple[str, ...] | None] = ("finetune", "evaluate", "prune:magnitude",
-                                                          "prune:activation", "prune:sparsegpt")
+                                                          "prune:activation", "prune:sparsegpt",
+                                                          "quantize:weight_only", "distill")
+    soft_targets: ClassVar[str] = "token"  # 49,152 probabilities per token: the teacher runs online
+    onnx_quantize: ClassVar[tuple[str, ...]] = ()  # fp32 graphs; int4/int8 MatMulNBits: bench/onnx_decoder.py
 
     def output_space(self, data: CausalLMData) -> dict[int, str]:
         return {}  # the vocabulary is the model's own
@@ -123,6 +133,12 @@ class CausalLM:
         nll, count = token_nll(model, batch)
         return nll / max(count, 1)
 
+    def distill_rows(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        # as token_nll: position t predicts token t+1; only scored targets (not padding, not prompts)
+        targets = batch["labels"][:, 1:]
+        scored = targets != IGNORE_INDEX
+        return logits[:, :-1][scored], targets[scored]
+
     def eval_fn(self, ds: EncodedDataset, pad_id: int) -> EvalFn:
         def evaluate(model: nn.Module) -> dict:
             m = perplexity(model, ds, pad_id)
@@ -147,8 +163,18 @@ class CausalLM:
         return [{"next_token_ids": ids.tolist(), "probabilities": [round(float(p), 6) for p in ps]}
                 for ids, ps in zip(top.indices, top.values, strict=True)]
 
-    def onnx_outputs(self) -> list[str]:
-        return []  # no ONNX export of decoders yet: it needs the KV cache in the graph
+    def onnx_signature(self, model: nn.Module, tokenizer, source: Path) -> OnnxSignature:
+        """A decoder with its KV cache in the graph (slimtune.onnx_decoder), checked by its greedy
+        generations: they must equal torch's token for token on PARITY_PROMPTS."""
+        decoder = KVCacheDecoder(model, source)
+        prompts = parity_prompts(tokenizer)
+        eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+
+        def check(graph: Path, threads: int | None) -> dict:
+            return greedy_parity(model, graph, prompts, PARITY_NEW_TOKENS, eos, pad, threads)
+
+        return OnnxSignature(decoder, decoder.example(), decoder.input_names, decoder.output_names,
+                             decoder.dynamic_axes(), check=check, pad_tokenizer=False)
 
     def write_artifacts(self, final: dict, out: Path) -> list[str]:
         return []
@@ -168,6 +194,13 @@ class CausalLM:
             out.append(f"the perplexity rests on only {tokens} tokens: give data.eval a longer text "
                        f"(thousands of tokens) before comparing models")
         return out
+
+
+def parity_prompts(tokenizer) -> list[list[int]]:
+    """PARITY_PROMPTS as `slimtune generate` sends them: through the chat template when there is one."""
+    templated = bool(getattr(tokenizer, "chat_template", None))
+    return [tokenizer(prompt_text(p, tokenizer) if templated else p, add_special_tokens=not templated)["input_ids"]
+            for p in PARITY_PROMPTS]
 
 
 __all__ = ["CausalLM", "perplexity", "scored_tokens", "token_nll"]

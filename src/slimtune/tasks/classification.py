@@ -22,7 +22,7 @@ from slimtune.data import TaskData, label_map_of, load_eval_data, prepare_data
 from slimtune.errors import SlimtuneError
 from slimtune.evaluate import classification_metrics, measure_speed, predict_logits, save_confusion_matrix
 from slimtune.models import load_for_classification
-from slimtune.tasks.base import EvalFn, Metric
+from slimtune.tasks.base import EvalFn, Metric, OnnxSignature
 
 TINY_SPLIT_PT = 5.0  # warn when the eval accuracy's 95% interval is wider than ± this many points
 
@@ -37,6 +37,8 @@ class TextClassification:
     peft_task_type: ClassVar[str] = "SEQ_CLS"
     new_head: ClassVar[bool] = True
     supported_stages: ClassVar[tuple[str, ...] | None] = None
+    onnx_quantize: ClassVar[tuple[str, ...]] = ("dynamic", "static")
+    soft_targets: ClassVar[str] = "example"  # a few probabilities per text: cached once per teacher
 
     def output_space(self, data: DataConfig) -> dict[int, str]:
         return label_map_of(data)[1]
@@ -73,6 +75,9 @@ class TextClassification:
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return cross_entropy_loss(model, batch)
 
+    def distill_rows(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return logits, batch["labels"]  # one distribution per text
+
     def eval_fn(self, ds: EncodedDataset, pad_id: int) -> EvalFn:
         labels = torch.tensor(ds.labels)
         names = {i: str(i) for i in range(int(labels.max()) + 1)} if len(labels) else {}
@@ -103,8 +108,15 @@ class TextClassification:
                             "probabilities": {outputs[i]: round(float(p), 6) for i, p in enumerate(row)}})
         return results
 
-    def onnx_outputs(self) -> list[str]:
-        return ["logits"]
+    def onnx_signature(self, model: nn.Module, tokenizer, source: Path) -> OnnxSignature:
+        """The tokenizer's inputs -> `logits`, dynamic batch and sequence; export checks the graph row by row."""
+        check_consistent_config(model, source)
+        names = ["input_ids", "attention_mask"] + (
+            ["token_type_ids"] if "token_type_ids" in getattr(tokenizer, "model_input_names", ()) else [])
+        example = tuple(torch.zeros(2, 8, dtype=torch.long) if n == "token_type_ids"
+                        else torch.ones(2, 8, dtype=torch.long) for n in names)
+        return OnnxSignature(_LogitsOnly(model), example, names, ["logits"],
+                             {n: {0: "batch", 1: "sequence"} for n in names} | {"logits": {0: "batch"}})
 
     def compare_outputs(self, reference: np.ndarray, candidate: np.ndarray, ds: EncodedDataset,
                         labelled: bool) -> dict:
@@ -151,3 +163,31 @@ class TextClassification:
         save_confusion_matrix(final["confusion_matrix"], out)
         return ["confusion_matrix.json", "confusion_matrix.png"]
 
+
+class _LogitsOnly(nn.Module):
+    """What export traces: positional inputs in forward()'s order (a tokenizer dict's order would feed
+    token_type_ids in as the mask), logits out."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        kwargs = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
+
+
+def check_consistent_config(model: nn.Module, path: Path) -> None:
+    """A config that disagrees with the weights would export a graph that lies about its model."""
+    cfg = getattr(model, "config", None)
+    layers = getattr(getattr(getattr(model, "base_model", None), "encoder", None), "layer", None)
+    if cfg is None or layers is None:
+        raise SlimtuneError(f"{path}: not a transformer encoder classifier (no config / encoder layers)")
+    if cfg.num_hidden_layers != len(layers):
+        raise SlimtuneError(f"{path}/config.json: num_hidden_layers is {cfg.num_hidden_layers} but the model has "
+                            f"{len(layers)} layers")
+    n_labels = len(cfg.id2label)
+    head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    if head.out_features != n_labels:
+        raise SlimtuneError(f"{path}/config.json: id2label has {n_labels} labels but the classifier outputs "
+                            f"{head.out_features}")
