@@ -21,7 +21,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -63,6 +62,8 @@ ROWS: dict[str, list[dict]] = {
     "int4-g64-rtn": [{**QUANT, **INT4, **RTN, "algorithm": "rtn"}],
     "int4-g64-gptq": [{**QUANT, **INT4, "algorithm": "gptq"}],
     "int4-g64-awq": [{**QUANT, **INT4, "algorithm": "awq"}],
+    "int4-g32-rtn": [{**QUANT, **INT4, **RTN, "group_size": 32, "algorithm": "rtn"}],
+    "int4-g32-gptq": [{**QUANT, **INT4, "group_size": 32, "algorithm": "gptq"}],
 }
 PEERS = {"llama.cpp-Q4_1": "q4_1", "llama.cpp-Q8_0": "q8_0"}
 DEFAULT_ROWS = [*ROWS, *PEERS]
@@ -96,7 +97,14 @@ def probe_model(model_dir: str) -> dict:
     model = slimtune.load_model(model_dir)
     prompt = torch.randint(100, 40000, (128,)).tolist()
     speed = measure_generation_speed(model, prompt, new_tokens=32, runs=3, threads=THREADS)
-    return speed | {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return speed | {"peak_rss_mb": peak_rss_mb()}
+
+
+def peak_rss_mb() -> float:
+    """This process's own peak RSS. Not getrusage's ru_maxrss: a child forked from this (by then
+    multi-GB) driver inherits the driver's high-water mark through exec; VmHWM starts over with exec."""
+    status = Path("/proc/self/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) / 1024
 
 
 # --------------------------------------------------------------------------------------- llama.cpp
@@ -173,7 +181,7 @@ def probe_gguf(path: str, eval_tokens: int) -> dict:
             decode.append(32 / (t2 - t1))
     return {"perplexity": math.exp(nll / count), "eval_tokens": count,
             "prefill_tokens_per_s": float(np.median(prefill)), "decode_tokens_per_s": float(np.median(decode)),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_rss_mb": peak_rss_mb(),
             "size_mb": Path(path).stat().st_size / 1e6}
 
 

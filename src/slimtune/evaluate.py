@@ -128,7 +128,9 @@ def cpu_description() -> str:
     name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
                 "unknown")
     flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
-    simd = [f for f in ("avx512_vnni", "avx512f", "avx2") if f in flags]
+    # the flags speed depends on: int8 dot products (VNNI), bf16 math (what the packed int4/int8
+    # weight kernels multiply in) and AMX tiles where present
+    simd = [f for f in ("amx_int8", "amx_bf16", "avx512_bf16", "avx512_vnni", "avx512f", "avx2") if f in flags]
     return f"{name} ({', '.join(simd) or 'no avx2'})"
 
 
