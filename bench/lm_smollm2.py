@@ -64,6 +64,10 @@ ROWS: dict[str, list[dict]] = {
     "int4-g64-awq": [{**QUANT, **INT4, "algorithm": "awq"}],
     "int4-g32-rtn": [{**QUANT, **INT4, **RTN, "group_size": 32, "algorithm": "rtn"}],
     "int4-g32-gptq": [{**QUANT, **INT4, "group_size": 32, "algorithm": "gptq"}],
+    # a float zero point over each group's [min, max]: Q4_1's own grid (SmolLM2 here is a dequantized Q4_1)
+    "int4-g32-fzero-rtn": [{**QUANT, **INT4, **RTN, "group_size": 32, "zero_point": "float", "algorithm": "rtn"}],
+    "int4-g32-fzero-gptq": [{**QUANT, **INT4, "group_size": 32, "zero_point": "float", "algorithm": "gptq"}],
+    "int4-g64-fzero-rtn": [{**QUANT, **INT4, **RTN, "zero_point": "float", "algorithm": "rtn"}],
 }
 PEERS = {"llama.cpp-Q4_1": "q4_1", "llama.cpp-Q8_0": "q8_0"}
 DEFAULT_ROWS = [*ROWS, *PEERS]

@@ -246,7 +246,9 @@ def test_the_issue_recipe_parses_as_written(tmp_path):
     ({"bits": 4, "group_size": 32, "algorithm": "gptq", "symmetric": False, "calibration_batches": 2,
       "calibration_batch_size": 4}, "int4_pack"),
     ({"bits": 4, "group_size": 32, "algorithm": "awq", "head_bits": 8, "calibration_batches": 2,
-      "calibration_batch_size": 4}, "int4_pack")])
+      "calibration_batch_size": 4}, "int4_pack"),
+    ({"bits": 4, "group_size": 32, "algorithm": "rtn", "symmetric": False, "zero_point": "float", "head_bits": 8,
+      "calibration_batches": 1, "calibration_batch_size": 4}, "int4_pack")])
 def test_weight_only_decoder_saves_loads_and_generates_on_packed_kernels(tiny_llama_dir, text_files, tmp_path,
                                                                          quantize, kernel):
     from slimtune.quantize.core import QuantizedEmbedding, QuantizedLinear
@@ -285,4 +287,7 @@ def test_head_bits_without_the_head_is_a_recipe_error(text_files):
     raw = {"task": "causal-lm", "model": "smollm2", "data": {"train": str(text_files / "train.txt")},
            "stages": [{"stage": "quantize", "method": "weight_only", "bits": 4, "group_size": 32, "head_bits": 8}]}
     with pytest.raises(SlimtuneError, match="head_bits applies to the head: set head: true"):
+        parse_recipe(raw)
+    raw["stages"][0] |= {"head": True, "zero_point": "float"}
+    with pytest.raises(SlimtuneError, match="zero_point: float applies to asymmetric codes: set symmetric: false"):
         parse_recipe(raw)

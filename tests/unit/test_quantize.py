@@ -77,6 +77,32 @@ def test_codes_stay_in_the_range_of_their_bits(bits, scheme):
         assert zero is None and hi == 2 ** (bits - 1) - 1 and lo == -hi
 
 
+def q4_1_grid(rows: int, cols: int, block: int = 32) -> torch.Tensor:
+    """Weights as a dequantized llama.cpp Q4_1 file holds them: per block of 32, w = m + d q with q in
+    0..15 (both ends used) and a float minimum m."""
+    torch.manual_seed(0)
+    q = torch.randint(0, 16, (rows, cols // block, block)).float()
+    q[..., 0], q[..., 1] = 0, 15
+    d, m = torch.rand(rows, cols // block, 1) * 0.02 + 0.001, -torch.rand(rows, cols // block, 1) * 0.1
+    return (m + d * q).reshape(rows, cols)
+
+
+@pytest.mark.parametrize("gptq", [False, True])
+def test_a_float_zero_point_keeps_weights_on_a_q4_1_grid_exactly(gptq):
+    w = q4_1_grid(16, 128)
+    h = torch.eye(128) + 0.1  # any positive definite Hessian: GPTQ has no error to spread on exact codes
+
+    def error(scheme):
+        codes = gptq_codes(w, h, 4, scheme, 32) if gptq else quantize_codes(w, 4, scheme, 32)
+        return float((dequantize_codes(*codes) - w).abs().max() / w.abs().max())
+
+    assert error("asymmetric_float") < 1e-5
+    # an integer zero point shifts the grid by up to half a step: every weight is rounded again
+    assert error("asymmetric") > 1e-2
+    codes, scale, zero = quantize_codes(w, 4, "asymmetric_float", 32)
+    assert zero.dtype == torch.float32 and int(codes.min()) == -8 and int(codes.max()) == 7
+
+
 def test_int8_error_is_small_and_int4_groups_beat_int4_per_channel():
     torch.manual_seed(0)
     w = torch.randn(64, 256) * torch.rand(1, 256) * 2  # input channels of different magnitudes

@@ -38,7 +38,8 @@ def float_path_output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize(("bits", "scheme", "group_size", "kernel"), [
     (8, "symmetric", None, "int8_pack"), (8, "asymmetric", None, "int8_pack"),
-    (4, "symmetric", 32, "int4_pack"), (4, "asymmetric", 64, "int4_pack")])
+    (4, "symmetric", 32, "int4_pack"), (4, "asymmetric", 64, "int4_pack"), (4, "asymmetric_float", 32, "int4_pack"),
+    (8, "asymmetric_float", None, "int8_pack")])
 @pytest.mark.parametrize("rows", [1, 7])
 def test_packed_kernels_compute_what_the_dequantized_codes_compute(bits, scheme, group_size, kernel, rows):
     model = quantized(layer_spec(bits=bits, scheme=scheme, group_size=group_size, kernel="packed"))

@@ -22,7 +22,7 @@ from torch import nn
 from slimtune.adapt.layers import anatomy
 from slimtune.batching import model_inputs
 from slimtune.errors import SlimtuneError
-from slimtune.quantize.codes import code_range, dequantize_codes, group_params, quantize_codes
+from slimtune.quantize.codes import dequantize_codes, group_params, quantize_codes, to_codes, zero_point_dtype
 
 AWQ_GRID = [i / 10 for i in range(11)]  # exponents a tried for s = mean|x|^a; a = 0 is plain RTN
 GPTQ_DAMP = 0.01  # x mean diag(H), added to the diagonal before inversion
@@ -149,14 +149,13 @@ def gptq_codes(w: torch.Tensor, hessian: torch.Tensor, bits: int, scheme: str, g
     hinv = upper_cholesky_of_inverse(h).float()
     gs = group_size or cols
     scale = torch.ones(rows, cols // gs)
-    zero = torch.zeros(rows, cols // gs) if scheme == "asymmetric" else None
+    zero = torch.zeros(rows, cols // gs) if zero_point_dtype(scheme) is not None else None
     if group_size is None:
         s, z = group_params(weight, bits, scheme)
         scale[:, 0] = s
         if zero is not None:
             zero[:, 0] = z
     codes = torch.zeros(rows, cols)
-    qmin, qmax = code_range(bits, scheme)
     block = gs * max(1, GPTQ_BLOCK // gs) if group_size else GPTQ_BLOCK  # groups never straddle a block
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
@@ -171,14 +170,14 @@ def gptq_codes(w: torch.Tensor, hessian: torch.Tensor, bits: int, scheme: str, g
                     scale[:, g] = s
                     if zero is not None:
                         zero[:, g] = z
-                s, z = scale[:, g], (zero[:, g] if zero is not None else torch.zeros(rows))
-            q = torch.clamp(torch.round(w1[:, i] / s) + z, qmin, qmax)
+                s, z = scale[:, g], (zero[:, g] if zero is not None else None)
+            q = to_codes(w1[:, i], s, z, bits, scheme)
             codes[:, col] = q
-            err = (w1[:, i] - (q - z) * s) / diagonal[i]
+            err = (w1[:, i] - (q if z is None else q - z) * s) / diagonal[i]
             w1[:, i:].addr_(err, hinv1[i, i:], alpha=-1)  # spread the error over the columns still to come
             err1[:, i] = err
         weight[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    return codes.to(torch.int8), scale, None if zero is None else zero.to(torch.int8)
+    return codes.to(torch.int8), scale, None if zero is None else zero.to(zero_point_dtype(scheme))
 
 
 def awq_codes(w: torch.Tensor, stats: dict, bits: int, scheme: str, group_size: int | None):

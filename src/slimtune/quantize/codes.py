@@ -2,6 +2,9 @@
 
   symmetric   codes in [-(2^(b-1)-1), 2^(b-1)-1], scale = max|w| / (2^(b-1)-1) per row or group
   asymmetric  codes in [-2^(b-1), 2^(b-1)-1] with a zero point; the range always includes 0
+  asymmetric_float  the same codes over each group's own [min, max] with a float zero point (w = (c - z) s,
+              z unrounded): llama.cpp's Q4_1 "scale + min" grid, and the layout torch's int4-pack kernel
+              takes natively; no grid shift from rounding z, so a weight already on such a grid stays on it
   fixed_point Qm.n: code = round(w * 2^n) saturated to m + n bits plus a sign bit; scale 2^-n
   binary      codes {-1, +1}, scale a = mean|w| per row (XNOR-Net)
   ternary     codes {-1, 0, +1}, threshold 0.7 mean|w|, a = mean of |w| above it (Ternary Weight Networks)
@@ -32,6 +35,11 @@ def group_params(wg: torch.Tensor, bits: int, scheme: str) -> tuple[torch.Tensor
     if scheme == "symmetric":
         scale = wg.abs().amax(-1) / qmax
         return torch.where(scale > 0, scale, torch.ones_like(scale)), None
+    if scheme == "asymmetric_float":  # min and max land exactly on the first and last code
+        lo, hi = wg.amin(-1), wg.amax(-1)
+        scale = (hi - lo) / (qmax - qmin)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        return scale, qmin - lo / scale
     if scheme == "asymmetric":  # the range always holds 0, so a zero weight is exact
         lo, hi = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)
         scale = (hi - lo) / (qmax - qmin)
@@ -51,8 +59,15 @@ def to_codes(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, b
         return torch.where(wg >= 0, 1.0, -1.0)
     if scheme == "ternary":
         return torch.sign(wg) * (wg.abs() > TERNARY_THRESHOLD * wg.abs().mean(-1, keepdim=True))
+    if scheme == "asymmetric_float":  # a float zero point: round after adding it
+        return torch.clamp(torch.round(wg / scale + zero), qmin, qmax)
     q = torch.round(wg / scale)
     return torch.clamp(q + zero if zero is not None else q, qmin, qmax)
+
+
+def zero_point_dtype(scheme: str) -> torch.dtype | None:
+    """How a scheme stores its zero points (None: it has none)."""
+    return {"asymmetric": torch.int8, "asymmetric_float": torch.float32}.get(scheme)
 
 
 def code_dtype(bits: int) -> torch.dtype:
@@ -84,7 +99,7 @@ def quantize_codes(w: torch.Tensor, bits: int, scheme: str, group_size: int | No
     scale, zero = group_params(wg, bits, scheme)
     codes = to_codes(wg, scale[..., None], None if zero is None else zero[..., None], bits, scheme)
     return (codes.reshape(rows, cols).to(torch.int8), scale.float(),
-            None if zero is None else zero.to(torch.int8))
+            None if zero is None else zero.to(zero_point_dtype(scheme)))
 
 
 def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None = None,

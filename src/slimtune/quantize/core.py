@@ -51,6 +51,7 @@ from slimtune.quantize.codes import (
     fake_quantize,
     fake_quantize_activations,
     quantize_codes,
+    zero_point_dtype,
 )
 from slimtune.quantize.kernels import kernel_of, packed_linear, use_packed
 
@@ -60,7 +61,7 @@ __all__ = ["QUANTIZED", "QuantizedEmbedding", "QuantizedLinear", "apply_quantiza
            "layer_spec", "observe_input_ranges", "quantize_", "quantize_codes", "quantized_size_bytes"]
 
 CONFIG_KEY = "slimtune_quantization"
-SCHEMES = ("symmetric", "asymmetric", "fixed_point", "binary", "ternary")
+SCHEMES = ("symmetric", "asymmetric", "asymmetric_float", "fixed_point", "binary", "ternary")
 ALGORITHMS = ("rtn", "gptq", "awq")
 
 
@@ -127,8 +128,8 @@ def _register_codes(module: nn.Module, rows: int, cols: int, spec: dict) -> None
     groups = cols // spec["group_size"] if spec["group_size"] else 1
     module.register_buffer("qweight", torch.zeros(rows, cols, dtype=code_dtype(spec["bits"])))
     module.register_buffer("scale", torch.ones(rows, groups))
-    module.register_buffer("zero_point", torch.zeros(rows, groups, dtype=torch.int8)
-                           if spec["scheme"] == "asymmetric" else None)
+    zero_dtype = zero_point_dtype(spec["scheme"])
+    module.register_buffer("zero_point", None if zero_dtype is None else torch.zeros(rows, groups, dtype=zero_dtype))
 
 
 def _fill_codes(module: nn.Module, codes, scale, zero_point) -> None:
@@ -300,7 +301,7 @@ def quantize_(model: nn.Module, targets: dict[str, dict], calibration: list[dict
             raise SlimtuneError(f"quantize: {name} is already quantized")
         specs[name] = check_spec(name, module, targets[name])
         if algorithm != "rtn" and specs[name]["kind"] == "linear" and \
-                specs[name]["scheme"] not in ("symmetric", "asymmetric"):
+                specs[name]["scheme"] not in ("symmetric", "asymmetric", "asymmetric_float"):
             raise SlimtuneError(f"quantize: {name}: {algorithm} works with symmetric/asymmetric codes, "
                                 f"not {specs[name]['scheme']}")
     with torch.no_grad():

@@ -38,7 +38,7 @@ def kernel_of(module: nn.Module) -> tuple[str, str]:
     else "float" and why not."""
     if module.activations is not None:
         return "float", "quantized activations (simulated as ONNX Runtime runs them)"
-    if module.scheme not in ("symmetric", "asymmetric"):
+    if module.scheme not in ("symmetric", "asymmetric", "asymmetric_float"):
         return "float", f"{module.scheme} codes"
     if module.bits == 8:
         if module.group_size is not None:

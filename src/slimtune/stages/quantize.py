@@ -86,6 +86,10 @@ class WeightOnlyQuantize(_Quantize):
     group_size: int | None = Field(None, ge=1, description="weights per scale along the input dim (None: per "
                                                              "output channel)")
     symmetric: bool = True
+    zero_point: Literal["integer", "float"] = Field(
+        "integer", description="asymmetric codes: an int8 zero point over a range that holds 0, or a float one over "
+                               "each group's own [min, max] (llama.cpp Q4_1's scale + min grid; torch's int4 "
+                               "kernel's own layout)")
     algorithm: Literal["rtn", "gptq", "awq"] = Field(
         "rtn", description="round-to-nearest, GPTQ error compensation or AWQ activation-aware scaling")
     head: bool = Field(False, description="also quantize the output head (a causal LM's lm_head: a fifth of "
@@ -102,6 +106,8 @@ class WeightOnlyQuantize(_Quantize):
     def _head(self):
         if self.head_bits is not None and not self.head:
             raise ValueError("head_bits applies to the head: set head: true")
+        if self.zero_point == "float" and self.symmetric:
+            raise ValueError("zero_point: float applies to asymmetric codes: set symmetric: false")
         return self
 
 
@@ -204,6 +210,8 @@ def _weight_spec(cfg, bits: int | None = None) -> dict:
         return layer_spec(scheme="fixed_point", bits=1 + cfg.int_bits + cfg.frac_bits, int_bits=cfg.int_bits,
                           frac_bits=cfg.frac_bits)
     scheme = "symmetric" if cfg.symmetric else "asymmetric"
+    if getattr(cfg, "zero_point", "integer") == "float":
+        scheme = "asymmetric_float"
     activations = {"dynamic_int8": "dynamic", "static_int8": "static"}.get(cfg.method)
     return layer_spec(bits=bits or getattr(cfg, "bits", 8), scheme=scheme, group_size=getattr(cfg, "group_size", None),
                       activations=activations,
