@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+# schemes whose codes are round(w / scale) [+ zero point]: what GPTQ / AWQ and the packed kernels take
+SCALED_SCHEMES = ("symmetric", "asymmetric", "asymmetric_float")
 TERNARY_THRESHOLD = 0.7  # x mean|w| (Ternary Weight Networks' approximation of the optimal threshold)
 
 

@@ -43,6 +43,7 @@ from slimtune.quantize.calibration import (
     sequential_groups,
 )
 from slimtune.quantize.codes import (
+    SCALED_SCHEMES,
     activation_codes,
     activation_params,
     code_dtype,
@@ -301,7 +302,7 @@ def quantize_(model: nn.Module, targets: dict[str, dict], calibration: list[dict
             raise SlimtuneError(f"quantize: {name} is already quantized")
         specs[name] = check_spec(name, module, targets[name])
         if algorithm != "rtn" and specs[name]["kind"] == "linear" and \
-                specs[name]["scheme"] not in ("symmetric", "asymmetric", "asymmetric_float"):
+                specs[name]["scheme"] not in SCALED_SCHEMES:
             raise SlimtuneError(f"quantize: {name}: {algorithm} works with symmetric/asymmetric codes, "
                                 f"not {specs[name]['scheme']}")
     with torch.no_grad():

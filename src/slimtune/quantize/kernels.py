@@ -29,6 +29,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from slimtune.quantize.codes import SCALED_SCHEMES
+
 INT4_GROUPS = (32, 64, 128, 256)  # the group sizes torch's int4-pack kernel supports
 INT4_INNER_K_TILES = 2  # torch's tiling of K in the packed int4 layout (2, 4 or 8; in_features % 32 == 0)
 
@@ -38,7 +40,7 @@ def kernel_of(module: nn.Module) -> tuple[str, str]:
     else "float" and why not."""
     if module.activations is not None:
         return "float", "quantized activations (simulated as ONNX Runtime runs them)"
-    if module.scheme not in ("symmetric", "asymmetric", "asymmetric_float"):
+    if module.scheme not in SCALED_SCHEMES:
         return "float", f"{module.scheme} codes"
     if module.bits == 8:
         if module.group_size is not None:
