@@ -5,7 +5,8 @@ dense fp32 and the llama.cpp peer, side by side in one run.
 
 Every slimtune row is one `slimtune run` of the causal-lm task: calibration (and recovery) on
 WikiText-2 *valid*, never the evaluated text; perplexity on the first `--eval-tokens` tokens of
-WikiText-2 *test* in 512-token windows (`--eval-tokens 0`: the whole file). Rows already run
+WikiText-2 *test* in 512-token windows (`--eval-tokens 0`: the whole file; `--full-file` adds a column
+scoring each row's saved model on the whole file). Rows already run
 (RUNS/NAME/metrics.json) are read back, not re-run. Speed and memory are measured afterwards, one
 fresh process per row (so each peak RSS is that row's alone), for all rows one after another: batch-1
 prefill of a 128-token prompt and greedy decode of 32 tokens with the KV cache, 2 threads.
@@ -28,7 +29,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 WIKI = HERE.parents[1] / "shared" / "data" / "wikitext2"
-SHAKESPEARE = HERE.parents[1] / "shared" / "data" / "tiny_shakespeare"
+SHAKESPEARE = HERE.parents[1] / "shared" / "data" / "tinyshakespeare" / "input.txt"
 CALIBRATION = {"calibration": {"samples": 64}}
 # a short full fine-tune on calibration-side text (WikiText-2 valid), masks held
 RECOVER = {"recover": {"epochs": 1, "lr": 5e-5, "batch_size": 4, "warmup_ratio": 0.1}}
@@ -70,7 +71,15 @@ ROWS: dict[str, list[dict]] = {
     "int4-g64-fzero-rtn": [{**QUANT, **INT4, **RTN, "zero_point": "float", "algorithm": "rtn"}],
 }
 PEERS = {"llama.cpp-Q4_1": "q4_1", "llama.cpp-Q8_0": "q8_0"}
-DEFAULT_ROWS = [*ROWS, *PEERS]
+# fine-tuning on its own text: LoRA (r 8 on q_proj/v_proj) on the first 40k tokens of Tiny Shakespeare,
+# perplexity of the held-back tail (the last 10% of those tokens) before and after
+LORA_ROW = "lora-shakespeare"
+LORA_RECIPE = {"task": "causal-lm", "model": "smollm2",
+               "data": {"train": str(SHAKESPEARE), "block_size": 256, "train_tokens": 40000},
+               "stages": [{"stage": "evaluate", "speed": False},
+                          {"stage": "finetune", "method": "lora", "epochs": 1, "lr": 2e-4, "batch_size": 8},
+                          {"stage": "evaluate", "speed": False}]}
+DEFAULT_ROWS = [*ROWS, *PEERS, LORA_ROW]
 
 
 # ---------------------------------------------------------------------------------------- slimtune
@@ -88,6 +97,33 @@ def run_row(name: str, stages: list[dict], runs: Path, eval_tokens: int) -> dict
                   "stages": [*stages, {"stage": "evaluate", "speed": False}]}
         slimtune.run(recipe, out, overwrite=True)
     return json.loads((out / "metrics.json").read_text())
+
+
+def run_lora_row(runs: Path) -> dict:
+    import slimtune
+
+    out = runs / LORA_ROW
+    if not (out / "metrics.json").is_file():
+        slimtune.run(LORA_RECIPE, out, overwrite=True)
+    return json.loads((out / "metrics.json").read_text())
+
+
+def full_file_perplexity(name: str, runs: Path) -> dict:
+    """The whole of WikiText-2 test (the final table), scored once per row and cached beside the row:
+    `slimtune eval` on the row's saved model, or llama.cpp on the peer's GGUF, in a fresh process."""
+    cache = runs / ("gguf" if name in PEERS else name) / f"full_file{'-' + name if name in PEERS else ''}.json"
+    if not cache.is_file():
+        if name in PEERS:
+            scored = in_fresh_process("--probe-gguf", str(gguf_file(PEERS[name], runs)), "--eval-tokens", "0")
+        else:
+            proc = subprocess.run([str(Path(sys.executable).with_name("slimtune")), "eval", str(runs / name / "model"),
+                                   "--data", str(WIKI / "wiki.test.raw"), "--no-speed"],
+                                  capture_output=True, text=True)
+            if proc.returncode:
+                raise RuntimeError(f"{name}: {proc.stderr[-2000:]}")
+            scored = json.loads(proc.stdout)
+        cache.write_text(json.dumps(scored))
+    return json.loads(cache.read_text())
 
 
 def probe_model(model_dir: str) -> dict:
@@ -206,6 +242,8 @@ def main() -> None:
     ap.add_argument("--probe", help=argparse.SUPPRESS)
     ap.add_argument("--probe-gguf", help=argparse.SUPPRESS)
     ap.add_argument("--make-q8", action="store_true", help="write the Q8_0 GGUF of the dense model first")
+    ap.add_argument("--full-file", action="store_true",
+                    help="also score each row's saved model on the whole WikiText-2 test file (the final table)")
     args = ap.parse_args()
     if args.probe:
         print(json.dumps(probe_model(args.probe)))
@@ -224,6 +262,12 @@ def main() -> None:
             results[name] = run_row(name, ROWS[name], args.runs, args.eval_tokens)
     if "dense" not in results:
         results["dense"] = run_row("dense", [], args.runs, args.eval_tokens)
+    lora = run_lora_row(args.runs) if LORA_ROW in names else None
+    full = {}
+    if args.full_file:
+        for name in dict.fromkeys(["dense", *names]):
+            if name in ROWS or name in PEERS:
+                full[name] = full_file_perplexity(name, args.runs)
     for name in names:
         if name in PEERS:
             path = gguf_file(PEERS[name], args.runs)
@@ -239,9 +283,11 @@ def main() -> None:
     base_decode = speeds.get("dense", {}).get("decode_tokens_per_s")
     tokens = args.eval_tokens or "all"
     print(f"CPU: {cpu_description()}; {THREADS} threads; WikiText-2 test, first {tokens} tokens, 512-token windows")
-    print("| row | perplexity | x dense | size MB | prefill tok/s | decode tok/s | decode x fp32 | peak RSS MB "
-          "| stage seconds |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    full_base = full.get("dense", {}).get("perplexity")
+    full_header = " full-file ppl | full x dense |" if full else ""
+    print("| row | perplexity | x dense |" + full_header + " size MB | prefill tok/s | decode tok/s | decode x fp32 "
+          "| peak RSS MB | stage seconds |")
+    print("| --- " * (9 + 2 * bool(full)) + "|")
     for name in names:
         speed = speeds.get(name, {})
         if name in PEERS:
@@ -254,11 +300,21 @@ def main() -> None:
         else:
             continue
         decode = speed.get("decode_tokens_per_s")
-        cells = [name, _f(ppl, 2), _f(ppl / base if ppl else None, 2, "x"), _f(size, 1),
+        cells = [name, _f(ppl, 2), _f(ppl / base if ppl else None, 2, "x")]
+        if full:
+            whole = full.get(name, {}).get("perplexity")
+            cells += [_f(whole, 2), _f(whole / full_base if whole and full_base else None, 3, "x")]
+        cells += [_f(size, 1),
                  _f(speed.get("prefill_tokens_per_s"), 0), _f(decode, 1),
                  _f(decode / base_decode if decode and base_decode else None, 2, "x"),
                  _f(speed.get("peak_rss_mb"), 0), _f(seconds or None, 0)]
         print("| " + " | ".join(cells) + " |")
+    if full:
+        print(f"full file: {full['dense'].get('eval_tokens')} scored tokens")
+    if lora:
+        before, tuned, after = lora["stages"]
+        print(f"{LORA_ROW}: held-back Tiny Shakespeare perplexity {before['perplexity']:.2f} -> "
+              f"{after['perplexity']:.2f} ({after['eval_tokens']} tokens; LoRA {_f(tuned.get('train_seconds'), 0)} s)")
 
 
 def _f(value, digits: int, suffix: str = "") -> str:

@@ -50,7 +50,7 @@ def run_cmd(
         "--keep-checkpoints", help="keep OUT/checkpoints/ after the run (also the recipe key keep_checkpoints)",
         show_default=False)] = None,
 ):
-    """Run a recipe: every stage in order, then write OUT/ (model, metrics.json, report.md...)."""
+    """Run a recipe: every stage in order, then write OUT/ (model, metrics.json, report.html, report.md...)."""
     from slimtune.runner import run
 
     metrics = run(recipe, out, overwrite=overwrite, resume=resume, overrides=set_ or [],
@@ -214,7 +214,54 @@ def demo_cmd(
     before = next(s for s in metrics["stages"] if s["stage"] == "evaluate")
     _print_final({"MiniLM, new head (before)": before, "MiniLM fine-tuned (after)": metrics["final"]},
                  title="slimtune demo: all-MiniLM-L6-v2 on SST-2 (dev split)")
-    typer.echo(f"run directory: {out.resolve()}  (report: {out / 'report.md'})", err=True)
+    typer.echo(f"run directory: {out.resolve()}  (report: {out / 'report.html'})", err=True)
+
+
+@app.command("search")
+def search_cmd(
+    recipe: Annotated[Path, typer.Argument(help="recipe YAML whose stages fine-tune the base model", metavar="RECIPE",
+                                           show_default=False)],
+    max_size_mb: Annotated[float, typer.Option("--max-size-mb", help="the shipped artifact's size on disk",
+                                               metavar="S")],
+    max_latency_ms: Annotated[float, typer.Option("--max-latency-ms", help="batch-1 latency of the shipped artifact",
+                                                  metavar="L")],
+    max_drop: Annotated[float, typer.Option("--max-drop", help="points of the primary metric below the fine-tuned "
+                                            "base model, on the selection split", metavar="D")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="search directory (resumes when it exists)", metavar="DIR")],
+    teacher: Annotated[str | None, typer.Option(help="distil students from this fine-tuned model instead of the "
+                                                "base model", metavar="DIR")] = None,
+    trials: Annotated[int, typer.Option(help="candidates to measure in all (a resumed search counts the "
+                                        "finished ones)", min=1, metavar="N")] = 12,
+    select_fraction: Annotated[float, typer.Option(help="share of the train rows held back to choose on",
+                                                   min=0.01, max=0.5)] = 0.15,
+    epochs: Annotated[float, typer.Option(help="distillation epochs (recovery: half)", min=0.1)] = 2.0,
+    seed: Annotated[int, typer.Option(help="the split's and the sampler's seed")] = 0,
+    set_: Annotated[list[str] | None, typer.Option("--set", metavar="KEY=VALUE", help="override a recipe key")] = None,
+):
+    """The most accurate model under a size and latency budget: candidate pipelines (student depth, structured
+    pruning, int8) measured for real on a selection split, the chosen one reported on the eval split."""
+    from slimtune.search import Budget, search
+
+    summary = search(recipe, out, Budget(max_size_mb, max_latency_ms, max_drop), trials=trials, teacher=teacher,
+                     select_fraction=select_fraction, epochs=epochs, seed=seed, overrides=set_ or [])
+    sys.stdout.write(json.dumps({k: summary.get(k) for k in ("met", "best", "reported", "closest")
+                                 if k in summary}, default=str) + "\n")
+    if not summary["met"]:
+        raise typer.Exit(1)
+
+
+@app.command("report")
+def report_cmd(
+    run_dirs: Annotated[list[Path], typer.Argument(help="finished run directories: the first gets the report, "
+                                                   "the others are compared rows", metavar="RUN_DIR...",
+                                                   show_default=False)],
+):
+    """Write RUN_DIR/report.html (self-contained) and report.md: every model of the run with its metrics,
+    size and speed (naming the runtime), a Pareto plot, training curves, the recipe and the machine."""
+    from slimtune.report_page import write_report
+
+    written = write_report(run_dirs[0], compare=run_dirs[1:])
+    typer.echo(f"report: {written['html']}  (markdown: {written['md']})", err=True)
 
 
 @app.command("pack")

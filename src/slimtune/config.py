@@ -47,6 +47,14 @@ class AugmentConfig(Strict):
 
 
 
+# The selection split: carved from the training data, it picks checkpoints (keep_best), stops early and
+# feeds every other choice a stage makes by measuring (mixed-precision sensitivity...), so that the eval
+# split only reports. 0 restores deciding on the eval split, whose figures are then optimistic.
+SELECT_FRACTION = 0.1
+SELECT_HELP = ("share of the train data held back (seeded, stratified) to choose checkpoints and settings on; "
+               "0: choose on the eval split")
+
+
 class Preprocessing(Strict):
     """How raw text becomes model input. Saved in the model directory's config.json
     (`slimtune_preprocessing`), so eval, predict, export and serve treat text exactly as training did;
@@ -74,6 +82,7 @@ class DataConfig(Preprocessing):
         None, description="names for integer labels, e.g. {0: negative, 1: positive}"
     )
     eval_fraction: float = Field(0.1, gt=0, lt=1, description="held-out share when no eval file")
+    select_fraction: float = Field(SELECT_FRACTION, ge=0, lt=1, description=SELECT_HELP)
     split_seed: int = 42
     train_limit: int | None = Field(None, ge=1, description="stratified sample of N train rows")
     eval_limit: int | None = Field(None, ge=1, description="stratified sample of N eval rows")
@@ -97,6 +106,8 @@ class CausalLMData(Strict):
                                                        "no overlap); each window scores only its new tokens")
     clean: bool = False  # HTML, control/zero-width chars, NFKC per line; newlines are kept
     eval_fraction: float = Field(0.1, gt=0, lt=1, description="held-back tail of the train text when no eval file")
+    select_fraction: float = Field(SELECT_FRACTION, ge=0, lt=1, description=SELECT_HELP + " (text: the tail of "
+                                   "the train text; instruction rows: a seeded share)")
     train_tokens: int | None = Field(None, ge=1, description="use only the first N tokens of the train text")
     eval_tokens: int | None = Field(None, ge=1, description="score only the first N tokens of the eval text")
 
@@ -134,6 +145,19 @@ class EarlyStopping(Strict):
     patience: int = Field(2, ge=0)
     min_delta: float = Field(0.0, ge=0)
 
+
+
+class ReportConfig(Strict):
+    """What a run measures for its report (OUT/report.html) beyond its stages' own figures: the starting
+    model (every ratio's reference) and each stage's output that no evaluate stage measures next, with the
+    speed protocol of `stage: evaluate`."""
+
+    start: bool = True
+    stages: bool = True
+    speed: bool = True
+    latency_runs: int = Field(50, ge=1)
+    throughput_batches: int = Field(10, ge=1)
+    threads: int | None = Field(None, ge=1, description="threads for speed (default: all)")
 
 
 class LoopConfig(Strict):

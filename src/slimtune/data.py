@@ -292,6 +292,16 @@ def stratified_split(labels: list[int], fraction: float, seed: int) -> tuple[lis
     return sorted(kept.tolist()), sorted(held.tolist())
 
 
+def split_rows(cfg: DataConfig, fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(kept, held) raw rows of the train file, `fraction` held with the class proportions kept: a split a
+    tool writes out as files (search's selection split), each row exactly as read."""
+    examples = _load_examples(cfg.train, cfg.format, cfg.text_field, cfg.label_field, cfg.text_pair_field)
+    label2id, _ = _train_label_map(cfg, examples)
+    kept, held = stratified_split(_label_ids(examples, cfg.label_field, label2id, cfg.label_names), fraction, seed)
+    rows = examples.table.rows
+    return [rows[i] for i in kept], [rows[i] for i in held]
+
+
 def stratified_sample(labels: list[int], n: int, seed: int) -> list[int]:
     """Sorted indices of `n` rows drawn with the class proportions kept (all rows if n >= len)."""
     if n >= len(labels):
@@ -379,15 +389,30 @@ def label_map_of(cfg: DataConfig) -> tuple[dict[str, int], dict[int, str]]:
     return _train_label_map(cfg, train)
 
 
+SELECT_SOURCE = "held back from train (select_fraction)"
+EVAL_IS_SELECT = "the eval split (select_fraction: 0; its figures are optimistic)"
+
+
 @dataclass
 class TaskData:
-    """The train and eval splits as the model sees them, plus what the task knows about its outputs
-    (`labels`: id -> name for classification; empty for tasks without a label set)."""
+    """The splits as the model sees them, plus what the task knows about its outputs (`labels`: id -> name
+    for classification; empty for tasks without a label set). `select`, carved from the training data,
+    is what checkpoints and settings are chosen on; `eval` only reports (`select` is `eval` itself when
+    the recipe sets `select_fraction: 0`)."""
 
     train: EncodedDataset
     eval: EncodedDataset
     labels: dict[int, str] = field(default_factory=dict)
     info: dict = field(default_factory=dict)  # files, row counts, eval source, label counts
+    select: EncodedDataset | None = None
+
+    def __post_init__(self):
+        if self.select is None:
+            self.select = self.eval
+
+    @property
+    def selects_on_eval(self) -> bool:
+        return self.select is self.eval
 
     @property
     def id2label(self) -> dict[int, str]:
@@ -421,11 +446,23 @@ def prepare_data(cfg: DataConfig, tokenizer, embedding_weight: torch.Tensor | No
     if not eval_rows:
         raise SlimtuneError(f"{cfg.train}: too few rows ({len(train_ids)}) to hold out an eval split; "
                             "set data.eval to an eval file")
+    select_rows: list[int] = []
+    if cfg.select_fraction:
+        kept, held = stratified_split([train_ids[r] for r in train_rows], cfg.select_fraction, cfg.split_seed + 1)
+        train_rows, select_rows = [train_rows[k] for k in kept], [train_rows[h] for h in held]
+        if not select_rows or not train_rows:
+            raise SlimtuneError(f"{cfg.train}: too few train rows ({len(kept) + len(held)}) to carve a selection "
+                                "split from; give more rows or set data.select_fraction: 0")
 
     preprocess = preprocessor_for(cfg)
     texts, pairs, labels = _selected(train, train_ids, train_rows, preprocess)
     eval_texts, eval_pairs, eval_labels = _selected(evaluation, eval_ids, eval_rows, preprocess)
     label_counts = {"train": _counts(labels, id2label), "eval": _counts(eval_labels, id2label)}
+    select = None
+    if select_rows:
+        sel_texts, sel_pairs, sel_labels = _selected(train, train_ids, select_rows, preprocess)
+        select = encode(tokenizer, sel_texts, sel_labels, sel_pairs, cfg.max_length)
+        label_counts["select"] = _counts(sel_labels, id2label)
     n_train = len(texts)
     if cfg.augment is not None and cfg.augment.copies > 0:
         texts, labels, pairs = _augmented(texts, labels, pairs, cfg.augment, tokenizer, embedding_weight)
@@ -433,10 +470,11 @@ def prepare_data(cfg: DataConfig, tokenizer, embedding_weight: torch.Tensor | No
     info = {"train_file": str(cfg.train), "eval_file": str(cfg.eval) if cfg.eval is not None else None,
             "train_file_rows": len(train_ids), "train_rows": n_train, "eval_rows": len(eval_texts),
             "augmented_rows": len(texts) - n_train, "eval_source": "file" if cfg.eval is not None else "split",
+            "select_rows": len(select_rows), "select_source": SELECT_SOURCE if select_rows else EVAL_IS_SELECT,
             "label_counts": label_counts}
     return TaskData(train=encode(tokenizer, texts, labels, pairs, cfg.max_length),
                     eval=encode(tokenizer, eval_texts, eval_labels, eval_pairs, cfg.max_length),
-                    labels=id2label, info=info)
+                    labels=id2label, info=info, select=select)
 
 
 def _limited(rows: list[int], ids: list[int], limit: int | None, seed: int) -> list[int]:

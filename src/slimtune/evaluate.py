@@ -120,6 +120,37 @@ def tensors_size_mb(model: nn.Module) -> float:
     return round(sum(t.numel() * t.element_size() for t in unique.values()) / 1e6, 3)
 
 
+def torch_runtime(model: nn.Module) -> str:
+    """What a torch speed figure of `model` measures: plain fp32, real packed weight kernels, or a float
+    simulation of integer arithmetic (whose speed says nothing about the int8 artifact that ships)."""
+    spec = getattr(getattr(model, "config", None), "slimtune_quantization", None) or {}
+    layers = spec.get("layers") or {}
+    if not layers:
+        return "torch fp32"
+    kernels = {getattr(m, "kernel", None) for m in model.modules()} - {None}
+    if kernels and kernels <= {"int8_pack", "int4_pack"}:
+        return f"torch ({'/'.join(sorted(k.split('_')[0] for k in kernels))} packed weight kernels)"
+    if kernels & {"int8_pack", "int4_pack"}:
+        return "torch (packed weight kernels on some layers, dequantized float elsewhere)"
+    return f"torch (float simulation of {spec.get('method') or 'quantized'} layers)"
+
+
+def machine_description() -> dict:
+    """What every speed figure depends on: the CPU and its flags, cores, threads, library versions."""
+    import os
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    libraries = {}
+    for name in ("slimtune", "torch", "transformers", "onnxruntime", "numpy", "peft"):
+        try:
+            libraries[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return {"cpu": cpu_description(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "python": platform.python_version(), "libraries": libraries}
+
+
 def cpu_description() -> str:
     try:
         info = Path("/proc/cpuinfo").read_text()
@@ -146,7 +177,7 @@ def measure_speed(model: nn.Module, ds: EncodedDataset, pad_id: int = 0, latency
     try:
         speed = time_forward(lambda inputs: model(**inputs), ds, pad_id, latency_runs, throughput_batches,
                              batch_size, warmup, prepare=model_inputs)
-        return speed | {"threads": torch.get_num_threads(), "cpu": cpu_description()}
+        return speed | {"threads": torch.get_num_threads(), "cpu": cpu_description(), "runtime": torch_runtime(model)}
     finally:
         torch.set_num_threads(previous)
         model.train(was_training)
@@ -179,7 +210,7 @@ def measure_generation_speed(model: nn.Module, prompt: list[int], new_tokens: in
                 decode.append(new_tokens / (t2 - t1))
         return {"prefill_tokens_per_s": round(statistics.median(prefill), 1),
                 "decode_tokens_per_s": round(statistics.median(decode), 2), "prompt_tokens": len(prompt),
-                "threads": torch.get_num_threads(), "cpu": cpu_description()}
+                "threads": torch.get_num_threads(), "cpu": cpu_description(), "runtime": torch_runtime(model)}
     finally:
         torch.set_num_threads(previous)
         model.train(was_training)

@@ -23,7 +23,7 @@ import torch
 
 from slimtune.batching import EncodedDataset
 from slimtune.config import CausalLMData
-from slimtune.data import TaskData, decoded_lines, read_table
+from slimtune.data import EVAL_IS_SELECT, SELECT_SOURCE, TaskData, decoded_lines, read_table
 from slimtune.errors import SlimtuneError
 from slimtune.textprep import clean_text
 
@@ -171,22 +171,29 @@ def prepare_lm_data(cfg: CausalLMData, tokenizer, model_max: int | None = None) 
     if (train.stream is None) != (evaluation.stream is None):
         raise SlimtuneError(f"{cfg.eval}: holds {'instruction rows' if evaluation.examples else 'text'} while "
                             f"{cfg.train} holds {'instruction rows' if train.examples else 'text'}; use one kind")
+    select_ds = None
     if train.stream is not None:
         train_stream, eval_stream = train.stream, evaluation.stream
         if held_back:
             cut = int(len(train.stream) * (1 - cfg.eval_fraction))
             train_stream, eval_stream = train.stream[:cut], train.stream[cut:]
         eval_stream = eval_stream[:cfg.eval_tokens] if cfg.eval_tokens else eval_stream
+        if cfg.select_fraction:  # the tail of what is left: contiguous text, like the eval windows
+            cut = int(len(train_stream) * (1 - cfg.select_fraction))
+            train_stream, select_stream = train_stream[:cut], train_stream[cut:]
+            select_ds = windows(select_stream, cfg.block_size, cfg.stride)
         train_ds, eval_ds = pack(train_stream, cfg.block_size), windows(eval_stream, cfg.block_size, cfg.stride)
     else:
         train_rows, eval_rows = train.examples, evaluation.examples
         if held_back:
-            order = list(range(len(train.examples)))
-            random.Random(0).shuffle(order)
-            n_eval = max(1, round(len(order) * cfg.eval_fraction))
-            eval_rows = [train.examples[i] for i in sorted(order[:n_eval])]
-            train_rows = [train.examples[i] for i in sorted(order[n_eval:])]
+            train_rows, eval_rows = _seeded_share(train_rows, cfg.eval_fraction, seed=0)
+        if cfg.select_fraction:
+            train_rows, select_rows = _seeded_share(train_rows, cfg.select_fraction, seed=1)
+            select_ds = examples_dataset(select_rows, cfg.block_size)
         train_ds, eval_ds = examples_dataset(train_rows, cfg.block_size), examples_dataset(eval_rows, cfg.block_size)
+    if select_ds is not None and not len(select_ds):
+        raise SlimtuneError(f"{cfg.train}: too little training data to carve a selection split from "
+                            "(data.select_fraction); give more text or set data.select_fraction: 0")
     if not len(train_ds):
         raise SlimtuneError(f"{cfg.train}: no training block of at least 2 tokens (the response of every "
                             f"instruction row may lie past block_size {cfg.block_size})")
@@ -195,8 +202,18 @@ def prepare_lm_data(cfg: CausalLMData, tokenizer, model_max: int | None = None) 
     info = {"train_file": str(cfg.train), "eval_file": str(cfg.eval) if cfg.eval else None,
             "train_blocks": len(train_ds), "train_tokens": sum(map(len, train_ds.input_ids)),
             "eval_windows": len(eval_ds), "eval_tokens": scored_tokens(eval_ds),
-            "eval_source": "held back from train (its tail)" if held_back else "eval file"}
-    return TaskData(train=train_ds, eval=eval_ds, labels={}, info=info)
+            "eval_source": "held back from train (its tail)" if held_back else "eval file",
+            "select_tokens": scored_tokens(select_ds) if select_ds is not None else 0,
+            "select_source": SELECT_SOURCE if select_ds is not None else EVAL_IS_SELECT}
+    return TaskData(train=train_ds, eval=eval_ds, labels={}, info=info, select=select_ds)
+
+
+def _seeded_share(rows: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(kept, held) rows, `fraction` of them (at least one) held at random, both in file order."""
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    n_held = max(1, round(len(order) * fraction))
+    return [rows[i] for i in sorted(order[n_held:])], [rows[i] for i in sorted(order[:n_held])]
 
 
 def scored_tokens(ds: EncodedDataset) -> int:

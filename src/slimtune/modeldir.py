@@ -425,6 +425,9 @@ def _check_shapes(path: Path, config: dict, kind: str, tensors: dict[str, Tensor
             raise
         return []
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    # codes of 4 bits or fewer are saved two a byte; a directory written before that holds one a byte
+    unpacked = {name + ".qweight": tuple(m.qweight.shape) for name, m in model.named_modules()
+                if getattr(m, "qweight", None) is not None}
     params = [name for name, _ in model.named_parameters()]  # tied parameters once
     prefix = getattr(model, "base_model_prefix", "") or ""
     found: set[str] = set()
@@ -435,7 +438,7 @@ def _check_shapes(path: Path, config: dict, kind: str, tensors: dict[str, Tensor
             unexpected.append(name)
             continue
         found.add(target)
-        if expected[target] != info.shape:
+        if expected[target] != info.shape and not (info.dtype == "I8" and unpacked.get(target) == info.shape):
             raise SlimtuneError(f"{info.file}: weights do not match the structure its config records (tensor "
                                 f"'{name}' has shape {list(info.shape)}, {CONFIG_FILE} makes it "
                                 f"{list(expected[target])})")

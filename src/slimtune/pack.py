@@ -17,6 +17,7 @@ import hashlib
 import heapq
 import json
 import struct
+import tempfile
 import zlib
 from importlib.metadata import version
 from pathlib import Path
@@ -35,7 +36,9 @@ PREAMBLE = struct.Struct("<8sIQQ")  # magic, version, total file length, header 
 DIGEST_SIZE = 32
 CODECS = ("ans", "huffman")
 TENSOR_FILE = "model.safetensors"
-CODE_DTYPES = {"I8": np.int8, "I16": np.int16}  # safetensors dtypes of integer codes we entropy code
+# safetensors dtypes of integer codes we entropy code; U8: codes of 4 bits or fewer, two a byte (each byte
+# coded as one symbol of the pair)
+CODE_DTYPES = {"I8": np.int8, "I16": np.int16, "U8": np.uint8}
 CODE_SUFFIXES = (".qweight", ".zero_point")
 HUFFMAN_BLOCK = 2048  # symbols per independently addressable block: decode loop length vs 32 bits of offset each
 FLOAT_ZSTD_LEVEL = 10  # unquantized layers can be tens of MB; level 19 would take tens of seconds there
@@ -283,7 +286,7 @@ def _code_tensors(st_header: dict, data: memoryview, codecs) -> tuple[dict, int,
             params, stream = encode_codes(codes, c)
             streams[c].append(({**entry, "codec": c, "params": params}, stream))
         if name.endswith(".qweight"):
-            weights += codes.size
+            weights += codes.size * (2 if info["dtype"] == "U8" else 1)
             entropy += entropy_bits(_histogram(codes)[1])
     return streams, weights, entropy
 
@@ -310,7 +313,7 @@ def pack_model(model_dir: str | Path, out: str | Path, codec: str = "ans", compa
     st_path = model_dir / TENSOR_FILE
     st_header_bytes, st_header, data = _read_safetensors(st_path)
     if not any(_is_code_tensor(k, v["dtype"]) for k, v in st_header.items() if k != "__metadata__"):
-        raise SlimtuneError(f"{st_path}: no int8/int16 *.qweight tensor although config.json records a quantization")
+        raise SlimtuneError(f"{st_path}: no integer *.qweight tensor although config.json records a quantization")
     codecs = CODECS if compare else (codec,)
     streams, weights, entropy = _code_tensors(st_header, data, codecs)
     zstd = zstandard.ZstdCompressor(level=FILE_ZSTD_LEVEL, write_checksum=True)
@@ -342,6 +345,18 @@ def pack_model(model_dir: str | Path, out: str | Path, codec: str = "ans", compa
         report["gzip9_bytes"] = len(gzip.compress(raw_tensors, compresslevel=9, mtime=0))
         report["zstd19_bytes"] = len(zstandard.ZstdCompressor(level=19).compress(raw_tensors))
     return report
+
+
+def packed_size_mb(model_dir: Path) -> float | None:
+    """The size `slimtune pack` gets a model directory to (its default codec), or None when it has no
+    integer codes to pack (a float model)."""
+    if not read_config(model_dir).get("slimtune_quantization"):
+        return None
+    _, st_header, _ = _read_safetensors(model_dir / TENSOR_FILE)
+    if not any(_is_code_tensor(k, v["dtype"]) for k, v in st_header.items() if k != "__metadata__"):
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        return round(pack_model(model_dir, Path(tmp) / "model.slim")["packed_bytes"] / 1e6, 3)
 
 
 # ------------------------------------------------------------------------------------------ unpack

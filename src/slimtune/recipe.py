@@ -16,7 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, create_model
 
-from slimtune.config import DataConfig, Strict, tagged_union
+from slimtune.config import DataConfig, ReportConfig, Strict, tagged_union
 from slimtune.errors import SlimtuneError
 from slimtune.stages import STAGES
 from slimtune.tasks import TASKS
@@ -38,6 +38,7 @@ class Recipe(Strict):
     stages: list[StageConfig] = Field(min_length=1)  # type: ignore[valid-type]
     keep_checkpoints: bool = Field(False, description="keep OUT/checkpoints/ once the run has finished "
                                                       "(by default they are removed: they only serve --resume)")
+    report: ReportConfig = Field(default_factory=ReportConfig)
 
 
 @functools.cache

@@ -1,4 +1,5 @@
-"""Human-readable outputs: the model card (README.md with YAML metadata) and OUT/report.md."""
+"""Human-readable outputs: the model card (README.md with YAML metadata) and the markdown pieces the run
+report (report_page.py) shares with it."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def _methods(metrics: dict) -> list[str]:
     return [m.get("method", m["stage"]) for m in metrics["stages"] if m["stage"] != "evaluate"]
 
 
-def _distill_lines(metrics: dict) -> list[str]:
+def distill_lines(metrics: dict) -> list[str]:
     """One line per distill stage: which teachers taught which student, and how."""
     lines = []
     for s in metrics["stages"]:
@@ -84,7 +85,7 @@ def model_card(recipe: Any, metrics: dict, data, task: Any, plain_hf: bool = Tru
         f"Base model: `{hub_name or recipe.model}`" + (f" (slimtune alias `{recipe.model}`)" if hub_name else "")
         + f". Stages: {' → '.join(s.stage for s in recipe.stages)}."
         + (f" Labels: {labels}." if labels else ""),
-        *(["", *_distill_lines(metrics)] if _distill_lines(metrics) else []),
+        *(["", *distill_lines(metrics)] if distill_lines(metrics) else []),
         *(["", "Load it with `transformers` (or `slimtune.load_model`):", "",
            "```python", "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
            "model = AutoModelForSequenceClassification.from_pretrained(PATH)",
@@ -114,21 +115,14 @@ def metrics_table(final: dict) -> str:
     return "\n".join(rows)
 
 
-def report_markdown(recipe: Any, metrics: dict, task: Any) -> str:
-    final, info = metrics["final"], metrics.get("data", {})
-    out = ["# slimtune run report", "",
-           f"- base model: `{recipe.model}`",
-           f"- train: `{info.get('train_file')}` ({info.get('train_rows')} rows"
-           + (f", +{info['augmented_rows']} augmented" if info.get("augmented_rows") else "") + ")",
-           f"- eval: `{info.get('eval_file') or 'stratified split of train'}` ({info.get('eval_rows')} rows)",
-           *warnings_section(metrics),
-           "", "## Final metrics (eval split)", "", metrics_table(final), "", "## Stages", "",
-           "| # | stage | method | lr | batch | steps | epochs | trainable % | train ex/s | best dev |",
+def stages_table(metrics: dict, task: Any) -> list[str]:
+    """One markdown row per stage (and per phase of a phased stage): how it trained and what it chose."""
+    out = ["| # | stage | method | lr | batch | steps | epochs | trainable % | train ex/s | best (selection) |",
            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for i, s in enumerate(metrics["stages"]):
         if s["stage"] == "evaluate":
             primary = task.primary.name
-            out.append(f"| {i} | evaluate | | | | | | | | {primary} {fmt(s.get(primary))} |")
+            out.append(f"| {i} | evaluate | | | | | | | | {primary} {fmt(s.get(primary))} (eval split) |")
             continue
         method = s.get("method", s.get("student", ""))
         out.append(f"| {i} | {s['stage']} | {method} | {fmt(s.get('lr'))} | {s.get('batch_size')} "
@@ -138,19 +132,4 @@ def report_markdown(recipe: Any, metrics: dict, task: Any) -> str:
             out.append(f"|  | phase {p['phase']} | {', '.join(p['trainable'])} | {fmt(p.get('lr'))} | | "
                        f"{p['steps']} | {p['epochs_run']} | | {fmt(p.get('examples_per_s'))} "
                        f"| {fmt(p.get('best_metric'))} |")
-    if _distill_lines(metrics):
-        out += ["", "## Distillation", "", *_distill_lines(metrics)]
-    evals = [s for s in metrics["stages"] if s["stage"] == "evaluate"]
-    per_class = (evals[-1] if evals else {}).get("per_class") or {}
-    if per_class:
-        out += ["", "## Per-class report", "", "| class | precision | recall | f1 | support |",
-                "| --- | --- | --- | --- | --- |"]
-        for name, row in per_class.items():
-            if isinstance(row, dict):
-                out.append(f"| {name} | {fmt(row.get('precision'))} | {fmt(row.get('recall'))} "
-                           f"| {fmt(row.get('f1-score'))} | {fmt(row.get('support'))} |")
-    if "confusion_matrix.png" in metrics.get("artifacts", []):
-        out += ["", "## Confusion matrix", "", "![confusion matrix](confusion_matrix.png)",
-                "(counts in `confusion_matrix.json`)"]
-    out.append("")
-    return "\n".join(out)
+    return out

@@ -24,13 +24,16 @@ from torch.utils.tensorboard import SummaryWriter
 from slimtune.adapt.lora import is_peft
 from slimtune.batching import calibration_batches
 from slimtune.checkpoint import CheckpointStore, read_checkpoint
+from slimtune.config import ReportConfig
 from slimtune.errors import SlimtuneError
-from slimtune.evaluate import dir_size_mb
-from slimtune.export import export_onnx, int8_activations
+from slimtune.evaluate import dir_size_mb, machine_description
+from slimtune.export import export_onnx, int8_activations, measure_onnx_speed
 from slimtune.io import atomic_dir, atomic_write_text, check_output_path, output_errors
 from slimtune.models import PREPROCESSING_KEY, load_tokenizer, resolve_model_path, save_hf_model
+from slimtune.pack import packed_size_mb
 from slimtune.recipe import Recipe, apply_overrides, load_recipe, parse_recipe, recipe_to_yaml
-from slimtune.report import model_card, report_markdown
+from slimtune.report import model_card
+from slimtune.report_page import write_report
 from slimtune.stages import Run, Stage, build_stage
 from slimtune.stages.base import Progress, console
 from slimtune.stages.evaluate import measure
@@ -38,8 +41,9 @@ from slimtune.tasks import get_task
 from slimtune.train import seed_everything
 
 # metrics.json's `final`: the task's keys, then these (None when not measured)
-MODEL_KEYS = ("params", "trainable_params", "size_mb")
-EXTRA_KEYS = ("precision_micro", "recall_micro", "f1_micro", "latency_ms_b1_p90", "threads", "cpu", "split")
+MODEL_KEYS = ("params", "trainable_params", "size_mb", "packed_mb")
+EXTRA_KEYS = ("precision_micro", "recall_micro", "f1_micro", "latency_ms_b1_p90", "threads", "cpu", "runtime",
+              "split")
 TASK_KEY = "slimtune_task"  # config.json: which task the model directory was trained for
 
 
@@ -144,6 +148,11 @@ def _execute(recipe: Recipe, run: Run, stages: list[Stage], out: Path, store: Ch
     run.checkpoints, run.resume, run.out = store, checkpoint, out
     store.pinned = checkpoint
     run.tb = SummaryWriter(str(out / "tb"))
+    report = recipe.report
+    opens_measured = _measures(stages[0]) and getattr(stages[0].config, "speed", False)
+    if checkpoint is None and report.start and not opens_measured:  # an opening evaluate stage is the start
+        console.print("measuring the starting model (the report's reference)")
+        run.progress.start = _measured(run, report)
     for i in range(first):  # finished before the resume: rebuild structure changes only
         run.stage_index, run.stage_name = i, stages[i].name  # rebuild reads what its stage recorded
         console.print(f"stage {i}: {stages[i].name} (finished; rebuilding its model structure)")
@@ -155,7 +164,12 @@ def _execute(recipe: Recipe, run: Run, stages: list[Stage], out: Path, store: Ch
                 run.progress.phases = []
             run.progress.stage = i
             console.print(f"[bold]stage {i}: {stages[i].name}[/bold]")
-            run.progress.done.append(stages[i].run(run))
+            record = stages[i].run(run)
+            # each stage's output is a row of the report: measured here unless an evaluate stage does it next
+            # (the last stage's output is the final model, measured below)
+            if report.stages and not _measures(stages[i]) and i + 1 < len(stages) and not _measures(stages[i + 1]):
+                record["output"] = _measured(run, report)
+            run.progress.done.append(record)
             run.resume = None  # only the stage that was interrupted resumes from the checkpoint
     finally:
         run.tb.close()
@@ -167,16 +181,18 @@ def _write_outputs(recipe: Recipe, run: Run, out: Path, store: CheckpointStore, 
     task = run.task
     last = stage_metrics[-1]
     measured = all(k in last for k in (*task.final_keys, "params"))  # the recipe ended with a measurement
-    final = dict(last) if measured else {"stage": "evaluate", **measure(run, speed=False)}
+    final = dict(last) if measured else {"stage": "evaluate", **_measured(run, recipe.report)}
     trained = [m for m in stage_metrics if "trainable_pct" in m]  # stages that trained say how much
     final["trainable_params"] = trained[-1]["trainable_params"] if trained else final.get("params")
     with atomic_dir(out / "model") as tmp:
         save_model_dir(run, tmp)
         final["size_mb"] = dir_size_mb(tmp)
+        final["packed_mb"] = packed_size_mb(tmp)  # `slimtune pack`'s file, for a quantized model
         keys = (*task.final_keys, *MODEL_KEYS, *task.speed_keys)
         metrics = {"final": {k: final.get(k) for k in keys} | {k: final[k] for k in EXTRA_KEYS if k in final},
-                   "stages": stage_metrics, "data": run.data.info, "base_model": recipe.model, "task": task.name,
-                   "warnings": task.warnings(final)}
+                   "start": run.progress.start, "stages": stage_metrics, "data": run.data.info,
+                   "base_model": recipe.model, "task": task.name, "warnings": task.warnings(final),
+                   "machine": machine_description()}
         for warning in metrics["warnings"]:  # also in report.md and the model card
             console.print(f"[yellow]warning[/yellow]: {warning}", highlight=False)
         config = getattr(run.model, "config", None)
@@ -185,10 +201,12 @@ def _write_outputs(recipe: Recipe, run: Run, out: Path, store: CheckpointStore, 
         atomic_write_text(tmp / "README.md", model_card(recipe, metrics, run.data, task, plain_hf=plain_hf))
     mode = int8_activations(run.model)
     if mode:  # int8 runs deploy through ONNX Runtime: write that artifact and check it against torch
-        metrics["final"]["onnx"] = _export_int8(run, out, mode)
+        metrics["final"]["onnx"] = shipped = _export_int8(run, out, mode, recipe.report, final.get("threads"))
+        if "throughput_eps" in shipped and metrics["final"].get("throughput_eps") is not None:
+            _headline_the_artifact(metrics["final"], shipped)
     metrics["artifacts"] = task.write_artifacts(final, out)
     atomic_write_text(out / "recipe.yaml", recipe_to_yaml(recipe))
-    atomic_write_text(out / "report.md", report_markdown(recipe, metrics, task))
+    write_report(out, metrics=metrics, recipe=recipe_to_yaml(recipe))  # report.md, report.html
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))  # last: marks the run finished
     store.pinned = None
     if keep_checkpoints:
@@ -200,7 +218,28 @@ def _write_outputs(recipe: Recipe, run: Run, out: Path, store: CheckpointStore, 
     return metrics
 
 
-def _export_int8(run: Run, out: Path, mode: str) -> dict:
+def _measures(stage: Stage) -> bool:
+    """A stage that measures the model it is given and changes nothing (`stage: evaluate`)."""
+    return getattr(stage, "measures", False)
+
+
+def _measured(run: Run, report: ReportConfig) -> dict:
+    return measure(run, speed=report.speed, latency_runs=report.latency_runs,
+                   throughput_batches=report.throughput_batches, threads=report.threads)
+
+
+def _headline_the_artifact(final: dict, shipped: dict) -> None:
+    """A quantized model's speed is the deployed artifact's: torch only simulates its integer arithmetic
+    (a float graph with rounding), so its figures move under `simulated`, labelled as such."""
+    speed_keys = ("latency_ms_b1", "latency_ms_b1_p90", "throughput_eps", "runtime")
+    final["simulated"] = {k: final[k] for k in speed_keys if k in final}
+    final.update({k: shipped[k] for k in speed_keys if k in shipped})
+    final["artifact"] = "onnx/model.onnx"
+    final["artifact_size_mb"] = shipped.get("size_mb")
+
+
+def _export_int8(run: Run, out: Path, mode: str, report_cfg: ReportConfig | None = None,
+                 threads: int | None = None) -> dict:
     """OUT/onnx: the ONNX Runtime int8 model, its metric on the eval split next to the torch one.
     Static ranges are calibrated on the very train batches the quantize stage calibrated torch on (the
     model records which)."""
@@ -222,8 +261,14 @@ def _export_int8(run: Run, out: Path, mode: str) -> dict:
                       f"{report['parity_detail']}", highlight=False)
     console.print(f"ONNX Runtime int8 ({report['int8_format']}): {report['parity_detail']} -> "
                   f"{out / 'onnx' / 'model.onnx'}", highlight=False)
-    return {k: report[k] for k in ("int8_format", "onnx_accuracy", "torch_accuracy", "drop_pt", "drop_interval_pt",
-                                   "parity", "size_mb", "fusion") if k in report}
+    shipped = {k: report[k] for k in ("int8_format", "onnx_accuracy", "torch_accuracy", "drop_pt", "drop_interval_pt",
+                                      "parity", "size_mb", "fusion") if k in report}
+    if report_cfg is not None and report_cfg.speed:  # the same protocol as the torch figures beside it
+        shipped |= measure_onnx_speed(out / "onnx" / "model.onnx", run.data.eval, run.pad_id,
+                                      latency_runs=report_cfg.latency_runs,
+                                      throughput_batches=report_cfg.throughput_batches,
+                                      threads=report_cfg.threads or threads)
+    return shipped
 
 
 def save_model_dir(run: Run, out_dir: Path) -> None:

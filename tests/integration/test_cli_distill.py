@@ -42,8 +42,9 @@ def test_three_layer_student_and_bilstm_through_the_cli(tmp_path, teacher_run, s
     # speed is the bench's business (bench/distill_sst2.py); here: both were measured, the BiLSTM is smaller
     assert results["bilstm"]["final"]["params"] < results["layers3"]["final"]["params"]
     assert all(r["final"]["latency_ms_b1"] > 0 for r in results.values())
-    # A 3-layer MiniLM distilled from a 0.8-ish teacher on 300 sentences is clearly better than chance.
-    assert teacher_acc > 0.7 and results["layers3"]["final"]["accuracy"] > 0.65
+    # A 3-layer MiniLM distilled from a 0.7-ish teacher on 300 sentences is clearly better than chance (the
+    # majority class scores 0.58). The teacher: 270 rows, its checkpoint chosen on the other 30, not on dev
+    assert teacher_acc > 0.65 and results["layers3"]["final"]["accuracy"] > 0.65
 
     bilstm = tmp_path / "bilstm" / "model"
     proc = slimtune("eval", bilstm, "--data", sst2_small[1], "--no-speed")

@@ -121,7 +121,7 @@ def test_full_finetune_really_learns(tmp_path, sst2_small):
     from helpers import write_recipe
 
     recipe = write_recipe(tmp_path / "r.yaml", "minilm", *sst2_small,
-                          stages=[{"stage": "finetune", "method": "full", "epochs": 3, "lr": 2e-4, "batch_size": 16},
+                          stages=[{"stage": "finetune", "method": "full", "epochs": 5, "lr": 2e-4, "batch_size": 16},
                                   {"stage": "evaluate", "speed": False}])
     proc = slimtune("run", recipe, "--out", tmp_path / "out")
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -60,10 +60,13 @@ def test_held_back_tail_is_never_trained_on(tiny_llama_dir, text_files):
     data = prepare_lm_data(CausalLMData(train=text_files / "train.txt", block_size=32, eval_fraction=0.2), tok)
     stream = tok((text_files / "train.txt").read_text(), add_special_tokens=False)["input_ids"]
     cut = int(len(stream) * 0.8)
-    assert [t for b in data.train.input_ids for t in b] == stream[:cut]
+    select_cut = int(cut * 0.9)  # the selection split: the tail of what the eval tail leaves
+    assert [t for b in data.train.input_ids for t in b] == stream[:select_cut]
     assert all(len(b) == 32 for b in data.train.input_ids[:-1])
+    assert [t for w in data.select.input_ids for t in w] == stream[select_cut:cut]
     assert [t for w in data.eval.input_ids for t in w] == stream[cut:]
     assert data.info["eval_tokens"] == len(stream) - cut - len(data.eval)
+    assert data.info["select_tokens"] == cut - select_cut - len(data.select)
 
 
 def test_instruction_rows_learn_only_the_response(tiny_llama_dir, tmp_path):
@@ -79,7 +82,9 @@ def test_instruction_rows_learn_only_the_response(tiny_llama_dir, tmp_path):
     assert tok.decode(learned).endswith("[SEP]")  # the end of the answer is learned too
     prompt = [t for t, lab in zip(ids, labels, strict=True) if lab == IGNORE_INDEX]
     assert "name a colour" in tok.decode(prompt) and "< | assistant | >" in tok.decode(prompt)
-    assert len(data.eval) == 2 and len(data.train) == 18
+    assert len(data.eval) == 2 and len(data.select) == 2 and len(data.train) == 16
+    eval_rows = [tok.decode(ids) for ids in data.eval.input_ids]
+    assert not {tok.decode(ids) for ids in data.select.input_ids} & set(eval_rows)
 
     (tmp_path / "bad.jsonl").write_text(json.dumps(rows[0]) + "\n" + json.dumps({"prompt": "hi"}) + "\n")
     with pytest.raises(SlimtuneError, match=r"bad.jsonl:2: instruction row without 'response'"):

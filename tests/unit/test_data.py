@@ -191,7 +191,8 @@ def test_int_like_csv_labels_end_to_end(tmp_path, tokenizer):
     path.write_text("text,label\n" + "".join(f"row {i},{i % 2}\n" for i in range(20)), encoding="utf-8")
     data = prepare_data(DataConfig(train=path, label_names={0: "neg", 1: "pos"}), tokenizer)
     assert data.id2label == {0: "neg", 1: "pos"}
-    assert data.info["eval_source"] == "split" and data.info["train_rows"] + data.info["eval_rows"] == 20
+    assert data.info["eval_source"] == "split"
+    assert data.info["train_rows"] + data.info["select_rows"] + data.info["eval_rows"] == 20
 
 
 # ------------------------------------------------------------------------------------------- splits
@@ -220,7 +221,7 @@ def test_stratified_sample():
 def test_prepare_data_with_eval_file_and_limits(tmp_path, tokenizer):
     train = write_jsonl(tmp_path / "train.jsonl", labelled_rows({"pos": 30, "neg": 10}, "<b>{label}</b> {i}"))
     dev = write_jsonl(tmp_path / "dev.jsonl", labelled_rows({"pos": 4, "neg": 4}))
-    cfg = DataConfig(train=train, eval=dev, train_limit=8, eval_limit=4, lowercase=True)
+    cfg = DataConfig(train=train, eval=dev, train_limit=8, eval_limit=4, lowercase=True, select_fraction=0)
     data = prepare_data(cfg, tokenizer)
     assert data.label2id == {"neg": 0, "pos": 1}
     assert len(data.train) == 8 and Counter(data.train.labels) == {1: 6, 0: 2}
@@ -229,6 +230,23 @@ def test_prepare_data_with_eval_file_and_limits(tmp_path, tokenizer):
     assert data.info["label_counts"]["train"] == {"neg": 2, "pos": 6}
     assert data.info["eval_source"] == "file" and data.info["eval_file"] == str(dev)
     assert prepare_data(cfg, tokenizer).train.texts == data.train.texts  # sampling is seeded
+    assert data.select is data.eval and data.info["select_source"].startswith("the eval split")
+
+
+def test_the_selection_split_is_carved_from_train_never_from_eval(tmp_path, tokenizer):
+    train = write_jsonl(tmp_path / "train.jsonl", labelled_rows({"pos": 30, "neg": 10}))
+    dev = write_jsonl(tmp_path / "dev.jsonl", labelled_rows({"pos": 4, "neg": 4}, "dev {label} {i}"))
+    data = prepare_data(DataConfig(train=train, eval=dev, select_fraction=0.2), tokenizer)
+    assert len(data.select) == 8 and Counter(data.select.labels) == {1: 6, 0: 2}  # stratified
+    assert len(data.train) == 32 and not set(data.train.texts) & set(data.select.texts)
+    assert not set(data.select.texts) & set(data.eval.texts) and len(data.eval) == 8
+    assert data.info["select_rows"] == 8 and data.info["label_counts"]["select"] == {"neg": 2, "pos": 6}
+    again = prepare_data(DataConfig(train=train, eval=dev, select_fraction=0.2), tokenizer)
+    assert again.select.texts == data.select.texts  # seeded
+    # no eval file: eval held out first, the selection split from what is left, all three disjoint
+    held = prepare_data(DataConfig(train=train), tokenizer)
+    splits = [set(held.train.texts), set(held.select.texts), set(held.eval.texts)]
+    assert sum(map(len, splits)) == 40 and len(set.union(*splits)) == 40 and len(splits[1]) == 4
 
 
 def test_text_pairs_get_token_types(tmp_path, tokenizer):
@@ -262,7 +280,7 @@ def test_label_map_of_matches_prepare_data(tmp_path, tokenizer):
 def test_augmentation_adds_copies_to_train_only(tmp_path, tokenizer, with_embeddings):
     pytest.importorskip("slimtune.augment")
     train = write_jsonl(tmp_path / "train.jsonl", labelled_rows({"a": 5, "b": 5}, "the quick {label} fox {i}"))
-    cfg = DataConfig(train=train, eval_fraction=0.2, augment=AugmentConfig(copies=2, p_synonym=0.5))
+    cfg = DataConfig(train=train, eval_fraction=0.2, select_fraction=0, augment=AugmentConfig(copies=2, p_synonym=0.5))
     # random vectors stand in for the model's embedding table: only the plumbing is under test here
     weight = torch.randn(len(tokenizer), 16, generator=torch.Generator().manual_seed(0)) if with_embeddings else None
     data = prepare_data(cfg, tokenizer, embedding_weight=weight)
@@ -273,5 +291,5 @@ def test_augmentation_adds_copies_to_train_only(tmp_path, tokenizer, with_embedd
 def test_sst2_dev_smoke(tokenizer):
     # ../shared when present, else the copy bundled for the demo: this test never skips
     data = prepare_data(DataConfig(train=sst2_file("dev"), max_length=64, eval_fraction=0.25), tokenizer)
-    assert len(data.train) + len(data.eval) == 872 and data.id2label == {0: "0", 1: "1"}
+    assert len(data.train) + len(data.select) + len(data.eval) == 872 and data.id2label == {0: "0", 1: "1"}
     assert max(data.train.lengths) <= 64

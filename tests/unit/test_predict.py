@@ -88,7 +88,7 @@ def pair_run(tmp_path_factory, tiny_model_dir, sst2_small):
         (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
     recipe = {"model": str(tiny_model_dir),
               "data": {"train": str(root / "train.jsonl"), "eval": str(root / "dev.jsonl"), "text_field": "premise",
-                       "text_pair_field": "hypothesis", "max_length": 32},
+                       "text_pair_field": "hypothesis", "max_length": 32, "select_fraction": 0},
               "stages": [{"stage": "finetune", "epochs": 3, "lr": 3e-3, "batch_size": 16, "keep_best": False},
                          {"stage": "evaluate", "speed": False}]}
     metrics = st.run(recipe, root / "out", progress=False)

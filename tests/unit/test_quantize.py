@@ -413,6 +413,35 @@ def test_quantize_stage_saves_a_model_that_loads_back_with_identical_logits(tmp_
         assert len(s["sensitivity"]["per_layer"]) == 12
 
 
+def test_codes_of_four_bits_or_fewer_are_saved_two_a_byte(tmp_path, tiny_model_dir, sst2_small):
+    from safetensors import safe_open
+
+    codes = torch.randint(-8, 8, (5, 7), dtype=torch.int8)
+    packed = qcodes.pack_nibbles(codes)
+    assert packed.dtype == torch.uint8 and packed.shape == (5, 4)
+    assert torch.equal(qcodes.unpack_nibbles(packed, 7), codes)
+    assert qcodes.pack_nibbles(codes.to("meta")).shape == (5, 4)  # what the model-directory gate compares
+    m = run(tmp_path, tiny_model_dir, sst2_small, QUANTIZE | STAGE_CASES["gptq_int4"], EVAL)
+    with safe_open(tmp_path / "out" / "model" / "model.safetensors", "pt") as f:
+        name = next(k for k in f.keys() if k.endswith("layer.0.attention.self.query.qweight"))
+        saved = f.get_tensor(name)
+    model = load_model(tmp_path / "out" / "model")
+    in_memory = model.get_submodule(name.removesuffix(".qweight")).qweight
+    assert saved.dtype == torch.uint8 and saved.shape == (in_memory.shape[0], in_memory.shape[1] // 2)
+    assert in_memory.dtype == torch.int8 and torch.equal(qcodes.pack_nibbles(in_memory), saved)
+    assert m["final"]["packed_mb"] < m["final"]["size_mb"]  # `slimtune pack` codes the nibble pairs
+    # a directory saved before nibble storage (one code a byte) still loads, to the same codes
+    from safetensors.torch import load_file, save_file
+
+    weights = tmp_path / "out" / "model" / "model.safetensors"
+    tensors = load_file(weights)
+    tensors = {k: qcodes.unpack_nibbles(v, v.shape[1] * 2) if v.dtype == torch.uint8 else v
+               for k, v in tensors.items()}
+    save_file(tensors, weights, metadata={"format": "pt"})
+    old = load_model(tmp_path / "out" / "model")
+    assert torch.equal(old.get_submodule(name.removesuffix(".qweight")).qweight, in_memory)
+
+
 def test_lora_adapter_is_merged_before_quantization(tmp_path, tiny_model_dir, sst2_small):
     lora = {"stage": "finetune", "method": "lora", "max_steps": 2, "batch_size": 16, "lr": 1e-3,
             "lora": {"r": 4, "target_modules": ["query", "value"], "save_adapter_only": True}}

@@ -291,3 +291,25 @@ def test_autotune_leaves_the_model_untouched(ds):
     assert bs in speeds and all(v > 0 for v in speeds.values())
     assert same_weights(model, ref)
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_run_chooses_on_its_selection_split_and_reports_on_eval(ds, monkeypatch):
+    from helpers import make_run
+
+    from slimtune.data import TaskData
+
+    train_ds, select, evaluation = ds.subset(range(80)), ds.subset(range(80, 104)), ds.subset(range(104, 120))
+    seen = []
+    real = TextClassification.eval_fn
+
+    def spy(self, eval_ds, pad_id):
+        fn = real(self, eval_ds, pad_id)
+        return lambda m: (seen.append(len(eval_ds)), fn(m))[1]
+
+    monkeypatch.setattr(TextClassification, "eval_fn", spy)
+    run = make_run(tiny_model(), TaskData(train=train_ds, eval=evaluation, labels={0: "0", 1: "1"}, select=select))
+    res = run.fit(run.model, stage(epochs=2), lr=1e-3, batch_size=8)
+    assert seen == [24, 24] and len(res.history) == 2  # keep_best and the dev curve: the selection split
+    seen.clear()
+    run.primary_metric(run.model)
+    assert seen == [16]  # what stages report: the eval split

@@ -72,6 +72,27 @@ def zero_point_dtype(scheme: str) -> torch.dtype | None:
     return {"asymmetric": torch.int8, "asymmetric_float": torch.float32}.get(scheme)
 
 
+NIBBLE_OFFSET = 8  # codes of 4 bits or fewer lie in [-8, 7]: stored as code + 8 in one half of a byte
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """int8 codes in [-8, 7], [rows, cols] -> uint8 [rows, ceil(cols / 2)]: column 2j in the low half of
+    byte j, column 2j + 1 in the high half (a meta tensor gives a meta tensor of that shape)."""
+    rows, cols = codes.shape
+    if codes.is_meta:
+        return torch.empty(rows, (cols + 1) // 2, dtype=torch.uint8, device="meta")
+    u = (codes.to(torch.int16) + NIBBLE_OFFSET).to(torch.uint8)
+    if cols % 2:
+        u = torch.cat([u, torch.full((rows, 1), NIBBLE_OFFSET, dtype=torch.uint8, device=u.device)], dim=1)
+    return u[:, 0::2] | (u[:, 1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor, cols: int) -> torch.Tensor:
+    """The inverse of `pack_nibbles`: uint8 [rows, ceil(cols / 2)] -> int8 codes [rows, cols]."""
+    both = torch.stack([packed & 15, packed >> 4], dim=-1).reshape(packed.shape[0], -1)[:, :cols]
+    return (both.to(torch.int16) - NIBBLE_OFFSET).to(torch.int8)
+
+
 def code_dtype(bits: int) -> torch.dtype:
     return torch.int8 if bits <= 8 else torch.int16
 

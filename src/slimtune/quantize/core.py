@@ -51,7 +51,9 @@ from slimtune.quantize.codes import (
     dynamic_activation_params,
     fake_quantize,
     fake_quantize_activations,
+    pack_nibbles,
     quantize_codes,
+    unpack_nibbles,
     zero_point_dtype,
 )
 from slimtune.quantize.kernels import kernel_of, packed_linear, use_packed
@@ -131,6 +133,22 @@ def _register_codes(module: nn.Module, rows: int, cols: int, spec: dict) -> None
     module.register_buffer("scale", torch.ones(rows, groups))
     zero_dtype = zero_point_dtype(spec["scheme"])
     module.register_buffer("zero_point", None if zero_dtype is None else torch.zeros(rows, groups, dtype=zero_dtype))
+    if spec["bits"] <= 4:  # two codes a byte in the saved weights (and checkpoints); one a byte in memory
+        module.register_state_dict_post_hook(_nibbles_out)
+        module.register_load_state_dict_pre_hook(_nibbles_in)
+
+
+def _nibbles_out(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
+    key = prefix + "qweight"
+    if key in state_dict:
+        state_dict[key] = pack_nibbles(state_dict[key])
+
+
+def _nibbles_in(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    key = prefix + "qweight"
+    saved = state_dict.get(key)
+    if saved is not None and saved.dtype == torch.uint8:  # older directories saved one code a byte
+        state_dict[key] = unpack_nibbles(saved, module.qweight.shape[1])
 
 
 def _fill_codes(module: nn.Module, codes, scale, zero_point) -> None:

@@ -44,6 +44,7 @@ class Progress:
     auto: dict[str, dict] = field(default_factory=dict)  # stage index -> resolved lr / batch_size
     phases: list[dict] = field(default_factory=list)  # finished phases of the current stage
     states: dict[str, dict] = field(default_factory=dict)  # stage index -> that stage's typed state
+    start: dict = field(default_factory=dict)  # the starting model's measurement (the report's reference)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -81,13 +82,14 @@ class Run:
         return self.preprocessing.max_length
 
     def eval_fn(self, eval_ds: EncodedDataset | None = None, pad_id: int | None = None):
-        """The task's dev evaluation (of `eval_ds`, default the run's eval split)."""
-        return self.task.eval_fn(self.data.eval if eval_ds is None else eval_ds,
+        """The task's dev evaluation that decisions use (checkpoints, early stopping, a stage's own
+        choices): of `eval_ds`, by default the run's selection split, never the split it reports."""
+        return self.task.eval_fn(self.data.select if eval_ds is None else eval_ds,
                                  self.pad_id if pad_id is None else pad_id)
 
     def primary_metric(self, model: nn.Module) -> float:
         """The task's primary metric of `model` on the eval split (stages report it before and after)."""
-        return self.eval_fn()(model)[self.task.primary.name]
+        return self.eval_fn(self.data.eval)(model)[self.task.primary.name]
 
     def train_context(self, phase: int | None = None, pad_id: int | None = None) -> TrainContext:
         tag = f"s{self.stage_index}-{self.stage_name}" + ("" if phase is None else f"-p{phase}")
@@ -111,10 +113,10 @@ class Run:
             make_batch: Callable | None = None, train_ds: EncodedDataset | None = None,
             eval_ds: EncodedDataset | None = None, pad_id: int | None = None, phase: int | None = None,
             epochs: float | None = None, resume: bool = True, **hooks) -> TrainResult:
-        """The one training loop on this run's data with the task's loss, collation and dev metrics
-        (each overridable); `lr` / `batch_size` are final values (auto already resolved)."""
+        """The one training loop on this run's data with the task's loss, collation and dev metrics on the
+        selection split (each overridable); `lr` / `batch_size` are final values (auto already resolved)."""
         pad = self.pad_id if pad_id is None else pad_id
-        eval_ds = self.data.eval if eval_ds is None else eval_ds
+        eval_ds = self.data.select if eval_ds is None else eval_ds
         ctx = self.train_context(phase, pad_id=pad)
         if not resume:
             ctx.resume = None
@@ -164,6 +166,8 @@ class Stage(Protocol):
     name: ClassVar[str]
     Config: ClassVar[Any]
     config: BaseModel
+    # (optional) True for a stage that only measures the model it is given: the runner then measures no
+    # report row of its own before it
 
     def __init__(self, config: BaseModel) -> None: ...
 

@@ -164,13 +164,18 @@ def setup_distill(run: Run, cfg: DistillConfig) -> DistillSetup:
     return DistillSetup(teachers, student, texts, pairs, labels, labelled, mapping, granularity)
 
 
-def _adopt_student(run: Run, setup: DistillSetup, eval_ds: EncodedDataset | None = None) -> None:
+def _adopt_student(run: Run, setup: DistillSetup, select_ds: EncodedDataset | None = None) -> None:
     """The student (and its tokenizer) become the run's model; the data is re-encoded for it
-    (`eval_ds`: the eval split already encoded with the student's tokenizer)."""
+    (`select_ds`: the selection split already encoded with the student's tokenizer)."""
     tok = setup.student.tokenizer
     reencode = lambda ds: encode(tok, ds.texts, ds.labels, ds.pairs, run.max_length)  # noqa: E731
-    eval_ds = eval_ds if eval_ds is not None else reencode(run.data.eval)
-    run.data = TaskData(train=reencode(run.data.train), eval=eval_ds, labels=run.data.labels, info=run.data.info)
+    eval_ds = reencode(run.data.eval)
+    if run.data.selects_on_eval:
+        select_ds = eval_ds
+    elif select_ds is None:
+        select_ds = reencode(run.data.select)
+    run.data = TaskData(train=reencode(run.data.train), eval=eval_ds, labels=run.data.labels, info=run.data.info,
+                        select=select_ds)
     run.model, run.tokenizer = setup.student.model, tok
     for p in run.model.parameters():
         p.requires_grad_(True)
@@ -212,13 +217,14 @@ def run_distill(run: Run, cfg: DistillConfig) -> dict:
                             cfg.combine, labels, labelled)
     primary = run.task.primary.name
     teacher_metric = {}
-    for t in setup.teachers:  # the teachers' own dev metric, for "% of teacher" in the report
+    for t in setup.teachers:  # the teachers' own metric on the eval split, for "% of teacher" in the report
         dev = encode(t.tokenizer, run.data.eval.texts, run.data.eval.labels, run.data.eval.pairs, max_length)
         teacher_metric[t.name] = run.task.eval_fn(dev, t.pad_id)(t.model)[primary]
 
     student = setup.student
     train_ds = encode(student.tokenizer, setup.texts, setup.labels, setup.pairs, max_length)
-    eval_ds = encode(student.tokenizer, run.data.eval.texts, run.data.eval.labels, run.data.eval.pairs, max_length)
+    sel = run.data.select
+    select_ds = encode(student.tokenizer, sel.texts, sel.labels, sel.pairs, max_length)
     pad = pad_id_of(student.tokenizer)
     model = DistillModel(student.model, setup.mapping if "mse" in _losses(cfg) else [],
                          _state_widths(student.model), encoder_shape(setup.teachers[0].model.config)[1])
@@ -241,10 +247,10 @@ def run_distill(run: Run, cfg: DistillConfig) -> dict:
                                 soft_loss=cfg.soft_loss)
     lr, bs = run.resolve_auto(cfg, model, loss_fn, train_ds=train_ds, make_batch=make_batch)
     res = run.fit(model, cfg, lr=lr, batch_size=bs, loss_fn=loss_fn, make_batch=make_batch, train_ds=train_ds,
-                  eval_ds=eval_ds, pad_id=pad)
+                  eval_ds=select_ds, pad_id=pad)
     params = sum(p.numel() for p in student.model.parameters())
     trainable = sum(p.numel() for p in student.model.parameters() if p.requires_grad)
-    _adopt_student(run, setup, eval_ds)
+    _adopt_student(run, setup, select_ds)
     return {"stage": "distill", "student": student.kind, "student_source": student.source,
             "teachers": [{"model": t.name, "weight": t.weight, "params": sum(p.numel() for p in t.model.parameters()),
                           f"dev_{primary}": teacher_metric[t.name]} for t in setup.teachers],

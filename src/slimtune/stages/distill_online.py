@@ -116,7 +116,7 @@ def rebuild_online(run: Run, cfg) -> None:
 def run_online(run: Run, cfg) -> dict:
     setup = setup_online(run, cfg)
     student, primary = setup.student, run.task.primary.name
-    evaluate = run.eval_fn()
+    evaluate = run.eval_fn(run.data.eval)  # reported figures: the eval split
     teacher_metric = {t.name: evaluate(t.model)[primary] for t in setup.teachers}  # for "% of teacher"
     start = evaluate(student.model)[primary]
     console.print(f"distill: {student.source}, {primary} {_fmt(start)} before training; teachers "

@@ -36,6 +36,7 @@ def measure(run: Run, speed: bool = True, latency_runs: int = 50, throughput_bat
 class Evaluate:
     name: ClassVar[str] = "evaluate"
     Config: ClassVar[type] = EvaluateConfig
+    measures: ClassVar[bool] = True  # measures the model it is given, changes nothing (the report's rows)
 
     def __init__(self, config: EvaluateConfig):
         self.config = config

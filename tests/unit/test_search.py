@@ -1,0 +1,117 @@
+"""`slimtune search` on a tiny random BERT: candidates measured on a selection split carved from train, the
+chosen one reported on the eval split, the study resumed from its directory, bad budgets refused up front."""
+
+import json
+
+import pytest
+import yaml
+from helpers import slimtune as slimtune_cli
+
+from slimtune.errors import SlimtuneError
+from slimtune.recipe import load_recipe
+from slimtune.search import Budget, Candidate, candidate_stages, pareto_front, search
+
+
+@pytest.fixture(scope="module")
+def recipe_file(tmp_path_factory, tiny_model_dir, sst2_small):
+    path = tmp_path_factory.mktemp("search") / "recipe.yaml"
+    path.write_text(yaml.safe_dump({
+        "model": str(tiny_model_dir),
+        "data": {"train": str(sst2_small[0]), "eval": str(sst2_small[1]), "max_length": 32},
+        "stages": [{"stage": "finetune", "method": "full", "epochs": 1, "lr": 1e-3, "batch_size": 16}]}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def searched(recipe_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("searched") / "out"
+    return out, search(recipe_file, out, Budget(max_size_mb=50, max_latency_ms=1000, max_drop=50), trials=4,
+                       epochs=0.5, seed=0)
+
+
+def test_search_chooses_on_the_selection_split_and_reports_on_eval(searched, sst2_small):
+    out, summary = searched
+    train = [json.loads(line) for line in (out / "search_train.jsonl").read_text().splitlines()]
+    select = [json.loads(line) for line in (out / "search_select.jsonl").read_text().splitlines()]
+    assert len(train) + len(select) == 300 and len(select) == 45  # 15% of the train rows, none trained on
+    assert not {r["text"] for r in train} & {r["text"] for r in select}
+    assert summary["met"] and 1 <= summary["candidates"] <= 4
+    assert summary["chosen_on"].startswith("selection split")
+    best, reported = summary["best"], summary["reported"]
+    assert best["feasible"] and best["metric"] == max(r["metric"] for r in summary["all"] if r["feasible"])
+    assert reported["split"] == str(sst2_small[1])  # the eval file: the reported number
+    best_run = json.loads((out / "best_run" / "metrics.json").read_text())
+    assert best_run["data"]["eval_file"] == str(sst2_small[1]) and best_run["data"]["train_file"].endswith(
+        "search_train.jsonl")
+    assert (out / "best" / ("model.onnx" if best["artifact"] == "onnx/model.onnx" else "config.json")).is_file()
+    assert (out / "report.html").is_file() and "[selection split]" in (out / "best_run" / "report.md").read_text()
+    reproduce = load_recipe(out / "best_recipe.yaml")  # a plain recipe: the fine-tuning, then the candidate
+    assert [s.stage for s in reproduce.stages][:1] == ["finetune"] and reproduce.stages[-1].stage == "evaluate"
+    assert all(r in summary["all"] for r in summary["pareto"])
+
+
+def test_every_candidate_names_the_runtime_it_ships_on(searched):
+    _, summary = searched
+    for r in summary["all"]:
+        if r["candidate"]["quant"] != "none":
+            assert r["runtime"] == "onnxruntime CPU (int8 graph)" and r["artifact"] == "onnx/model.onnx"
+        else:  # a float model ships on whichever of torch and ONNX Runtime is faster for it
+            assert r["runtime"] in ("torch fp32", "onnxruntime CPU (fp32 graph)")
+            assert ("onnx_latency_ms" in r) != ("torch_latency_ms" in r)
+
+
+def test_a_resumed_search_measures_nothing_twice(searched, recipe_file, monkeypatch):
+    out, summary = searched
+    import slimtune.search as module
+
+    def no_training(*a, **k):
+        raise AssertionError("a finished candidate was trained again")
+
+    monkeypatch.setattr(module, "run", no_training)
+    again = search(recipe_file, out, Budget(max_size_mb=50, max_latency_ms=1000, max_drop=50), trials=4,
+                   epochs=0.5, seed=0)
+    assert again["best"] == summary["best"] and again["candidates"] == summary["candidates"]
+
+
+def test_an_impossible_budget_lists_the_closest_candidates(searched, recipe_file):
+    out, _ = searched
+    summary = search(recipe_file, out, Budget(max_size_mb=50, max_latency_ms=1e-6, max_drop=0), trials=4,
+                     epochs=0.5, seed=0)  # the same study: no new training, a budget nothing meets
+    assert not summary["met"] and 1 <= len(summary["closest"]) <= 3
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-size-mb", "0"], "--max-size-mb 0: a budget must be a positive number"),
+    (["--max-latency-ms", "-1"], "--max-latency-ms -1: a budget must be a positive number"),
+    (["--max-size-mb", "0.5"], "--max-size-mb 0.5: no candidate can be that small: the word-embedding table "
+                               "alone is 1.0 MB in int8 (every student keeps it)"),
+])
+def test_bad_budgets_are_refused_before_any_training(recipe_file, tmp_path, args, message):
+    base = {"--max-size-mb": "50", "--max-latency-ms": "100", "--max-drop": "1"}
+    base |= dict(zip(args[::2], args[1::2], strict=True))
+    proc = slimtune_cli("search", recipe_file, *[x for kv in base.items() for x in kv], "--out", tmp_path / "s")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == f"error: {message}", proc.stderr
+    assert not (tmp_path / "s" / "base").exists()
+
+
+def test_a_teacher_with_other_labels_is_refused(recipe_file, tmp_path, tiny_model_dir):
+    import shutil
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_model_dir, teacher)
+    config = json.loads((teacher / "config.json").read_text())
+    (teacher / "config.json").write_text(json.dumps(config | {"id2label": {"0": "spam", "1": "ham"},
+                                                              "label2id": {"spam": 0, "ham": 1}}))
+    with pytest.raises(SlimtuneError, match=r"--teacher .*teacher: its labels \['ham', 'spam'\] are not the "
+                                            r"recipe's \['0', '1'\]"):
+        search(recipe_file, tmp_path / "s", Budget(50, 100, 1), teacher=str(teacher))
+
+
+def test_candidate_stages_and_the_pareto_front():
+    stages = candidate_stages(Candidate(layers=3, heads=0.25, ffn=0.0, quant="static_int8"), "T", 6, 2.0, 32)
+    assert [s["stage"] for s in stages] == ["distill", "prune", "quantize", "evaluate"]
+    assert stages[0]["student"] == {"layers": 3} and stages[1]["heads"] == 0.25 and stages[1]["recover"]
+    assert [s["stage"] for s in candidate_stages(Candidate(6, 0, 0, "none"), "T", 6, 2.0, 32)] == ["evaluate"]
+    rows = [{"metric": 0.9, "latency_ms": 2, "size_mb": 10}, {"metric": 0.8, "latency_ms": 1, "size_mb": 5},
+            {"metric": 0.8, "latency_ms": 3, "size_mb": 20}]
+    assert pareto_front(rows) == rows[:2]
