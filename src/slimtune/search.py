@@ -222,6 +222,8 @@ def _deployed(m: dict, trial_dir: Path, select_file: str, primary: str) -> dict:
                 "size_mb": final["artifact_size_mb"], "runtime": final["runtime"], "artifact": final["artifact"]}
     torch_figures = {"metric": final[primary], "latency_ms": final["latency_ms_b1"], "size_mb": final["size_mb"],
                      "runtime": final.get("runtime", "torch fp32"), "artifact": "model"}
+    if final.get("onnx"):  # an int8 run whose ONNX Runtime artifact failed: it ships on torch
+        return torch_figures
     onnx_dir = trial_dir / "onnx_fp32"
     speed_file = trial_dir / "onnx_fp32_speed.json"
     if not speed_file.is_file():

@@ -538,7 +538,8 @@ def quantized_size_bytes(model: nn.Module) -> int:
         seen.add(ident)
         owner, _, leaf = key.rpartition(".")
         if leaf == "qweight" and owner in bits:
-            total += math.ceil(t.numel() * bits[owner] / 8)
+            codes = t.numel() * (2 if t.dtype == torch.uint8 else 1)  # the state dict holds 4-bit codes two a byte
+            total += math.ceil(codes * bits[owner] / 8)
         else:
             total += t.numel() * t.element_size()
     return total
