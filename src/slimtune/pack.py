@@ -254,6 +254,10 @@ def _is_code_tensor(name: str, dtype: str) -> bool:
     return name.endswith(CODE_SUFFIXES) and dtype in CODE_DTYPES
 
 
+def _has_code_tensors(st_header: dict) -> bool:
+    return any(_is_code_tensor(k, v["dtype"]) for k, v in st_header.items() if k != "__metadata__")
+
+
 def _other_files(model_dir: Path) -> list[tuple[str, bytes]]:
     return [(p.relative_to(model_dir).as_posix(), p.read_bytes()) for p in sorted(model_dir.rglob("*"))
             if p.is_file() and p.relative_to(model_dir).as_posix() != TENSOR_FILE]
@@ -312,7 +316,7 @@ def pack_model(model_dir: str | Path, out: str | Path, codec: str = "ans", compa
     check_output_path(out, kind="file")
     st_path = model_dir / TENSOR_FILE
     st_header_bytes, st_header, data = _read_safetensors(st_path)
-    if not any(_is_code_tensor(k, v["dtype"]) for k, v in st_header.items() if k != "__metadata__"):
+    if not _has_code_tensors(st_header):
         raise SlimtuneError(f"{st_path}: no integer *.qweight tensor although config.json records a quantization")
     codecs = CODECS if compare else (codec,)
     streams, weights, entropy = _code_tensors(st_header, data, codecs)
@@ -352,8 +356,7 @@ def packed_size_mb(model_dir: Path) -> float | None:
     integer codes to pack (a float model)."""
     if not read_config(model_dir).get("slimtune_quantization"):
         return None
-    _, st_header, _ = _read_safetensors(model_dir / TENSOR_FILE)
-    if not any(_is_code_tensor(k, v["dtype"]) for k, v in st_header.items() if k != "__metadata__"):
+    if not _has_code_tensors(_read_safetensors(model_dir / TENSOR_FILE)[1]):
         return None
     with tempfile.TemporaryDirectory() as tmp:
         return round(pack_model(model_dir, Path(tmp) / "model.slim")["packed_bytes"] / 1e6, 3)

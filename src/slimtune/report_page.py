@@ -150,9 +150,18 @@ def table(rows: list[Row], task) -> tuple[list[str], list[list[str]]]:
 
 
 # ----------------------------------------------------------------------------------------- plots
-def _figure_png(fig) -> bytes:
+def _pyplot():
+    """matplotlib's pyplot on the Agg backend (files only: no display is needed or opened)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _figure_png(fig) -> bytes:
+    plt = _pyplot()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -161,11 +170,7 @@ def _figure_png(fig) -> bytes:
 
 def pareto_png(rows: list[Row], task) -> bytes | None:
     """Primary metric against latency, marker area by size on disk; the Pareto-optimal models joined."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     primary, up = task.primary.name, task.primary.higher_is_better
     points = []
     for r in rows:
@@ -210,11 +215,7 @@ def training_scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 def curves_png(scalars: dict[str, list[tuple[int, float]]], primary: str) -> bytes | None:
     """Training loss and the selection-split metric, per stage (TensorBoard tags `s<i>-<stage>/...`)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     losses = {t.rsplit("/", 1)[0]: v for t, v in scalars.items() if t.endswith("/loss")}
     evals = {t.rsplit("/", 1)[0]: v for t, v in scalars.items() if t.endswith(f"/eval_{primary}")}
     if not losses and not evals:
@@ -257,8 +258,10 @@ def write_report(run_dir: str | Path, compare: list[str | Path] = (), metrics: d
     if not images.get(PARETO_PNG) and (path / PARETO_PNG).exists():
         (path / PARETO_PNG).unlink()
     header, body = table(rows, task)
-    atomic_write_text(path / "report.md", _markdown(main, others, header, body, images, task))
-    atomic_write_text(path / "report.html", _html(main, others, header, body, images, task))
+    sections = _sections(main, task)
+    atomic_write_text(path / "report.md", _markdown(main, others, header, body, images, sections))
+    atomic_write_text(path / "report.html", _html(main, others, header, body, images, sections,
+                                                  [r.kind for r in rows]))
     return {"md": path / "report.md", "html": path / "report.html"}
 
 
@@ -283,8 +286,7 @@ def machine_lines(metrics: dict) -> list[str]:
             f"- python {machine.get('python', '—')}; {libs or 'library versions not recorded'}"]
 
 
-def _markdown(main: RunRecord, others: list[RunRecord], header, body, images, task) -> str:
-    s = _sections(main, task)
+def _markdown(main: RunRecord, others: list[RunRecord], header, body, images, s: dict) -> str:
     out = ["# slimtune run report", "", *s["data"], *s["warnings"], "", "## Models", "",
            "Ratios are against the starting model (speed-up per speed column; times smaller on disk).", "",
            "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
@@ -325,9 +327,8 @@ img{max-width:100%;border:1px solid #ddd}pre{background:#f6f8fa;padding:.7em;ove
 .warn{color:#a40000;font-weight:600}"""
 
 
-def _html(main: RunRecord, others: list[RunRecord], header, body, images, task) -> str:
-    s, e = _sections(main, task), html.escape
-    kinds = [r.kind for r in run_rows(main)] + ["compared"] * len(others)
+def _html(main: RunRecord, others: list[RunRecord], header, body, images, s: dict, kinds: list[str]) -> str:
+    e = html.escape
     rows = "".join(f"<tr class='{kind}'>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>"
                    for kind, row in zip(kinds, body, strict=True))
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>slimtune report: {e(main.path.name)}</title>",
