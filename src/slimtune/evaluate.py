@@ -8,10 +8,13 @@ Speed is measured the way a deployment sees it: batch-1 latency on single real e
 from __future__ import annotations
 
 import json
+import os
+import platform
 import statistics
 import time
 import warnings
 from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
@@ -137,10 +140,6 @@ def torch_runtime(model: nn.Module) -> str:
 
 def machine_description() -> dict:
     """What every speed figure depends on: the CPU and its flags, cores, threads, library versions."""
-    import os
-    import platform
-    from importlib.metadata import PackageNotFoundError, version
-
     libraries = {}
     for name in ("slimtune", "torch", "transformers", "onnxruntime", "numpy", "peft"):
         try:
