@@ -156,6 +156,28 @@ def gguf_file(kind: str, runs: Path) -> Path:
     return runs / "gguf" / "smollm2-q8_0.gguf"
 
 
+def llama_cpp_converter(folder: Path) -> Path:
+    """llama.cpp's own HF -> GGUF converter, from the sdist of the pinned llama-cpp-python (the wheel does
+    not ship it): `pip download` from the package index, then only the converter and its two packages."""
+    import tarfile
+    from importlib.metadata import version
+
+    script = folder / "llama.cpp" / "convert_hf_to_gguf.py"
+    if script.is_file():
+        return script
+    pinned = version("llama-cpp-python")
+    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+                    "--dest", str(folder), f"llama-cpp-python=={pinned}"], check=True)
+    prefix = f"llama_cpp_python-{pinned}/vendor/llama.cpp/"
+    wanted = (prefix + "convert_hf_to_gguf.py", prefix + "gguf-py/", prefix + "conversion/")
+    with tarfile.open(folder / f"llama_cpp_python-{pinned}.tar.gz") as sdist:
+        members = [m for m in sdist.getmembers() if m.name.startswith(wanted)]
+        for member in members:
+            member.name = "llama.cpp/" + member.name[len(prefix):]
+        sdist.extractall(folder, members=members, filter="data")
+    return script
+
+
 def make_q8(runs: Path) -> Path:
     """Dense HF directory -> f32 GGUF (llama.cpp's convert_hf_to_gguf.py) -> Q8_0 (llama_model_quantize)."""
     import llama_cpp
@@ -167,7 +189,7 @@ def make_q8(runs: Path) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     f32 = target.with_name("smollm2-f32.gguf")
-    converter = os.environ.get("LLAMA_CPP_CONVERT", str(runs / "gguf" / "convert_hf_to_gguf.py"))
+    converter = os.environ.get("LLAMA_CPP_CONVERT") or str(llama_cpp_converter(runs / "gguf"))
     subprocess.run([sys.executable, converter, str(resolve_model_path("smollm2")), "--outtype", "f32",
                     "--outfile", str(f32)], check=True)
     params = llama_cpp.llama_model_quantize_default_params()

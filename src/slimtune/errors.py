@@ -14,3 +14,8 @@ class SlimtuneError(Exception):
         if isinstance(message, str) and not message.isprintable():
             message = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in message)
         super().__init__(message, *args)
+
+
+class RunStopped(Exception):
+    """Raised by a run's observer (`slimtune.run(..., on_eval=)`) to stop it, e.g. a search candidate that
+    cannot meet its budget any more: the runner removes the run's output instead of keeping it to resume."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from torch.utils.tensorboard import SummaryWriter
@@ -25,7 +26,7 @@ from slimtune.adapt.lora import is_peft
 from slimtune.batching import calibration_batches
 from slimtune.checkpoint import CheckpointStore, read_checkpoint
 from slimtune.config import ReportConfig
-from slimtune.errors import SlimtuneError
+from slimtune.errors import RunStopped, SlimtuneError
 from slimtune.evaluate import dir_size_mb, machine_description
 from slimtune.export import export_onnx, int8_activations, measure_onnx_speed
 from slimtune.io import atomic_dir, atomic_write_text, check_output_path, output_errors
@@ -57,9 +58,11 @@ def coerce_recipe(recipe: Recipe | dict | str | Path, overrides: list[str] | Non
 
 def run(recipe: Recipe | dict | str | Path, out: str | Path, *, overwrite: bool = False, resume: bool = False,
         overrides: list[str] | None = None, progress: bool | None = None,
-        keep_checkpoints: bool | None = None) -> dict:
+        keep_checkpoints: bool | None = None, on_eval: Callable[[str, dict], None] | None = None) -> dict:
     """Run a recipe into the run directory `out`; returns the metrics.json content.
-    `keep_checkpoints` (default: the recipe's) keeps OUT/checkpoints/ once the run has finished."""
+    `keep_checkpoints` (default: the recipe's) keeps OUT/checkpoints/ once the run has finished.
+    `on_eval(loop_tag, record)` sees every dev evaluation of every training loop; raising `RunStopped`
+    from it stops the run and removes its output (nothing is left to resume)."""
     recipe = coerce_recipe(recipe, overrides)
     out = Path(out).expanduser().resolve()
     check_output_path(out, kind="directory")  # before any work: a path that cannot be created is one line
@@ -83,6 +86,7 @@ def run(recipe: Recipe | dict | str | Path, out: str | Path, *, overwrite: bool 
 
     # ---- validate every input before OUT is touched
     state, stages = _prepare(recipe, show_progress)
+    state.on_eval = on_eval
     with output_errors(out):
         if non_empty and overwrite and not resume:
             shutil.rmtree(out)
@@ -93,6 +97,10 @@ def run(recipe: Recipe | dict | str | Path, out: str | Path, *, overwrite: bool 
     try:
         with output_errors(out):
             return _execute(recipe, state, stages, out, store, checkpoint, keep)
+    except RunStopped:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     except BaseException:
         if created and store.latest() is None:  # nothing worth resuming: leave no partial output
             shutil.rmtree(out, ignore_errors=True)

@@ -15,7 +15,9 @@ static, shipped as an ONNX Runtime graph). A float candidate is timed in torch a
 ships on whichever runtime is faster for it. Optuna's multi-objective TPE sampler (selection metric up,
 latency down, size down; the budget as constraints) proposes candidates; its study lives in
 OUT/study.db and every finished candidate's run directory is kept, so an interrupted search resumes
-where it stopped, and a candidate proposed twice is measured once.
+where it stopped, and a candidate proposed twice is measured once. A candidate whose training curve
+shows it can no longer meet `--max-drop` is stopped at that evaluation (`search_pruning.py`) and counts
+as tried, so the number of full trainings stays small.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from slimtune.models import load_model, load_tokenizer, preprocessing_of, read_c
 from slimtune.recipe import Recipe, load_recipe, recipe_to_yaml
 from slimtune.report_page import write_report
 from slimtune.runner import run
+from slimtune.search_pruning import CandidateStopped, HopelessPruner
 from slimtune.stages.base import console
 from slimtune.tasks import task_of_model
 
@@ -115,12 +118,26 @@ def search(recipe_path: str | Path, out: str | Path, budget: Budget, *, trials: 
     depths = sorted({base_layers, max(1, math.ceil(base_layers / 2)), max(1, math.ceil(base_layers / 3))})
     batch = next((s.batch_size for s in recipe.stages if isinstance(getattr(s, "batch_size", None), int)), 32)
     measured: dict[str, dict] = {}
+    stopped: dict[str, dict] = {}  # candidates stopped early (their run directories are removed)
+    pruner = HopelessPruner.for_budget(reference, budget.max_drop, primary.name, primary.higher_is_better)
 
     def measure(c: Candidate) -> dict:
         stages = candidate_stages(c, teacher or base_dir, base_layers, epochs, batch)
         trial_dir = out / "trials" / c.key
-        m = _run_cached(_with(recipe, data, stages, model=base_dir), trial_dir)
+        marker = out / "trials" / f"{c.key}.stopped.json"
+        if marker.is_file():  # stopped by an earlier (interrupted) search: not trained again
+            stopped[c.key] = json.loads(marker.read_text(encoding="utf-8"))
+            raise optuna.TrialPruned(stopped[c.key]["reason"])
+        try:
+            m = _run_cached(_with(recipe, data, stages, model=base_dir), trial_dir, on_eval=pruner.watch(c.key))
+        except CandidateStopped as e:
+            stopped[c.key] = {"candidate": asdict(c), "label": c.label(base_layers), "reason": str(e), **e.record}
+            atomic_write_text(marker, json.dumps(stopped[c.key]))
+            raise optuna.TrialPruned(str(e)) from None
+        finally:
+            pruner.forget(c.key)
         result = _deployed(m, trial_dir, data["eval"], primary.name)
+        pruner.finish(c.key, result["metric"], trial_dir)
         drop = (reference - result["metric"]) * (100 if primary.higher_is_better and reference <= 1 else 1)
         result |= {"candidate": asdict(c), "label": c.label(base_layers), "dir": str(trial_dir),
                    "drop": drop if primary.higher_is_better else -drop, "stages": stages}
@@ -132,6 +149,7 @@ def search(recipe_path: str | Path, out: str | Path, budget: Budget, *, trials: 
         c = Candidate(trial.suggest_categorical("layers", depths), trial.suggest_categorical("heads", FRACTIONS),
                       trial.suggest_categorical("ffn", FRACTIONS), trial.suggest_categorical("quant", QUANT))
         trial.set_user_attr("key", c.key)
+        progress.running(c.label(base_layers))
         r = measure(c)
         # the budget as constraints (feasible at <= 0): the sampler learns where the budget is met
         trial.set_constraint("size", r["size_mb"] - budget.max_size_mb)
@@ -147,13 +165,17 @@ def search(recipe_path: str | Path, out: str | Path, budget: Budget, *, trials: 
     for t in study.trials:  # resumed: the finished candidates' results, read back from their run directories
         if t.state == optuna.trial.TrialState.COMPLETE and "key" in t.user_attrs:
             measure(Candidate(**{k: t.params[k] for k in ("layers", "heads", "ffn", "quant")}))
-    progress = _Progress(measured, budget, primary.name)
-    remaining = trials - sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+        marker = out / "trials" / f"{t.user_attrs.get('key')}.stopped.json"
+        if t.state == optuna.trial.TrialState.PRUNED and marker.is_file():
+            stopped[t.user_attrs["key"]] = json.loads(marker.read_text(encoding="utf-8"))
+    progress = _Progress(measured, stopped, budget, primary.name)
+    proposed = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)  # stopped ones count as tried
+    remaining = trials - sum(t.state in proposed for t in study.trials)
     if remaining > 0:
         with progress.live():
             study.optimize(objective, n_trials=remaining, catch=(SlimtuneError,),
                            callbacks=[lambda s, t: progress.update(t)])
-    return _finish(recipe, data, out, budget, measured, primary, reference, base_layers)
+    return _finish(recipe, data, out, budget, measured, stopped, primary, reference, base_layers)
 
 
 # ------------------------------------------------------------------------------------------- pieces
@@ -207,10 +229,10 @@ def _with(recipe: Recipe, files: dict, stages: list[dict] | None = None, model: 
     return raw
 
 
-def _run_cached(recipe: dict, out: Path) -> dict:
+def _run_cached(recipe: dict, out: Path, on_eval=None) -> dict:
     if (out / "metrics.json").is_file():
         return json.loads((out / "metrics.json").read_text(encoding="utf-8"))
-    return run(recipe, out, overwrite=True, progress=False)
+    return run(recipe, out, overwrite=True, progress=False, on_eval=on_eval)
 
 
 def _deployed(m: dict, trial_dir: Path, select_file: str, primary: str) -> dict:
@@ -261,13 +283,14 @@ def pareto_front(results: list[dict]) -> list[dict]:
     return [a for a in results if not any(dominated(a, b) for b in results)]
 
 
-def _finish(recipe: Recipe, data: dict, out: Path, budget: Budget, measured: dict, primary, reference: float,
-            base_layers: int) -> dict:
+def _finish(recipe: Recipe, data: dict, out: Path, budget: Budget, measured: dict, stopped: dict, primary,
+            reference: float, base_layers: int) -> dict:
     results = sorted(measured.values(), key=lambda r: (-r["metric"], r["latency_ms"]))
     feasible = [r for r in results if r["feasible"]]
     summary = {"budget": asdict(budget), "chosen_on": f"selection split ({data['eval']}: rows carved from "
                f"{recipe.data.train})", "reference_selection_metric": reference, "primary": primary.name,
-               "candidates": len(results), "pareto": pareto_front(results), "all": results}
+               "candidates": len(results), "pareto": pareto_front(results), "all": results,
+               "stopped_early": list(stopped.values())}
     if not feasible:
         # closest: the smallest total overshoot, each limit's excess relative to the limit
         def overshoot(r):
@@ -312,8 +335,9 @@ def _finish(recipe: Recipe, data: dict, out: Path, budget: Budget, measured: dic
 class _Progress:
     """The live table of candidates: done, running, failed, and the best feasible so far."""
 
-    def __init__(self, measured: dict, budget: Budget, primary: str):
-        self.measured, self.budget, self.primary, self.states = measured, budget, primary, {}
+    def __init__(self, measured: dict, stopped: dict, budget: Budget, primary: str):
+        self.measured, self.stopped, self.budget, self.primary, self.states = measured, stopped, budget, primary, {}
+        self.current: str | None = None  # the candidate being trained
 
     def live(self):
         """A live table at a terminal; in a log, one line per finished candidate (`update`)."""
@@ -326,16 +350,23 @@ class _Progress:
         self._live = Live(self.table(), console=console, refresh_per_second=2, transient=False)
         return self._live
 
+    def running(self, label: str) -> None:
+        self.current = label
+        if console.is_terminal:
+            self._live.update(self.table())
+
     def update(self, trial) -> None:
+        self.current = None
         self.states[trial.user_attrs.get("key", f"#{trial.number}")] = trial.state.name.lower()
         if console.is_terminal:
             self._live.update(self.table())
         else:
-            r = self.measured.get(trial.user_attrs.get("key"))
-            console.print(f"candidate {trial.number}: {trial.state.name.lower()}"
+            key = trial.user_attrs.get("key")
+            r, s = self.measured.get(key), self.stopped.get(key)
+            console.print(f"candidate {trial.number}: {'stopped early' if s else trial.state.name.lower()}"
                           + (f" {r['label']}: {self.primary} {r['metric']:.4f}, {r['latency_ms']:.2f} ms, "
-                             f"{r['size_mb']:.1f} MB{' (meets the budget)' if r['feasible'] else ''}" if r else ""),
-                          highlight=False)
+                             f"{r['size_mb']:.1f} MB{' (meets the budget)' if r['feasible'] else ''}" if r else "")
+                          + (f" {s['label']}: {s['reason']}" if s else ""), highlight=False)
 
     def table(self):
         from rich.table import Table
@@ -348,4 +379,8 @@ class _Progress:
             mark = "best so far" if r is best else ("meets" if r["feasible"] else "misses")
             t.add_row(r["label"], self.states.get(key, "done"), f"{r['metric']:.4f}", f"{r['latency_ms']:.2f}",
                       f"{r['size_mb']:.1f}", r["runtime"], mark)
+        for s in self.stopped.values():
+            t.add_row(s["label"], f"stopped at {s['point']}", f"{s['metric']:.4f}", "", "", "", "cannot meet the drop")
+        if self.current:
+            t.add_row(self.current, "running", "", "", "", "", "")
         return t

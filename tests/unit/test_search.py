@@ -115,3 +115,64 @@ def test_candidate_stages_and_the_pareto_front():
     rows = [{"metric": 0.9, "latency_ms": 2, "size_mb": 10}, {"metric": 0.8, "latency_ms": 1, "size_mb": 5},
             {"metric": 0.8, "latency_ms": 3, "size_mb": 20}]
     assert pareto_front(rows) == rows[:2]
+
+
+def test_the_pruner_stops_only_what_no_finished_candidate_could_rescue(tmp_path):
+    from slimtune.search_pruning import CandidateStopped, HopelessPruner
+
+    pruner = HopelessPruner.for_budget(0.90, max_drop_pt=5, metric="accuracy", higher_is_better=True)
+    assert pruner.floor == pytest.approx(0.85) and pruner.margin == pytest.approx(0.005)
+    early = pruner.watch("a")
+    early("s0-distill", {"accuracy": 0.10})  # nobody has finished: nothing to compare with, never stopped
+    for key, (at_1, final) in {"a": (0.70, 0.86), "b": (0.80, 0.88)}.items():
+        if key == "b":
+            pruner.watch(key)("s0-distill", {"accuracy": at_1})
+        else:
+            pruner.running["a"] = {"distill#1": at_1}
+        (tmp_path / key).mkdir()
+        pruner.finish(key, final, tmp_path / key)
+    assert pruner.best_gain("distill#1") == (pytest.approx(0.16), 2)
+    pruner.watch("c")("s1-distill", {"accuracy": 0.69})  # 0.69 + 0.16 + margin reaches 0.85: it goes on
+    with pytest.raises(CandidateStopped, match=r"stopped at distill#1: 0\.6800") as stop:
+        pruner.watch("d")("s1-distill", {"accuracy": 0.68, "loss": 1.0})
+    assert stop.value.record["finished_compared"] == 2 and stop.value.record["floor"] == pytest.approx(0.85)
+    pruner.watch("e")("s1-prune-p0", {"accuracy": 0.1})  # a point no finished candidate passed: goes on
+    # a resumed search reads the finished curves back from the candidates' run directories
+    again = HopelessPruner.for_budget(0.90, 5, "accuracy", True)
+    for key in ("a", "b"):
+        again.finish(key, {"a": 0.86, "b": 0.88}[key], tmp_path / key)
+    assert again.best_gain("distill#1") == (pytest.approx(0.16), 2)
+    lower = HopelessPruner.for_budget(20.0, max_drop_pt=2, metric="perplexity", higher_is_better=False)
+    assert lower.floor == 22.0 and lower.margin == 0.5
+
+
+def test_candidates_that_cannot_meet_the_drop_are_stopped_and_not_trained_again(recipe_file, tmp_path,
+                                                                                 monkeypatch):
+    import slimtune.search as module
+    from slimtune.search_pruning import HopelessPruner
+
+    # a floor no candidate can reach (accuracy 2.0) and no finished candidate needed to compare with:
+    # every candidate that trains is stopped at its first evaluation
+    monkeypatch.setattr(module.HopelessPruner, "for_budget",
+                        classmethod(lambda cls, *a, **k: HopelessPruner(floor=2.0, metric="accuracy",
+                                                                        min_finished=0)))
+    out = tmp_path / "out"
+    summary = search(recipe_file, out, Budget(max_size_mb=50, max_latency_ms=1000, max_drop=50), trials=4,
+                     epochs=0.5, seed=0)
+    stopped = summary["stopped_early"]
+    assert stopped and summary["candidates"] + len(stopped) == 4  # stopped ones count as tried
+    for s in stopped:
+        c = s["candidate"]
+        assert (c["layers"] < 2 or c["heads"] or c["ffn"]) and s["point"].endswith("#1")
+        key = module.Candidate(**c).key
+        assert not (out / "trials" / key).exists() and (out / "trials" / f"{key}.stopped.json").is_file()
+    assert all(r["candidate"]["layers"] == 2 and not r["candidate"]["heads"] and not r["candidate"]["ffn"]
+               for r in summary["all"])  # only pipelines without a training loop finished
+
+    def no_training(*a, **k):
+        raise AssertionError("a stopped candidate was trained again")
+
+    monkeypatch.setattr(module, "run", no_training)
+    again = search(recipe_file, out, Budget(max_size_mb=50, max_latency_ms=1000, max_drop=50), trials=4,
+                   epochs=0.5, seed=0)
+    assert len(again["stopped_early"]) == len(stopped)

@@ -72,6 +72,8 @@ class Run:
     progress: Progress = field(default_factory=Progress)
     show_progress: bool = True
     out: Path | None = None
+    # sees every dev evaluation of every training loop, with the loop's tag (a search watches its candidates)
+    on_eval: Callable[[str, dict], None] | None = None
 
     @property
     def pad_id(self) -> int:
@@ -122,6 +124,8 @@ class Run:
             ctx.resume = None
         settings = LoopSettings.from_config(cfg, lr=lr, batch_size=batch_size, epochs=epochs,
                                             higher_is_better=self.loop_direction(cfg), metric=self.loop_metric(cfg))
+        if self.on_eval is not None:
+            hooks["on_eval"] = _observed(self.on_eval, ctx.tag, hooks.get("on_eval"))
         return train(model, self.data.train if train_ds is None else train_ds, settings, ctx,
                      loss_fn=loss_fn or self.task.loss,
                      make_batch=make_batch or (lambda ds, idx: self.task.collate(ds, idx, pad)),
@@ -204,3 +208,11 @@ def trainable_record(model: nn.Module) -> dict:
     """trainable_params / trainable_pct of `model` as it is now (every training stage reports them)."""
     total, trainable = count_params(model), count_params(model, trainable_only=True)
     return {"trainable_params": trainable, "trainable_pct": round(100 * trainable / total, 3) if total else 0.0}
+
+
+def _observed(observer: Callable[[str, dict], None], tag: str, hook: Callable[[dict], bool] | None):
+    """A loop's `on_eval` that shows each record to the run's observer first (it may raise `RunStopped`)."""
+    def on_eval(record: dict) -> bool:
+        observer(tag, record)
+        return bool(hook(record)) if hook is not None else False
+    return on_eval
