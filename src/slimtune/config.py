@@ -238,6 +238,9 @@ class StudentSpec(Strict):
     max_vocab: int = Field(30000, ge=10, description="word students: the texts' most frequent words kept (specials "
                                                      "included); extend_vocab / extra_words come on top")
     dropout: float = Field(0.2, ge=0, lt=1)
+    table: Literal["float32", "float16", "int8"] = Field(
+        "float32", description="word students: how the word-vector table is stored once trained (int8: one "
+                               "scale per row; a frozen table is stored so from the start)")
 
     @field_validator("extra_words")
     @classmethod

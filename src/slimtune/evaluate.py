@@ -129,7 +129,8 @@ def torch_runtime(model: nn.Module) -> str:
     spec = getattr(getattr(model, "config", None), "slimtune_quantization", None) or {}
     layers = spec.get("layers") or {}
     if not layers:
-        return "torch fp32"
+        table = getattr(getattr(model, "config", None), "table", "float32")  # a word student's vector table
+        return "torch fp32" if table == "float32" else f"torch fp32 ({table} word table)"
     kernels = {getattr(m, "kernel", None) for m in model.modules()} - {None}
     if kernels and kernels <= {"int8_pack", "int4_pack"}:
         return f"torch ({'/'.join(sorted(k.split('_')[0] for k in kernels))} packed weight kernels)"

@@ -140,16 +140,72 @@ class WordTokenizer:
 
 
 # ------------------------------------------------------------------------------------------- models
+TABLE_STORAGES = ("float32", "float16", "int8")
+
+
 def word_config(arch: str, vocab_size: int, id2label: dict[int, str], label2id: dict[str, int] | None = None, *,
                 embed_dim: int = 300, hidden: int = 256, num_layers: int = 1,
-                kernel_sizes: Sequence[int] = (3, 4, 5), dropout: float = 0.2) -> PretrainedConfig:
+                kernel_sizes: Sequence[int] = (3, 4, 5), dropout: float = 0.2,
+                table: str = "float32") -> PretrainedConfig:
     if arch not in WORD_ARCHS:
         raise SlimtuneError(f"word student arch '{arch}': expected one of {', '.join(WORD_ARCHS)}")
+    if table not in TABLE_STORAGES:
+        raise SlimtuneError(f"word student table {table!r}: expected one of {', '.join(TABLE_STORAGES)}")
     id2label = {int(i): str(name) for i, name in id2label.items()}
     label2id = label2id or {name: i for i, name in id2label.items()}
     return PretrainedConfig(arch=arch, vocab_size=vocab_size, embed_dim=embed_dim, hidden=hidden,
                             num_layers=num_layers, kernel_sizes=list(kernel_sizes), dropout=dropout,
-                            id2label=id2label, label2id=label2id, slimtune_format=FORMAT)
+                            id2label=id2label, label2id=label2id, slimtune_format=FORMAT, table=table)
+
+
+class CompactEmbedding(nn.Module):
+    """A fixed word-vector table stored small: float16, or int8 codes with one scale per row (symmetric,
+    the row's largest magnitude maps to 127). A word student's table is nearly all of its size (99k
+    words x 768 = 76M of a BiLSTM's 78M parameters); only the looked-up rows are widened to float32, so
+    the forward pass costs no more than a float table's. Not trainable: convert after training, or build
+    it directly for a frozen table. The codes are named `qweight` so `slimtune pack` entropy-codes them."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, storage: str):
+        super().__init__()
+        if storage not in TABLE_STORAGES[1:]:
+            raise SlimtuneError(f"table storage {storage!r}: expected float16 or int8")
+        self.num_embeddings, self.embedding_dim, self.storage = num_embeddings, embedding_dim, storage
+        dtype = torch.int8 if storage == "int8" else torch.float16
+        self.register_buffer("qweight", torch.zeros(num_embeddings, embedding_dim, dtype=dtype))
+        if storage == "int8":
+            self.register_buffer("scales", torch.zeros(num_embeddings, 1))
+
+    @classmethod
+    @torch.no_grad()
+    def from_float(cls, weight: torch.Tensor, storage: str) -> CompactEmbedding:
+        table = cls(weight.shape[0], weight.shape[1], storage)
+        weight = weight.detach().float()
+        if storage == "float16":
+            table.qweight.copy_(weight.half())
+        else:
+            table.scales.copy_(weight.abs().amax(1, keepdim=True) / 127)
+            table.qweight.copy_((weight / table.scales.clamp(min=1e-12)).round().clamp(-127, 127).to(torch.int8))
+        return table
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(input_ids, self.qweight).float()
+        return rows * F.embedding(input_ids, self.scales) if self.storage == "int8" else rows
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The whole table in float32 (for code that reads a table: synonym augmentation, PCA...)."""
+        return self.qweight.float() * self.scales if self.storage == "int8" else self.qweight.float()
+
+
+def compact_table_(model: nn.Module, storage: str) -> None:
+    """Store a word classifier's table as `storage` in place (its config records it, so it saves and
+    loads that way)."""
+    if storage == getattr(model.config, "table", "float32"):
+        return
+    if storage == "float32":
+        raise SlimtuneError("a compact word table cannot be widened back to float32")
+    model.embeddings = CompactEmbedding.from_float(model.embeddings.weight, storage)
+    model.config.table = storage
 
 
 class _WordClassifierParts:
@@ -159,7 +215,9 @@ class _WordClassifierParts:
 
     def _init_parts(self, config: PretrainedConfig, n_features: int) -> None:
         self.config = config
-        self.embeddings = nn.Embedding(config.vocab_size, config.embed_dim, padding_idx=PAD_ID)
+        table = getattr(config, "table", "float32")  # saved before tables could be compact: float32
+        self.embeddings = nn.Embedding(config.vocab_size, config.embed_dim, padding_idx=PAD_ID) \
+            if table == "float32" else CompactEmbedding(config.vocab_size, config.embed_dim, table)
         self.dropout = nn.Dropout(config.dropout)
         self.classifier = nn.Linear(n_features, config.num_labels)
 
@@ -178,7 +236,7 @@ class _WordClassifierParts:
         return SequenceClassifierOutput(loss=loss, logits=logits,
                                         hidden_states=states if output_hidden_states else None)
 
-    def get_input_embeddings(self) -> nn.Embedding:
+    def get_input_embeddings(self) -> nn.Embedding | CompactEmbedding:
         return self.embeddings
 
     def save_pretrained(self, out_dir: str | Path, safe_serialization: bool = True, **_) -> None:

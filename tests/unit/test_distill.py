@@ -6,6 +6,7 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import slimtune as slimtune_cli
 
 import slimtune
 import slimtune.predict
@@ -261,6 +262,75 @@ def test_word_student_with_frozen_contextual_embeddings_keeps_them(tmp_path, tea
     teacher = slimtune.load_model(teacher_dir)
     want = contextual_word_vectors(["film", "the"], teacher, AutoTokenizer.from_pretrained(teacher_dir))  # layer 1 of 2
     torch.testing.assert_close(emb[[tok.vocab["film"], tok.vocab["the"]]], want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_compact_word_table_keeps_its_rows_within_half_a_step():
+    from slimtune.wordmodels import CompactEmbedding
+
+    torch.manual_seed(0)
+    weight = torch.randn(50, 12) * torch.linspace(0.01, 5, 50).unsqueeze(1)  # rows of very different scales
+    weight[0] = 0  # [PAD]
+    ids = torch.tensor([[0, 3, 49], [7, 7, 1]])
+    int8 = CompactEmbedding.from_float(weight, "int8")
+    assert int8.qweight.dtype == torch.int8 and int8.scales.shape == (50, 1)
+    step = weight.abs().amax(1, keepdim=True) / 127
+    assert ((int8.weight - weight).abs() <= step / 2 + 1e-7).all()  # per row: within half of its own step
+    torch.testing.assert_close(int8(ids), F.embedding(ids, int8.weight))
+    assert int8(ids)[0, 0].abs().sum() == 0
+    half = CompactEmbedding.from_float(weight, "float16")
+    assert half.qweight.dtype == torch.float16 and not hasattr(half, "scales")
+    torch.testing.assert_close(half(ids), weight[ids], atol=3e-3, rtol=1e-3)
+    with pytest.raises(slimtune.SlimtuneError, match="table storage 'int4'"):
+        CompactEmbedding(4, 2, "int4")
+
+
+@pytest.mark.parametrize(("frozen", "storage"), [(True, "int8"), (False, "float16")])
+def test_a_word_students_table_is_stored_small_and_ships_that_way(tmp_path, teacher_dir, sst2_small, frozen, storage):
+    from safetensors import safe_open
+
+    student = {"arch": "bilstm", "hidden": 8, "init_embeddings": "contextual", "freeze_embeddings": frozen}
+    runs = {}
+    for table in ("float32", storage):
+        stage = DISTILL | {"teacher": str(teacher_dir), "epochs": 1, "student": student | {"table": table}}
+        runs[table] = slimtune.run(recipe(teacher_dir, sst2_small, stage, EVAL), tmp_path / table, progress=False)
+    small, full = runs[storage], runs["float32"]
+    record = small["stages"][0]
+    assert record["table"] == storage and record["table_mb"] < full["stages"][0]["table_mb"] / 1.9
+    if frozen:  # trained on the int8 table itself: nothing to compare before and after
+        assert "select_accuracy_float_table" not in record
+    else:  # trained in float, then stored: the selection split measured on both
+        assert {"select_accuracy_float_table", f"select_accuracy_{storage}_table"} <= set(record)
+    assert small["final"]["params"] == full["final"]["params"]  # the codes are the table's weights
+    assert small["final"]["size_mb"] < full["final"]["size_mb"]
+    with safe_open(tmp_path / storage / "model" / "model.safetensors", "pt") as f:
+        assert f.get_tensor("embeddings.qweight").dtype == {"int8": torch.int8, "float16": torch.float16}[storage]
+    model = slimtune.load_model(tmp_path / storage / "model")  # through the model-directory gate
+    assert model.config.table == storage
+    pred = slimtune.predict.Predictor(str(tmp_path / storage / "model"))(["a fine film", "dull"])
+    assert len(pred) == 2
+    proc = slimtune_cli("eval", tmp_path / storage / "model", "--data", sst2_small[1], "--no-speed")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["accuracy"] == small["final"]["accuracy"]
+
+
+def test_resume_past_a_word_student_rebuilds_its_compact_table(tmp_path, teacher_dir, sst2_small):
+    """The table was trained in float and stored in int8 at the end of the stage: a resumed run rebuilds
+    the student with the int8 table, so the checkpoint's codes fit."""
+    stage = DISTILL | {"teacher": str(teacher_dir), "student": {"arch": "bilstm", "hidden": 8, "table": "int8"}}
+    out = tmp_path / "out"
+    first = slimtune.run(recipe(teacher_dir, sst2_small, stage, EVAL), out, progress=False, keep_checkpoints=True)
+    (out / "metrics.json").unlink()
+    shutil.rmtree(out / "model")
+    again = slimtune.run(recipe(teacher_dir, sst2_small, stage, EVAL), out, resume=True, progress=False)
+    assert again["final"]["accuracy"] == first["final"]["accuracy"] and again["final"]["params"] == first["final"]["params"]
+    assert slimtune.load_model(out / "model").config.table == "int8"
+
+
+def test_a_table_storage_on_a_transformer_student_is_refused(tmp_path, teacher_dir, sst2_small):
+    stage = DISTILL | {"teacher": str(teacher_dir), "student": {"layers": [0], "table": "int8"}}
+    with pytest.raises(slimtune.SlimtuneError, match="student.table int8: only a word student"):
+        slimtune.run(recipe(teacher_dir, sst2_small, stage), tmp_path / "o", progress=False)
+    assert not (tmp_path / "o").exists()
 
 
 def test_bilstm_learns_the_teachers_pooled_state_through_a_projection(tmp_path, teacher_dir, sst2_small):

@@ -24,11 +24,12 @@ from slimtune.distill.students import Student, build_student, encoder_shape, stu
 from slimtune.distill.teachers import Teacher, cached_teacher_outputs, check_teacher, combine_teachers, load_teachers
 from slimtune.distill.wordvectors import common_words, read_word_list
 from slimtune.errors import SlimtuneError
+from slimtune.evaluate import count_parameters
 from slimtune.models import load_tokenizer
 from slimtune.stages.base import Run, console
 from slimtune.stages.distill_online import online_option_problem, rebuild_online, run_online, validate_online
 from slimtune.train import seed_everything
-from slimtune.wordmodels import WORD_ARCHS
+from slimtune.wordmodels import WORD_ARCHS, compact_table_
 
 
 class DistillConfig(LoopConfig):
@@ -137,6 +138,9 @@ def validate_distill(run: Run, cfg: DistillConfig) -> None:
         if getattr(cfg.student, key) not in (None, False) and cfg.student.init_embeddings != "contextual":
             raise SlimtuneError(f"student.{key} needs init_embeddings: contextual (it works on the teacher's "
                                 "word vectors)")
+    if cfg.student.table != "float32" and cfg.student.arch is None:
+        raise SlimtuneError(f"student.table {cfg.student.table}: only a word student (student.arch) has a word-"
+                            "vector table to store small; a transformer is made smaller with stage: quantize")
     extra = cfg.student.extra_words
     if cfg.student.arch is not None and extra is not None:  # refused before the run's output exists:
         if isinstance(extra, int):
@@ -156,6 +160,8 @@ def setup_distill(run: Run, cfg: DistillConfig) -> DistillSetup:
     student.model.requires_grad_(True)  # a layer selection copies the (frozen) teacher
     if cfg.student.freeze_embeddings:  # the teacher-initialised vectors stay as they are while training
         student.model.get_input_embeddings().requires_grad_(False)
+        if student.kind in WORD_ARCHS:  # and are stored as they will ship, so training sees what ships
+            compact_table_(student.model, cfg.student.table)
     mapping, granularity = _intermediate_plan(cfg, student.kind, student.model.config, first.model.config,
                                               _same_tokenizer(student.tokenizer, first.tokenizer))
     if cfg.intermediate is not None and "attention" in cfg.intermediate.loss:
@@ -199,7 +205,10 @@ class Distill:
         if run.task.soft_targets == "token":
             rebuild_online(run, self.config)
         else:
-            _adopt_student(run, setup_distill(run, self.config))
+            setup = setup_distill(run, self.config)
+            if setup.student.kind in WORD_ARCHS:
+                compact_table_(setup.student.model, self.config.student.table)
+            _adopt_student(run, setup)
 
     def run(self, run: Run) -> dict:
         return (run_online if run.task.soft_targets == "token" else run_distill)(run, self.config)
@@ -248,8 +257,8 @@ def run_distill(run: Run, cfg: DistillConfig) -> dict:
     lr, bs = run.resolve_auto(cfg, model, loss_fn, train_ds=train_ds, make_batch=make_batch)
     res = run.fit(model, cfg, lr=lr, batch_size=bs, loss_fn=loss_fn, make_batch=make_batch, train_ds=train_ds,
                   eval_ds=select_ds, pad_id=pad)
-    params = sum(p.numel() for p in student.model.parameters())
-    trainable = sum(p.numel() for p in student.model.parameters() if p.requires_grad)
+    table = _store_word_table(run, student, cfg.student.table, select_ds, pad) if student.kind in WORD_ARCHS else {}
+    params, trainable = count_parameters(student.model)  # a compact table's codes count as its weights
     _adopt_student(run, setup, select_ds)
     return {"stage": "distill", "student": student.kind, "student_source": student.source,
             "teachers": [{"model": t.name, "weight": t.weight, "params": sum(p.numel() for p in t.model.parameters()),
@@ -258,7 +267,26 @@ def run_distill(run: Run, cfg: DistillConfig) -> dict:
             "intermediate": {"mapping": [list(p) for p in setup.mapping], "granularity": setup.granularity,
                              "loss": cfg.intermediate.loss} if cfg.intermediate else None,
             "transfer_rows": len(setup.texts), "augmented_transfer_rows": len(setup.texts) - sum(setup.labelled),
-            "trainable_params": trainable, "trainable_pct": round(100 * trainable / params, 3), **res.summary()}
+            "trainable_params": trainable, "trainable_pct": round(100 * trainable / params, 3), **table,
+            **res.summary()}
+
+
+def _store_word_table(run: Run, student: Student, storage: str, select_ds: EncodedDataset, pad: int) -> dict:
+    """A trained word table stored as `storage` (a frozen one already is), with the selection-split metric
+    before and after when that changed the weights."""
+    table = student.model.get_input_embeddings()
+    record: dict = {"table": storage}
+    if storage != getattr(student.model.config, "table", "float32"):
+        metric = run.task.primary.name
+        measure = run.task.eval_fn(select_ds, pad)
+        before = measure(student.model)[metric]
+        compact_table_(student.model, storage)
+        record |= {f"select_{metric}_float_table": before, f"select_{metric}_{storage}_table":
+                   measure(student.model)[metric]}
+        table = student.model.get_input_embeddings()
+    record["table_mb"] = round(sum(b.numel() * b.element_size() for b in [*table.buffers(), *table.parameters()])
+                               / 1e6, 3)
+    return record
 
 
 def _state_widths(model) -> list[int]:
