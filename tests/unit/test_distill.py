@@ -208,8 +208,10 @@ def test_teacher_with_other_labels_is_refused(tmp_path, teacher_dir, sst2_small)
     ({"student": {"arch": "bilstm", "init_embeddings": "contextual", "embedding_layer": 3}},
      r"student.embedding_layer 3: the teacher has hidden states 0-2"),
     ({"student": {"arch": "bilstm", "init_embeddings": "output"}}, "init_embeddings"),
-    ({"student": {"arch": "bilstm", "extend_vocab": True}}, "extend_vocab needs init_embeddings: contextual"),
-    ({"student": {"arch": "bilstm", "extra_words": 100}}, "extra_words needs init_embeddings: contextual"),
+    ({"student": {"arch": "bilstm", "init_embeddings": "input", "extend_vocab": True}},
+     "extend_vocab needs init_embeddings: contextual"),
+    ({"student": {"arch": "bilstm", "init_embeddings": "input", "extra_words": 100}},
+     "extra_words needs init_embeddings: contextual"),
     ({"student": {"arch": "bilstm", "init_embeddings": "contextual", "extra_words": "/nonexistent/words.txt"}},
      "/nonexistent/words.txt: cannot read the word list"),
     ({"student": {"arch": "bilstm", "init_embeddings": "contextual", "extra_words": 0}}, "extra_words must be"),
@@ -253,7 +255,7 @@ def test_word_student_with_frozen_contextual_embeddings_keeps_them(tmp_path, tea
 
     stage = DISTILL | {"teacher": str(teacher_dir), "epochs": 1, "lr": 3e-3,
                        "student": {"arch": "bilstm", "hidden": 16, "init_embeddings": "contextual",
-                                   "freeze_embeddings": True}}
+                                   "freeze_embeddings": True, "table": "float32"}}
     m = slimtune.run(recipe(teacher_dir, sst2_small, stage, EVAL), tmp_path / "out", progress=False)
     model = slimtune.load_model(tmp_path / "out" / "model")
     emb = model.get_input_embeddings().weight.detach()
@@ -389,3 +391,53 @@ def test_chinese_word_student_uses_jieba_words(tmp_path, tiny_model_dir):
     assert {"喜欢", "电影", "推荐"} <= set(words)
     pred = slimtune.predict.Predictor(str(tmp_path / "student" / "model"))(["我很喜欢这个电影"])
     assert pred[0]["label"] in ("好评", "差评")
+
+
+def _distill_config(**fields):
+    from slimtune.stages.distill import DistillConfig
+
+    return DistillConfig(stage="distill", teacher="T", **fields)
+
+
+def test_a_word_student_alone_gets_the_measured_recipe_and_the_recipe_keeps_its_own_choices():
+    from slimtune.distill.word_defaults import epochs_for, word_student_updates
+
+    mpnet = (12, 768)  # layers, hidden size
+    stage, student, notes = word_student_updates(_distill_config(student={"arch": "bilstm"}), *mpnet, 6920)
+    assert student == {"init_embeddings": "contextual", "freeze_embeddings": True, "extend_vocab": True,
+                       "extra_words": 50000, "pca_dims": 256, "table": "int8"} and not notes
+    assert stage == {"soft_loss": "mse", "alpha": 1.0, "lr": 1e-3, "batch_size": 64, "epochs": 8,
+                     "intermediate": {"loss": "mse", "mapping": [[1, 6]]}}
+    # fewer rows, more epochs (the same number of optimizer steps), within [8, 40]
+    assert epochs_for(2000, 64) == 26 and epochs_for(300, 64) == 40 and epochs_for(100000, 64) == 8
+    cfg = _distill_config(student={"arch": "cnn", "table": "float32", "extra_words": None}, epochs=2, alpha=0.3)
+    stage, student, _ = word_student_updates(cfg, *mpnet, 6920)
+    assert "table" not in student and "extra_words" not in student and student["pca_dims"] == 256
+    assert "epochs" not in stage and "alpha" not in stage and "intermediate" not in stage  # a CNN has no states
+    # input embeddings asked for: nothing that works on contextual vectors is filled in
+    cfg = _distill_config(student={"arch": "bilstm", "init_embeddings": "input", "freeze_embeddings": False})
+    _, student, _ = word_student_updates(cfg, *mpnet, 6920)
+    assert student == {}
+    # a teacher no wider than the PCA: no PCA
+    assert "pca_dims" not in word_student_updates(_distill_config(student={"arch": "bilstm"}), 2, 32, 300)[1]
+
+
+def test_a_teacher_without_contextual_vectors_is_said_so():
+    from slimtune.distill.word_defaults import word_student_updates
+
+    stage, student, notes = word_student_updates(_distill_config(student={"arch": "bilstm"}), 0, 32, 300)
+    assert notes == ["the teacher has no hidden layers, so it gives no contextual word vectors: the word table "
+                     "starts from its input embeddings and trains (no extra words, no PCA)"]
+    assert student == {"init_embeddings": "input", "freeze_embeddings": False} and "intermediate" not in stage
+
+
+def test_the_defaults_a_word_student_ran_with_are_recorded(tmp_path, teacher_dir, sst2_small):
+    stage = DISTILL | {"teacher": str(teacher_dir), "student": {"arch": "bilstm", "hidden": 8, "extra_words": None},
+                       "epochs": 1}
+    m = slimtune.run(recipe(teacher_dir, sst2_small, stage), tmp_path / "o", progress=False)
+    record = m["stages"][0]
+    assert record["word_student_defaults"]["student"] == {"init_embeddings": "contextual", "freeze_embeddings": True,
+                                                          "extend_vocab": True, "table": "int8"}
+    assert record["word_student_defaults"]["intermediate"]["mapping"] == [[1, 1]]  # the tiny teacher's middle
+    assert record["soft_loss"] == "mse" and record["alpha"] == 1.0 and record["table"] == "int8"
+    assert record["intermediate"]["mapping"] == [[1, 1]]

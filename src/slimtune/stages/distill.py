@@ -22,6 +22,7 @@ from slimtune.data import TaskData
 from slimtune.distill.losses import DistillModel, layer_mapping, make_distill_loss
 from slimtune.distill.students import Student, build_student, encoder_shape, student_blueprint
 from slimtune.distill.teachers import Teacher, cached_teacher_outputs, check_teacher, combine_teachers, load_teachers
+from slimtune.distill.word_defaults import word_student_updates
 from slimtune.distill.wordvectors import common_words, read_word_list
 from slimtune.errors import SlimtuneError
 from slimtune.evaluate import count_parameters
@@ -193,11 +194,14 @@ class Distill:
 
     def __init__(self, config: DistillConfig):
         self.config = config
+        self.defaults: dict = {}  # a word student's fields the recipe left unset, as filled in
 
     # per-token soft targets (a causal LM's vocabulary at every position) are too large to cache: the
     # teachers run online (stages/distill_online.py); per-example ones are cached once (below)
     def validate(self, run: Run) -> None:
         run.loop_direction(self.config)
+        if run.task.soft_targets != "token" and self.config.student.arch is not None:
+            self.config, self.defaults = _with_word_defaults(run, self.config)
         (validate_online if run.task.soft_targets == "token" else validate_distill)(run, self.config)
 
     def rebuild(self, run: Run) -> None:
@@ -211,7 +215,25 @@ class Distill:
             _adopt_student(run, setup)
 
     def run(self, run: Run) -> dict:
-        return (run_online if run.task.soft_targets == "token" else run_distill)(run, self.config)
+        record = (run_online if run.task.soft_targets == "token" else run_distill)(run, self.config)
+        return record | ({"word_student_defaults": self.defaults} if self.defaults else {})
+
+
+def _with_word_defaults(run: Run, cfg: DistillConfig) -> tuple[DistillConfig, dict]:
+    """`cfg` with a word student's measured-best recipe in every field the recipe left unset
+    (`distill/word_defaults.py`), and those fields as filled in."""
+    from transformers import AutoConfig
+
+    teacher = AutoConfig.from_pretrained(check_teacher(cfg.teachers()[0], run.data.id2label), local_files_only=True)
+    stage, student, notes = word_student_updates(cfg, int(getattr(teacher, "num_hidden_layers", 0) or 0),
+                                                 int(getattr(teacher, "hidden_size", 0) or 0), len(run.data.train))
+    for note in notes:
+        console.print(f"distill: {note}")
+    if "intermediate" in stage:
+        stage["intermediate"] = IntermediateConfig(**stage["intermediate"])
+    resolved = cfg.model_copy(update=stage | {"student": cfg.student.model_copy(update=student)})
+    applied = {k: v.model_dump(mode="json") if k == "intermediate" else v for k, v in stage.items()}
+    return resolved, applied | ({"student": student} if student else {})
 
 
 def run_distill(run: Run, cfg: DistillConfig) -> dict:
