@@ -9,8 +9,9 @@ run once more with the recipe's own eval split (OUT/best_run: the same training,
 chosen on a split of the train rows) and that is the number reported; the selection figures are shown
 as such. A search that chose on the reported split would overfit it.
 
-A candidate is a recipe: student depth (a layer-selected student distilled from the base model, or
-from `--teacher`), structured pruning of heads and FFN neurons (with recovery), and int8 (dynamic or
+A candidate is a recipe: the student (a layer-selected transformer distilled from the base model, or
+from `--teacher`; or a word-level BiLSTM with its measured-best defaults), structured pruning of heads
+and FFN neurons (with recovery), low-rank factors (truncated SVD, with recovery), and int8 (dynamic or
 static, shipped as an ONNX Runtime graph). A float candidate is timed in torch and in ONNX Runtime and
 ships on whichever runtime is faster for it. Optuna's multi-objective TPE sampler (selection metric up,
 latency down, size down; the budget as constraints) proposes candidates; its study lives in
@@ -47,6 +48,8 @@ from slimtune.tasks import task_of_model
 SPEED = {"latency_runs": 30, "throughput_batches": 4}
 QUANT = ("none", "dynamic_int8", "static_int8")
 FRACTIONS = (0.0, 0.25, 0.5)
+ENERGIES = (0.0, 0.9)  # low-rank factors keeping 90% of each layer's squared singular values, or none
+STUDENTS = ("transformer", "bilstm")  # bilstm: a word-level student with its measured-best defaults
 
 
 @dataclass(frozen=True)
@@ -55,15 +58,31 @@ class Candidate:
     heads: float
     ffn: float
     quant: str
+    lowrank: float = 0.0  # energy kept by truncated SVD of the encoder's Linears (0: none)
+    student: str = "transformer"
+
+    @classmethod
+    def word(cls) -> Candidate:
+        return cls(layers=0, heads=0.0, ffn=0.0, quant="none", student="bilstm")
+
+    @classmethod
+    def of(cls, params: dict) -> Candidate:
+        """The candidate an Optuna trial's parameters describe."""
+        if params.get("student") == "bilstm":
+            return cls.word()
+        return cls(params["layers"], params["heads"], params["ffn"], params["quant"], params.get("lowrank", 0.0))
 
     @property
     def key(self) -> str:
         return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
 
     def label(self, base_layers: int) -> str:
+        if self.student == "bilstm":
+            return "word BiLSTM (distilled, int8 table)"
         parts = [f"{self.layers} layers" if self.layers != base_layers else "all layers"]
         parts += [f"heads -{self.heads:.0%}"] if self.heads else []
         parts += [f"ffn -{self.ffn:.0%}"] if self.ffn else []
+        parts += [f"low-rank {self.lowrank:.0%} energy"] if self.lowrank else []
         return ", ".join(parts + [self.quant if self.quant != "none" else "fp32"])
 
 
@@ -76,12 +95,17 @@ class Budget:
 
 def candidate_stages(c: Candidate, teacher: str, base_layers: int, epochs: float, batch_size: int) -> list[dict]:
     """The stages that turn the base model into candidate `c` (then an evaluate stage)."""
+    if c.student == "bilstm":  # the word student's own defaults adapt its training to the data size
+        return [{"stage": "distill", "teacher": teacher, "student": {"arch": "bilstm"}}, {"stage": "evaluate", **SPEED}]
     stages: list[dict] = []
     if c.layers < base_layers:
         stages.append({"stage": "distill", "teacher": teacher, "student": {"layers": c.layers},
                        "epochs": epochs, "batch_size": batch_size, "lr": 1e-4})
     if c.heads or c.ffn:
         stages.append({"stage": "prune", "method": "structured", "heads": c.heads, "ffn": c.ffn,
+                       "recover": {"epochs": max(epochs / 2, 0.5), "lr": 5e-5, "batch_size": batch_size}})
+    if c.lowrank:
+        stages.append({"stage": "lowrank", "energy": c.lowrank,
                        "recover": {"epochs": max(epochs / 2, 0.5), "lr": 5e-5, "batch_size": batch_size}})
     if c.quant != "none":
         stages.append({"stage": "quantize", "method": c.quant, "calibration_batches": 8,
@@ -91,8 +115,9 @@ def candidate_stages(c: Candidate, teacher: str, base_layers: int, epochs: float
 
 def search(recipe_path: str | Path, out: str | Path, budget: Budget, *, trials: int = 12,
            teacher: str | None = None, select_fraction: float = 0.15, epochs: float = 2.0, seed: int = 0,
-           overrides: list[str] | None = None) -> dict:
-    """Run the search into `out`; returns OUT/search.json's content."""
+           overrides: list[str] | None = None, first: list[dict] | None = None) -> dict:
+    """Run the search into `out`; returns OUT/search.json's content. `first`: candidates (Optuna trial
+    parameters, e.g. `{"student": "bilstm"}`) measured before the sampler proposes its own."""
     import optuna
 
     recipe = load_recipe(recipe_path, overrides)
@@ -146,8 +171,12 @@ def search(recipe_path: str | Path, out: str | Path, budget: Budget, *, trials: 
         return result
 
     def objective(trial: optuna.Trial) -> tuple[float, float, float]:
-        c = Candidate(trial.suggest_categorical("layers", depths), trial.suggest_categorical("heads", FRACTIONS),
-                      trial.suggest_categorical("ffn", FRACTIONS), trial.suggest_categorical("quant", QUANT))
+        if trial.suggest_categorical("student", STUDENTS) == "bilstm":
+            c = Candidate.word()
+        else:
+            c = Candidate(trial.suggest_categorical("layers", depths), trial.suggest_categorical("heads", FRACTIONS),
+                          trial.suggest_categorical("ffn", FRACTIONS), trial.suggest_categorical("quant", QUANT),
+                          trial.suggest_categorical("lowrank", ENERGIES))
         trial.set_user_attr("key", c.key)
         progress.running(c.label(base_layers))
         r = measure(c)
@@ -164,7 +193,7 @@ def search(recipe_path: str | Path, out: str | Path, budget: Budget, *, trials: 
                                 storage=f"sqlite:///{out / 'study.db'}", study_name="search", load_if_exists=True)
     for t in study.trials:  # resumed: the finished candidates' results, read back from their run directories
         if t.state == optuna.trial.TrialState.COMPLETE and "key" in t.user_attrs:
-            measure(Candidate(**{k: t.params[k] for k in ("layers", "heads", "ffn", "quant")}))
+            measure(Candidate.of(t.params))
         marker = out / "trials" / f"{t.user_attrs.get('key')}.stopped.json"
         if t.state == optuna.trial.TrialState.PRUNED and marker.is_file():
             stopped[t.user_attrs["key"]] = json.loads(marker.read_text(encoding="utf-8"))
@@ -172,6 +201,8 @@ def search(recipe_path: str | Path, out: str | Path, budget: Budget, *, trials: 
     proposed = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)  # stopped ones count as tried
     remaining = trials - sum(t.state in proposed for t in study.trials)
     if remaining > 0:
+        for params in first or []:
+            study.enqueue_trial(params, skip_if_exists=True)
         with progress.live():
             study.optimize(objective, n_trials=remaining, catch=(SlimtuneError,),
                            callbacks=[lambda s, t: progress.update(t)])

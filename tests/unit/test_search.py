@@ -112,6 +112,13 @@ def test_candidate_stages_and_the_pareto_front():
     assert [s["stage"] for s in stages] == ["distill", "prune", "quantize", "evaluate"]
     assert stages[0]["student"] == {"layers": 3} and stages[1]["heads"] == 0.25 and stages[1]["recover"]
     assert [s["stage"] for s in candidate_stages(Candidate(6, 0, 0, "none"), "T", 6, 2.0, 32)] == ["evaluate"]
+    lowrank = candidate_stages(Candidate(6, 0, 0.5, "dynamic_int8", lowrank=0.9), "T", 6, 2.0, 32)
+    assert [s["stage"] for s in lowrank] == ["prune", "lowrank", "quantize", "evaluate"]
+    assert lowrank[1]["energy"] == 0.9 and lowrank[1]["recover"]["epochs"] == 1.0
+    word = candidate_stages(Candidate.word(), "T", 6, 2.0, 32)
+    assert word[0] == {"stage": "distill", "teacher": "T", "student": {"arch": "bilstm"}}  # its own defaults
+    assert Candidate.of({"student": "bilstm", "layers": 3}) == Candidate.word()
+    assert Candidate.of({"layers": 3, "heads": 0.0, "ffn": 0.25, "quant": "none"}).lowrank == 0.0  # older studies
     rows = [{"metric": 0.9, "latency_ms": 2, "size_mb": 10}, {"metric": 0.8, "latency_ms": 1, "size_mb": 5},
             {"metric": 0.8, "latency_ms": 3, "size_mb": 20}]
     assert pareto_front(rows) == rows[:2]
@@ -176,3 +183,19 @@ def test_candidates_that_cannot_meet_the_drop_are_stopped_and_not_trained_again(
     again = search(recipe_file, out, Budget(max_size_mb=50, max_latency_ms=1000, max_drop=50), trials=4,
                    epochs=0.5, seed=0)
     assert len(again["stopped_early"]) == len(stopped)
+
+
+def test_a_word_student_and_a_low_rank_candidate_are_measured_for_real(recipe_file, tmp_path):
+    out = tmp_path / "out"
+    summary = search(recipe_file, out, Budget(max_size_mb=50, max_latency_ms=1000, max_drop=50), trials=2,
+                     epochs=0.5, seed=0, first=[{"student": "bilstm"},
+                                                {"student": "transformer", "layers": 2, "heads": 0.0, "ffn": 0.0,
+                                                 "quant": "none", "lowrank": 0.9}])
+    by_label = {r["label"]: r for r in summary["all"]}
+    word = by_label["word BiLSTM (distilled, int8 table)"]
+    assert word["runtime"] == "torch fp32 (int8 word table)" and word["artifact"] == "model"  # no ONNX for it
+    run = json.loads((out / "trials" / Candidate.word().key / "metrics.json").read_text())
+    assert run["stages"][0]["word_student_defaults"]["student"]["table"] == "int8"
+    lowrank = by_label["all layers, low-rank 90% energy, fp32"]
+    run = json.loads((tmp_path / "out" / "trials" / Candidate(2, 0.0, 0.0, "none", 0.9).key / "metrics.json").read_text())
+    assert [s["stage"] for s in run["stages"]] == ["lowrank", "evaluate"] and lowrank["metric"] == run["final"]["accuracy"]
