@@ -290,29 +290,33 @@ def test_a_compact_word_table_keeps_its_rows_within_half_a_step():
 def test_a_word_students_table_is_stored_small_and_ships_that_way(tmp_path, teacher_dir, sst2_small, frozen, storage):
     from safetensors import safe_open
 
-    student = {"arch": "bilstm", "hidden": 8, "init_embeddings": "contextual", "freeze_embeddings": frozen}
-    runs = {}
-    for table in ("float32", storage):
-        stage = DISTILL | {"teacher": str(teacher_dir), "epochs": 1, "student": student | {"table": table}}
-        runs[table] = slimtune.run(recipe(teacher_dir, sst2_small, stage, EVAL), tmp_path / table, progress=False)
-    small, full = runs[storage], runs["float32"]
-    record = small["stages"][0]
-    assert record["table"] == storage and record["table_mb"] < full["stages"][0]["table_mb"] / 1.9
+    from slimtune.evaluate import count_parameters
+
+    student = {"arch": "bilstm", "hidden": 8, "init_embeddings": "contextual", "freeze_embeddings": frozen,
+               "extra_words": None, "table": storage}
+    stage = DISTILL | {"teacher": str(teacher_dir), "epochs": 1, "student": student}
+    m = slimtune.run(recipe(teacher_dir, sst2_small, stage, EVAL), tmp_path / "out", progress=False)
+    record = m["stages"][0]
+    model = slimtune.load_model(tmp_path / "out" / "model")  # through the model-directory gate
+    assert model.config.table == storage
+    rows, dims = model.config.vocab_size, model.config.embed_dim
+    code_bytes = {"int8": 1, "float16": 2}[storage]
+    scales = rows * 4 if storage == "int8" else 0
+    assert record["table"] == storage and record["table_mb"] == round((rows * dims * code_bytes + scales) / 1e6, 3)
     if frozen:  # trained on the int8 table itself: nothing to compare before and after
         assert "select_accuracy_float_table" not in record
     else:  # trained in float, then stored: the selection split measured on both
         assert {"select_accuracy_float_table", f"select_accuracy_{storage}_table"} <= set(record)
-    assert small["final"]["params"] == full["final"]["params"]  # the codes are the table's weights
-    assert small["final"]["size_mb"] < full["final"]["size_mb"]
-    with safe_open(tmp_path / storage / "model" / "model.safetensors", "pt") as f:
+    # the codes are the table's weights: every parameter counted, float table or not
+    assert m["final"]["params"] == count_parameters(model)[0] == rows * dims + sum(
+        p.numel() for name, p in model.named_parameters() if not name.startswith("embeddings"))
+    with safe_open(tmp_path / "out" / "model" / "model.safetensors", "pt") as f:
         assert f.get_tensor("embeddings.qweight").dtype == {"int8": torch.int8, "float16": torch.float16}[storage]
-    model = slimtune.load_model(tmp_path / storage / "model")  # through the model-directory gate
-    assert model.config.table == storage
-    pred = slimtune.predict.Predictor(str(tmp_path / storage / "model"))(["a fine film", "dull"])
+    pred = slimtune.predict.Predictor(str(tmp_path / "out" / "model"))(["a fine film", "dull"])
     assert len(pred) == 2
-    proc = slimtune_cli("eval", tmp_path / storage / "model", "--data", sst2_small[1], "--no-speed")
+    proc = slimtune_cli("eval", tmp_path / "out" / "model", "--data", sst2_small[1], "--no-speed")
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["accuracy"] == small["final"]["accuracy"]
+    assert json.loads(proc.stdout)["accuracy"] == m["final"]["accuracy"]
 
 
 def test_resume_past_a_word_student_rebuilds_its_compact_table(tmp_path, teacher_dir, sst2_small):

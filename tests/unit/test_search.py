@@ -185,8 +185,14 @@ def test_candidates_that_cannot_meet_the_drop_are_stopped_and_not_trained_again(
     assert len(again["stopped_early"]) == len(stopped)
 
 
-def test_a_word_student_and_a_low_rank_candidate_are_measured_for_real(recipe_file, tmp_path):
+@pytest.mark.slow  # ~2 min idle: a word student with its default 40 epochs, measured twice
+def test_a_word_student_and_a_low_rank_candidate_are_measured_for_real(searched, recipe_file, tmp_path):
+    import shutil
+
     out = tmp_path / "out"
+    shutil.copytree(searched[0] / "base", out / "base")  # the fine-tuned base model and its split, reused
+    for name in ("search_train.jsonl", "search_select.jsonl"):
+        shutil.copy(searched[0] / name, out / name)
     summary = search(recipe_file, out, Budget(max_size_mb=50, max_latency_ms=1000, max_drop=50), trials=2,
                      epochs=0.5, seed=0, first=[{"student": "bilstm"},
                                                 {"student": "transformer", "layers": 2, "heads": 0.0, "ffn": 0.0,
