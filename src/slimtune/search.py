@@ -16,9 +16,9 @@ static, shipped as an ONNX Runtime graph). A float candidate is timed in torch a
 ships on whichever runtime is faster for it. Optuna's multi-objective TPE sampler (selection metric up,
 latency down, size down; the budget as constraints) proposes candidates; its study lives in
 OUT/study.db and every finished candidate's run directory is kept, so an interrupted search resumes
-where it stopped, and a candidate proposed twice is measured once. A candidate whose training curve
-shows it can no longer meet `--max-drop` is stopped at that evaluation (`search_pruning.py`) and counts
-as tried, so the number of full trainings stays small.
+where it stopped, and a candidate proposed twice is measured once and counts once toward `--trials`. A
+candidate whose training curve shows it can no longer meet `--max-drop` is stopped at that evaluation
+(`search_pruning.py`) and counts as tried, so the number of full trainings stays small.
 """
 
 from __future__ import annotations
@@ -113,6 +113,9 @@ def candidate_stages(c: Candidate, teacher: str, base_layers: int, epochs: float
     return [*stages, {"stage": "evaluate", **SPEED}]
 
 
+_PROPOSALS_PER_TRIAL = 5  # the sampler repeats itself near the end of a small space
+
+
 def search(recipe_path: str | Path, out: str | Path, budget: Budget, *, trials: int = 12,
            teacher: str | None = None, select_fraction: float = 0.15, epochs: float = 2.0, seed: int = 0,
            overrides: list[str] | None = None, first: list[dict] | None = None) -> dict:
@@ -198,14 +201,22 @@ def search(recipe_path: str | Path, out: str | Path, budget: Budget, *, trials: 
         if t.state == optuna.trial.TrialState.PRUNED and marker.is_file():
             stopped[t.user_attrs["key"]] = json.loads(marker.read_text(encoding="utf-8"))
     progress = _Progress(measured, stopped, budget, primary.name)
-    proposed = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)  # stopped ones count as tried
-    remaining = trials - sum(t.state in proposed for t in study.trials)
-    if remaining > 0:
+    ended = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
+
+    def tried(s) -> int:  # distinct candidates, stopped and failed ones included: a repeat proposal is free
+        return len({t.user_attrs["key"] for t in s.trials if t.state in ended and "key" in t.user_attrs})
+
+    def after_trial(s, t) -> None:
+        progress.update(t)
+        if tried(s) >= trials:
+            s.stop()
+
+    if tried(study) < trials:
         for params in first or []:
             study.enqueue_trial(params, skip_if_exists=True)
-        with progress.live():
-            study.optimize(objective, n_trials=remaining, catch=(SlimtuneError,),
-                           callbacks=[lambda s, t: progress.update(t)])
+        with progress.live():  # a cap on proposals: the space may hold fewer candidates than --trials
+            study.optimize(objective, n_trials=_PROPOSALS_PER_TRIAL * (trials - tried(study)) + len(first or []),
+                           catch=(SlimtuneError,), callbacks=[after_trial])
     return _finish(recipe, data, out, budget, measured, stopped, primary, reference, base_layers)
 
 

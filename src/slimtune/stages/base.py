@@ -197,7 +197,10 @@ def open_compression(run: Run, stage: str, snapshot: bool = True) -> StageStart:
         raise SlimtuneError(f"{stage}: the model is an unmerged LoRA adapter; set lora.save_adapter_only: false")
     if snapshot:
         stage_start_snapshot(run, run.model)
-    return StageStart(metric=run.primary_metric(run.model), params=count_params(run.model))
+    # the first stage starts from the model the runner has just measured (the report's start): not twice
+    measured = run.progress.start.get(run.task.primary.name) if run.stage_index == 0 else None
+    metric = measured if measured is not None else run.primary_metric(run.model)
+    return StageStart(metric=metric, params=count_params(run.model))
 
 
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:
