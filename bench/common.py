@@ -127,6 +127,16 @@ def measure(models: dict[str, Path | InMemory], threads: int, rounds: int) -> di
     return rows
 
 
+def machine_line(threads: int, rounds: int, what: str) -> str:
+    """The line heading every side-by-side table: the CPU and its flags, torch, threads, data, protocol."""
+    import torch
+
+    from slimtune.evaluate import cpu_description
+
+    return (f"CPU: {cpu_description()}; torch {torch.__version__}, {threads} threads; {what}; "
+            f"speed: median of {rounds} interleaved rounds")
+
+
 def report(lines: list[str], checks: list[str], rows: dict, out_md: Path | None, out_json: Path | None) -> None:
     """Print the table and the target checks; also write them (markdown) and the raw rows (JSON)."""
     import json

@@ -1,7 +1,7 @@
 """slimtune against the tools people use instead, side by side in one process, on SST-2 dev.
 
     python bench/compare_peers.py --teacher runs/teacher/model --minilm RUNS/minilm/model \
-        [--slimtune "fastest within 1 pt=OUT1/best" --slimtune "smallest at 95%=OUT2/best"] [--out-md F]
+        [--search SEARCH_OUT] [--slimtune LABEL=DIR ...] [--out-md F]
 
 Rows (every peer installed from the package index, the `bench` extra; never a runtime dependency):
   teacher            the fine-tuned MPNet, fp32 torch
@@ -10,12 +10,15 @@ Rows (every peer installed from the package index, the `bench` extra; never a ru
                      `quantize_dynamic` (int8 weights, dynamic activations)
   OpenVINO+NNCF int8 peer 2: the same ONNX graph converted by OpenVINO, post-training int8 by
                      `nncf.quantize` on 300 train sentences, run by the OpenVINO CPU runtime
+  OpenVINO fp32      the same plain graph on OpenVINO at its default precision (bf16 kernels on a CPU
+                     with avx512_bf16 / AMX): is it a runtime worth shipping float models on?
   torchao int8       peer 3: torchao's int8 dynamic-activation / int8-weight config on the MiniLM
                      (torch's own `quantize_dynamic` when torchao cannot run here)
   Model2Vec          peer 4: `model2vec.distill` of the teacher's *base* model (static token vectors,
                      PCA 256) + a logistic regression on SST-2 train, the "tiny and fast" choice; its
                      timing includes its own tokenization (the others get token ids)
-  slimtune: LABEL    each `--slimtune LABEL=DIR`: a `slimtune search` result (model or ONNX directory)
+  slimtune: LABEL    `--search OUT`: the two budgets read off one search study (`search_picks`); and
+                     each `--slimtune LABEL=DIR` (a model or ONNX directory)
 Columns: accuracy, size on disk, packed size (`slimtune pack`, slimtune model directories), batch-1
 latency and batch-32 throughput (median of --rounds interleaved rounds), and each ratio against the
 teacher and against the best peer. The CPU flags head the table.
@@ -32,7 +35,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import HERE, add_common_args, data_file, export_onnx_cached, report
+from common import HERE, add_common_args, data_file, export_onnx_cached, machine_line, report
 
 MAX_LEN = 64
 CALIBRATION_ROWS = 300
@@ -158,6 +161,22 @@ def openvino_nncf(minilm: Path, work: Path, threads: int) -> TokenRunner:
     return TokenRunner("OpenVINO+NNCF int8 (peer 2)", forward, minilm, size)
 
 
+def openvino_fp32(minilm: Path, work: Path, threads: int) -> TokenRunner:
+    """The plain ONNX graph on OpenVINO's CPU plugin, its default precision hint: bf16 kernels where the
+    CPU has avx512_bf16 / AMX (the runtime candidate the issue measured at 268 ex/s against ORT fp32's 148)."""
+    import openvino as ov
+
+    plain = export_onnx_cached(minilm, work / "onnx_fp32", optimize=False) / "model.onnx"
+    compiled = ov.Core().compile_model(str(plain), "CPU", {"INFERENCE_NUM_THREADS": threads})
+    names = [p.get_any_name() for p in compiled.inputs]
+    request = compiled.create_infer_request()
+    hint = compiled.get_property("INFERENCE_PRECISION_HINT")
+
+    def forward(batch):
+        return next(iter(request.infer({k: batch[k].numpy() for k in names}).values()))
+    return TokenRunner(f"OpenVINO fp32 graph ({hint} kernels)", forward, minilm, plain.stat().st_size / 1e6)
+
+
 def torch_int8(minilm: Path) -> tuple[TokenRunner, str]:
     import torch
 
@@ -204,19 +223,41 @@ def packed_mb(model_dir: Path) -> float | None:
     return packed_size_mb(model_dir)
 
 
+def search_picks(search_dir: Path, teacher: TokenRunner) -> list[str]:
+    """The issue's two budgets, read off one `slimtune search` study (every candidate measured on the
+    search's selection split, never on dev): the fastest candidate within 1 pt of the fine-tuned MiniLM,
+    and the smallest whose selection accuracy is >= 95% of the teacher's on the same rows (the teacher
+    trained on them, so its figure is optimistic and the bar stricter). Returns LABEL=DIR items."""
+    summary = json.loads((search_dir / "search.json").read_text())
+    select = [json.loads(line) for line in (search_dir / "search_select.jsonl").read_text().splitlines()]
+    bar = 0.95 * teacher.accuracy([r["text"] for r in select], [int(r["label"]) for r in select])
+    picks = []
+    for label, ok, key in (("fastest within 1 pt", lambda r: r["drop"] <= 1.0, "latency_ms"),
+                           ("smallest at 95% of the teacher", lambda r: r["metric"] >= bar, "size_mb")):
+        fits = [r for r in summary["all"] if ok(r)]
+        if not fits:
+            print(f"search: no candidate for '{label}' (selection bar {bar:.4f})")
+            continue
+        r = min(fits, key=lambda r: r[key])
+        artifact = Path(r["dir"]) / r["artifact"]
+        picks.append(f"{label} [{r['label']}]={artifact.parent if artifact.suffix == '.onnx' else artifact}")
+    return picks
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", type=Path, required=True)
     ap.add_argument("--minilm", type=Path, required=True, help="the fine-tuned MiniLM model directory")
     ap.add_argument("--teacher-base", default="mpnet", help="Model2Vec distils this (the teacher's base model)")
     ap.add_argument("--slimtune", action="append", default=[], metavar="LABEL=DIR")
+    ap.add_argument("--search", type=Path, help="a `slimtune search` OUT: its two budget picks become rows")
     ap.add_argument("--work", type=Path, default=HERE / "runs" / "peers")
+    ap.add_argument("--out-png", type=Path, help="the rows' Pareto plot (accuracy against batch-1 latency)")
     add_common_args(ap)
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
-    from slimtune.evaluate import cpu_description
     from slimtune.models import resolve_model_path
 
     torch.set_num_threads(args.threads)
@@ -225,12 +266,15 @@ def main() -> None:
                       torch_runner("MiniLM fp32", args.minilm)], []
     for build in (lambda: ort_dynamic(args.minilm, args.work, args.threads),
                   lambda: openvino_nncf(args.minilm, args.work, args.threads),
+                  lambda: openvino_fp32(args.minilm, args.work, args.threads),
                   lambda: torch_int8(args.minilm)[0],
                   lambda: model2vec_peer(resolve_model_path(args.teacher_base), args.work)):
         try:
             runners.append(build())
         except Exception as e:  # a peer that does not install or run here is reported, not fatal
             notes.append(f"a peer failed here: {type(e).__name__}: {str(e)[:200]}")
+    if args.search:
+        args.slimtune += search_picks(args.search, runners[0])
     for item in args.slimtune:
         label, _, path = item.partition("=")
         path = Path(path)
@@ -252,8 +296,7 @@ def main() -> None:
     teacher = rows["teacher (MPNet fp32)"]
     peers = {n: r for n, r in rows.items() if "peer" in n and "int8" in n}
     best_peer = max(peers.values(), key=lambda r: r["throughput_eps"], default=None)
-    lines = [f"CPU: {cpu_description()}; torch {torch.__version__}, {args.threads} threads; SST-2 dev ({len(texts)}), "
-             f"max_length {MAX_LEN}; speed: median of {args.rounds} interleaved rounds", "",
+    lines = [machine_line(args.threads, args.rounds, f"SST-2 dev ({len(texts)}), max_length {MAX_LEN}"), "",
              "| model | accuracy | size MB | packed MB | ms b=1 | ex/s b=32 | vs teacher: b=1 / b=32 / size "
              "| vs fastest int8 peer: b=32 / acc |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in rows.items():
@@ -278,6 +321,14 @@ def main() -> None:
                 r["accuracy"] >= best_peer["accuracy"] - 0.005
             checks.append(f"{name} vs the fastest int8 peer: >= 2.5x at <= 0.5 pt lower: {'PASS' if ok else 'FAIL'}")
     report(lines, checks + notes, rows, args.out_md, args.out_json)
+    if args.out_png:  # the report's own plot (slimtune.report_page), one point per row
+        from slimtune.report_page import Row, pareto_png
+        from slimtune.tasks import get_task
+
+        png = pareto_png([Row(n, "compare_peers", r, "compared") for n, r in rows.items()],
+                         get_task("text-classification"))
+        args.out_png.parent.mkdir(parents=True, exist_ok=True)
+        args.out_png.write_bytes(png)
 
 
 if __name__ == "__main__":

@@ -26,8 +26,7 @@ import argparse
 import os
 from pathlib import Path
 
-import torch
-from common import HERE, data_file, measure, report
+from common import HERE, data_file, machine_line, measure, report
 
 MAX_LEN = 64
 # n-gram sampling only: each copy is a random contiguous span of the sentence's words
@@ -101,13 +100,11 @@ def main() -> None:
     if args.train_only:
         return
 
-    from slimtune.evaluate import cpu_description
 
     models = {"teacher (MPNet)": Path(teacher)} | {n: args.runs_dir / n / "model" for n in args.students}
     rows = measure(models, args.threads, args.rounds)
     t = rows["teacher (MPNet)"]
-    lines = [f"CPU: {cpu_description()}; torch {torch.__version__}, {args.threads} threads; SST-2 dev (872), "
-             f"max_length {MAX_LEN}; speed: median of {args.rounds} interleaved rounds", "",
+    lines = [machine_line(args.threads, args.rounds, f"SST-2 dev (872), max_length {MAX_LEN}"), "",
              "| model | dev accuracy | % of teacher | params (M) | size MB | ms (b=1) | speed-up b=1 "
              "| ex/s (b=32) | speed-up b=32 |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in rows.items():

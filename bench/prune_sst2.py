@@ -25,8 +25,7 @@ import argparse
 import os
 from pathlib import Path
 
-import torch
-from common import HERE, add_common_args, export_onnx_cached, measure, report, run_missing
+from common import HERE, add_common_args, export_onnx_cached, machine_line, measure, report, run_missing
 
 RECOVER = {"lr": 5e-5, "batch_size": 32, "seed": 42}
 RUNS = {
@@ -62,14 +61,13 @@ def main() -> None:
     if args.train_only:
         return
 
-    from slimtune.evaluate import cpu_description
 
     dirs = {"dense": Path(start)} | {n: args.runs_dir / n / "model" for n in args.runs}
     onnx = {f"{n} ort": export_onnx_cached(d, args.runs_dir / "onnx" / n) for n, d in dirs.items()}
     rows = measure(dirs | onnx, args.threads, args.rounds)
     d, do = rows["dense"], rows["dense ort"]
-    lines = [f"CPU: {cpu_description()}; torch {torch.__version__}, {args.threads} threads; SST-2 dev (872); "
-             f"speed: median of {args.rounds} interleaved rounds; ORT = ONNX Runtime fp32 (`slimtune export`)", "",
+    lines = [machine_line(args.threads, args.rounds, "SST-2 dev (872)") +
+             "; ORT = ONNX Runtime fp32 (`slimtune export`)", "",
              "| model | dev accuracy | Δ vs dense (pt) | params (M) | size MB | torch ms (b=1) | torch ex/s (b=32) "
              "| torch speed-up b=32 | ORT ms (b=1) | ORT ex/s (b=32) | ORT speed-up b=32 |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]

@@ -29,7 +29,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from common import HERE, InMemory, add_common_args, export_onnx_cached, measure, report, run_missing
+from common import HERE, InMemory, add_common_args, export_onnx_cached, machine_line, measure, report, run_missing
 
 TRAIN = {"batch_size": 32, "seed": 42}
 RECIPES = {
@@ -103,7 +103,6 @@ def main() -> None:
     if args.train_only:
         return
 
-    from slimtune.evaluate import cpu_description
 
     ex = runs / "onnx"
     entries = {"fp32 torch": start, "fp32 ORT": export_onnx_cached(start, ex / "fp32"),
@@ -126,8 +125,7 @@ def main() -> None:
     rows = measure(entries, args.threads, args.rounds)
     base, peer = rows["fp32 torch"], rows["peer: ORT quantize_dynamic"]
     fp32_st = (start / "model.safetensors").stat().st_size / 1e6
-    lines = [f"CPU: {cpu_description()}; torch {torch.__version__}, {args.threads} threads; SST-2 dev (872); "
-             f"speed: median of {args.rounds} interleaved rounds; fp32 safetensors {fp32_st:.1f} MB", "",
+    lines = [machine_line(args.threads, args.rounds, "SST-2 dev (872)") + f"; fp32 safetensors {fp32_st:.1f} MB", "",
              "| model | runtime | dev acc | torch acc (in-process) | size MB | packed MB | ms (b=1) | ex/s (b=32) "
              "| vs fp32 torch b=32 | vs peer b=32 |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in rows.items():

@@ -28,8 +28,7 @@ import argparse
 import os
 from pathlib import Path
 
-import torch
-from common import HERE, add_common_args, measure, report, run_missing
+from common import HERE, add_common_args, machine_line, measure, report, run_missing
 
 MAX_LEN = 64
 BENCH_STUDENT = {"arch": "bilstm", "hidden": 256, "init_embeddings": "contextual", "freeze_embeddings": True,
@@ -73,13 +72,11 @@ def main() -> None:
 
     import json
 
-    from slimtune.evaluate import cpu_description
 
     models = {"teacher (MPNet)": Path(teacher)} | {n: args.runs_dir / n / "model" for n in runs}
     measured = measure(models, args.threads, args.rounds)
     t = measured["teacher (MPNet)"]
-    lines = [f"CPU: {cpu_description()}; torch {torch.__version__}, {args.threads} threads; SST-2 dev (872), "
-             f"max_length {MAX_LEN}; speed: median of {args.rounds} interleaved rounds", "",
+    lines = [machine_line(args.threads, args.rounds, f"SST-2 dev (872), max_length {MAX_LEN}"), "",
              "| model | train rows | dev accuracy | % of teacher | vocabulary | table | size MB | ms (b=1) "
              "| ex/s (b=32) | b=32 vs teacher |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     checks = []
