@@ -9,17 +9,17 @@ run once more with the recipe's own eval split (OUT/best_run: the same training,
 chosen on a split of the train rows) and that is the number reported; the selection figures are shown
 as such. A search that chose on the reported split would overfit it.
 
-A candidate is a recipe: the student (a layer-selected transformer distilled from the base model, or
-from `--teacher`; or a word-level BiLSTM with its measured-best defaults), structured pruning of heads
-and FFN neurons (with recovery), low-rank factors (truncated SVD, with recovery), and int8 (dynamic or
-static, shipped as an ONNX Runtime graph). A float candidate is timed in torch and in ONNX Runtime and
-ships on whichever runtime is faster for it. Optuna's multi-objective TPE sampler (selection metric up,
-latency down, size down; the budget as constraints) proposes candidates; its study lives in
-OUT/study.db and every finished candidate's run directory is kept, so an interrupted search resumes
-where it stopped, and a candidate proposed twice is measured once and counts once toward `--trials`. A
-candidate whose training curve shows it can no longer meet `--max-drop` is stopped at that evaluation
-(`search_pruning.py`) and counts as tried, so the number of full trainings stays small.
-"""
+A candidate is a recipe: the student (the base model or a layer selection of it, distilled from
+`--teacher` when one is given, else from the base model; or a word-level BiLSTM with its measured-best
+defaults), structured pruning of heads and FFN neurons (with recovery), low-rank factors (truncated SVD,
+with recovery), and int8 (dynamic or static, shipped as an ONNX Runtime graph). A float candidate is
+timed in torch and in ONNX Runtime and ships on whichever runtime is faster for it. Optuna's multi-
+objective TPE sampler (selection metric up, latency down, size down; the budget as constraints) proposes
+candidates; its study lives in OUT/study.db and every finished candidate's run directory is kept, so an
+interrupted search resumes where it stopped, and a candidate proposed twice is measured once and counts
+once toward `--trials`. A candidate whose training curve shows it can no longer meet `--max-drop` is
+stopped at that evaluation (`search_pruning.py`) and counts as tried, so the number of full trainings
+stays small."""
 
 from __future__ import annotations
 
@@ -93,13 +93,18 @@ class Budget:
     max_drop: float  # points of the primary metric below the base model (on the selection split)
 
 
-def candidate_stages(c: Candidate, teacher: str, base_layers: int, epochs: float, batch_size: int) -> list[dict]:
-    """The stages that turn the base model into candidate `c` (then an evaluate stage)."""
+def candidate_stages(c: Candidate, base: str, teacher: str | None, base_layers: int, epochs: float,
+                     batch_size: int) -> list[dict]:
+    """The stages that turn the base model (directory `base`) into candidate `c` (then an evaluate stage).
+    A transformer student is always the base model or a layer selection of it, taught by `teacher` when
+    one is given (else by the base model): a `--teacher` supervises, it is never what gets shipped."""
+    teacher = teacher or base
     if c.student == "bilstm":  # the word student's own defaults adapt its training to the data size
         return [{"stage": "distill", "teacher": teacher, "student": {"arch": "bilstm"}}, {"stage": "evaluate", **SPEED}]
     stages: list[dict] = []
-    if c.layers < base_layers:
-        stages.append({"stage": "distill", "teacher": teacher, "student": {"layers": c.layers},
+    if c.layers < base_layers or teacher != base:  # full depth from its own base: nothing to distil
+        student = {"from": base, "layers": c.layers} if c.layers < base_layers else {"from": base}
+        stages.append({"stage": "distill", "teacher": teacher, "student": student,
                        "epochs": epochs, "batch_size": batch_size, "lr": 1e-4})
     if c.heads or c.ffn:
         stages.append({"stage": "prune", "method": "structured", "heads": c.heads, "ffn": c.ffn,
@@ -150,7 +155,7 @@ def search(recipe_path: str | Path, out: str | Path, budget: Budget, *, trials: 
     pruner = HopelessPruner.for_budget(reference, budget.max_drop, primary.name, primary.higher_is_better)
 
     def measure(c: Candidate) -> dict:
-        stages = candidate_stages(c, teacher or base_dir, base_layers, epochs, batch)
+        stages = candidate_stages(c, base_dir, teacher, base_layers, epochs, batch)
         trial_dir = out / "trials" / c.key
         marker = out / "trials" / f"{c.key}.stopped.json"
         if marker.is_file():  # stopped by an earlier (interrupted) search: not trained again

@@ -110,14 +110,20 @@ def test_a_teacher_with_other_labels_is_refused(recipe_file, tmp_path, tiny_mode
 
 
 def test_candidate_stages_and_the_pareto_front():
-    stages = candidate_stages(Candidate(layers=3, heads=0.25, ffn=0.0, quant="static_int8"), "T", 6, 2.0, 32)
+    stages = candidate_stages(Candidate(layers=3, heads=0.25, ffn=0.0, quant="static_int8"), "B", None, 6, 2.0, 32)
     assert [s["stage"] for s in stages] == ["distill", "prune", "quantize", "evaluate"]
-    assert stages[0]["student"] == {"layers": 3} and stages[1]["heads"] == 0.25 and stages[1]["recover"]
-    assert [s["stage"] for s in candidate_stages(Candidate(6, 0, 0, "none"), "T", 6, 2.0, 32)] == ["evaluate"]
-    lowrank = candidate_stages(Candidate(6, 0, 0.5, "dynamic_int8", lowrank=0.9), "T", 6, 2.0, 32)
+    assert stages[0]["student"] == {"from": "B", "layers": 3} and stages[0]["teacher"] == "B"
+    assert stages[1]["heads"] == 0.25 and stages[1]["recover"]
+    assert [s["stage"] for s in candidate_stages(Candidate(6, 0, 0, "none"), "B", None, 6, 2.0, 32)] == ["evaluate"]
+    # a --teacher teaches a layer selection of the base model, never of itself; at full depth the base learns
+    taught = candidate_stages(Candidate(6, 0, 0, "none"), "B", "T", 6, 2.0, 32)
+    assert taught[0]["teacher"] == "T" and taught[0]["student"] == {"from": "B"}
+    assert candidate_stages(Candidate(2, 0, 0, "none"), "B", "T", 6, 2.0, 32)[0]["student"] == {"from": "B",
+                                                                                              "layers": 2}
+    lowrank = candidate_stages(Candidate(6, 0, 0.5, "dynamic_int8", lowrank=0.9), "B", None, 6, 2.0, 32)
     assert [s["stage"] for s in lowrank] == ["prune", "lowrank", "quantize", "evaluate"]
     assert lowrank[1]["energy"] == 0.9 and lowrank[1]["recover"]["epochs"] == 1.0
-    word = candidate_stages(Candidate.word(), "T", 6, 2.0, 32)
+    word = candidate_stages(Candidate.word(), "B", "T", 6, 2.0, 32)
     assert word[0] == {"stage": "distill", "teacher": "T", "student": {"arch": "bilstm"}}  # its own defaults
     assert Candidate.of({"student": "bilstm", "layers": 3}) == Candidate.word()
     assert Candidate.of({"layers": 3, "heads": 0.0, "ffn": 0.25, "quant": "none"}).lowrank == 0.0  # older studies
