@@ -19,7 +19,8 @@ candidates; its study lives in OUT/study.db and every finished candidate's run d
 interrupted search resumes where it stopped, and a candidate proposed twice is measured once and counts
 once toward `--trials`. A candidate whose training curve shows it can no longer meet `--max-drop` is
 stopped at that evaluation (`search_pruning.py`) and counts as tried, so the number of full trainings
-stays small."""
+stays small.
+"""
 
 from __future__ import annotations
 
