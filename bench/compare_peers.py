@@ -130,6 +130,12 @@ def ort_dynamic(minilm: Path, work: Path, threads: int) -> TokenRunner:
     return onnx_runner("ORT dynamic int8 (peer 1)", target, minilm, threads)
 
 
+def _ov_inputs(batch, names) -> dict:
+    """The graph's inputs from a collated batch; token_type_ids (all zeros here) where the collator left it out."""
+    ids = batch["input_ids"].numpy()
+    return {k: batch[k].numpy() if k in batch else np.zeros_like(ids) for k in names}
+
+
 def openvino_nncf(minilm: Path, work: Path, threads: int) -> TokenRunner:
     import nncf
     import openvino as ov
@@ -145,8 +151,8 @@ def openvino_nncf(minilm: Path, work: Path, threads: int) -> TokenRunner:
         texts, labels = _rows("train")
         ds = runner.dataset(texts[:CALIBRATION_ROWS], labels[:CALIBRATION_ROWS])
         names = [p.get_any_name() for p in model.inputs]
-        samples = [{k: collate(ds, [i], int(runner.tokenizer.pad_token_id or 0), with_labels=False)[k].numpy()
-                    for k in names} for i in range(len(ds))]
+        samples = [_ov_inputs(collate(ds, [i], int(runner.tokenizer.pad_token_id or 0), with_labels=False), names)
+                   for i in range(len(ds))]
         quantized = nncf.quantize(model, nncf.Dataset(samples), model_type=nncf.ModelType.TRANSFORMER,
                                   subset_size=len(samples))
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -156,7 +162,7 @@ def openvino_nncf(minilm: Path, work: Path, threads: int) -> TokenRunner:
     request = compiled.create_infer_request()
 
     def forward(batch):
-        return next(iter(request.infer({k: batch[k].numpy() for k in names}).values()))
+        return next(iter(request.infer(_ov_inputs(batch, names)).values()))
     size = sum(f.stat().st_size for f in target.parent.iterdir()) / 1e6
     return TokenRunner("OpenVINO+NNCF int8 (peer 2)", forward, minilm, size)
 
@@ -173,7 +179,7 @@ def openvino_fp32(minilm: Path, work: Path, threads: int) -> TokenRunner:
     hint = compiled.get_property("INFERENCE_PRECISION_HINT")
 
     def forward(batch):
-        return next(iter(request.infer({k: batch[k].numpy() for k in names}).values()))
+        return next(iter(request.infer(_ov_inputs(batch, names)).values()))
     return TokenRunner(f"OpenVINO fp32 graph ({hint} kernels)", forward, minilm, plain.stat().st_size / 1e6)
 
 
@@ -216,6 +222,9 @@ def model2vec_peer(teacher_base: Path, work: Path) -> TextRunner:
 
 
 def packed_mb(model_dir: Path) -> float | None:
+    """`slimtune pack`'s size of a slimtune model directory; for a run's ONNX directory, of the run's model."""
+    if not (model_dir / "config.json").is_file() or (model_dir / "model.onnx").is_file():
+        model_dir = model_dir.parent / "model"
     if not (model_dir / "config.json").is_file():
         return None
     from slimtune.pack import packed_size_mb
