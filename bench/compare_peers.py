@@ -177,6 +177,7 @@ def openvino_fp32(minilm: Path, work: Path, threads: int) -> TokenRunner:
     names = [p.get_any_name() for p in compiled.inputs]
     request = compiled.create_infer_request()
     hint = compiled.get_property("INFERENCE_PRECISION_HINT")
+    hint = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)  # an ov.Type: "bf16"
 
     def forward(batch):
         return next(iter(request.infer(_ov_inputs(batch, names)).values()))
