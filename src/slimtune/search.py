@@ -141,8 +141,9 @@ def search(recipe_path: str | Path, out: str | Path, budget: Budget, *, trials: 
     if budget.max_size_mb < floor_mb:
         raise SlimtuneError(f"--max-size-mb {budget.max_size_mb:g}: no candidate can be that small: the word-"
                             f"embedding table alone is {floor_mb:.1f} MB in int8 (every student keeps it)")
-    if teacher is not None:
-        _check_teacher(resolve_model_path(teacher), recipe.data)
+    if teacher is not None:  # absolute: the candidates' and best_recipe.yaml's paths must not depend on the cwd
+        teacher = str(Path(resolve_model_path(teacher)).resolve())
+        _check_teacher(Path(teacher), recipe.data)
     data = _selection_files(recipe.data, out, select_fraction, seed)
 
     base = _run_cached(_with(recipe, data), out / "base")
@@ -365,7 +366,8 @@ def _finish(recipe: Recipe, data: dict, out: Path, budget: Budget, measured: dic
     reproduce = yaml.safe_load(recipe_to_yaml(recipe))
     reproduce["stages"] += best["stages"][:-1] + [{"stage": "evaluate"}]
     atomic_write_text(out / "best_recipe.yaml", "# the chosen pipeline from the start: `slimtune run` it as is\n"
-                      f"# (a distill stage's teacher is the search's fine-tuned base model, {out / 'base' / 'model'})\n"
+                      f"# (a distill stage's student comes from the search's fine-tuned base model, and so does\n"
+                      f"# its teacher when the search had no --teacher: {out / 'base' / 'model'})\n"
                       + yaml.safe_dump(reproduce, sort_keys=False, allow_unicode=True))
     summary |= {"met": True, "best": best, "reported": {**report_run["final"],
                                                         "split": report_run["data"].get("eval_file")}}
