@@ -27,10 +27,10 @@ def _own_cache(tmp_path, monkeypatch):
 
 def test_three_layer_student_and_bilstm_through_the_cli(tmp_path, teacher_run, sst2_small):
     teacher_acc = json.loads((teacher_run.parent / "metrics.json").read_text())["final"]["accuracy"]
-    # the BiLSTM on its defaults but without the 50,000 extra words (their contextual vectors are the
-    # defaults tests' business, tests/unit/test_distill.py): this test is about the CLI path
+    # the BiLSTM on its defaults but without the teacher's whole words and the 50,000 extra words (their
+    # contextual vectors are the defaults tests' business, tests/unit/test_distill.py): this is the CLI path
     students = {"layers3": {"from": "minilm", "layers": [0, 2, 4]},
-                "bilstm": {"arch": "bilstm", "hidden": 64, "extend_vocab": False}}
+                "bilstm": {"arch": "bilstm", "hidden": 64, "extend_vocab": False, "extra_words": None}}
     results = {}
     for name, student in students.items():
         stage = {"stage": "distill", "teacher": str(teacher_run), "student": student, "epochs": 3,
@@ -97,7 +97,7 @@ def test_intermediate_losses_really_train_token_and_pooled(tmp_path, teacher_run
     (pooled); the MPNet test below does the same at full size."""
     _distill_with_intermediate(tmp_path, teacher_run, sst2_small, monkeypatch, [
         ("sel", {"layers": [0, 5]}, {"loss": "mse+attention"}, "token"),
-        ("lstm", {"arch": "bilstm", "hidden": 16, "extend_vocab": False},  # no 50,000 extra words: 3 steps
+        ("lstm", {"arch": "bilstm", "hidden": 16, "extend_vocab": False, "extra_words": None},  # 3 steps only
          {"loss": "mse", "mapping": [[1, 6]]}, "pooled")],
         steps=3, train_limit=48, eval_limit=32, max_length=32)
 
