@@ -1,6 +1,7 @@
 """What a word student trains with when the recipe says only `student: {arch: bilstm}`: the recipe that
-measured best (docs/benchmarks.md, "Word-level students"), filled into every field the recipe leaves
-unset, and adapted to the teacher and the data size.
+measured best (docs/benchmarks.md: "Distillation" for the recipe, "Word students: the defaults on a small
+set" for these defaults against the old ones), filled into every field the recipe leaves unset, and
+adapted to the teacher and the data size.
 
 Why defaults matter here more than for a transformer student: a word student starts from nothing but
 its word vectors. With input-embedding init, a trainable table, the texts' words only and 3 epochs of
