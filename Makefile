@@ -36,9 +36,13 @@ test: setup browser
 test-slow: setup
 	$(VENV)/bin/pytest -m slow
 
-bench: setup
-	$(PY) -m pip install --quiet -e '.[bench]'
-	$(PY) bench/finetune_speed.py
+# the peers (the `bench` extra: torchao among them, which transformers imports at every model load once it
+# is installed) go in a venv of their own, never in the one the tests run in
+BENCH_VENV ?= .venv-bench
+bench:
+	$(MAKE) setup VENV=$(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install --quiet -e '.[bench]'
+	$(BENCH_VENV)/bin/python bench/finetune_speed.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(BENCH_VENV) runs .pytest_cache .ruff_cache
