@@ -5,7 +5,7 @@
     model = slimtune.load_model("runs/x/model")               # the torch module
 """
 
-from slimtune import models as _models  # noqa: F401 - teaches transformers' Auto classes slimtune's pruned BERT
+from slimtune import autoclasses as _autoclasses  # noqa: F401 - Auto classes learn the pruned BERT (torch-free)
 from slimtune.errors import SlimtuneError
 
 __all__ = ["Recipe", "SlimtuneError", "load_model", "load_recipe", "parse_recipe", "run"]

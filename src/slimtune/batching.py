@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from slimtune.distributed import to_device
+
 
 @dataclass
 class EncodedDataset:
@@ -64,12 +66,14 @@ def pad_id_of(tokenizer) -> int:
 
 
 def calibration_batches(ds: EncodedDataset, n_batches: int, batch_size: int, seed: int, pad_id: int,
-                        collate_fn: Callable | None = None) -> list[dict]:
+                        collate_fn: Callable | None = None, device: torch.device | None = None) -> list[dict]:
     """The first `n_batches` batches of a seeded shuffle of `ds`: what pruning importance, activation
     ranges, GPTQ/AWQ statistics and static int8 export all calibrate on (the same rows for the same seed).
-    `collate_fn(ds, indices, pad_id)`: the task's collation (default: one label per row)."""
+    `collate_fn(ds, indices, pad_id)`: the task's collation (default: one label per row); `device`: where the
+    statistics are computed (the model's device; None: the CPU)."""
     order = batch_indices(ds.lengths, batch_size, shuffle=True, seed=seed)
-    return [(collate_fn or collate)(ds, idx, pad_id) for idx in order[:n_batches]]
+    batches = [(collate_fn or collate)(ds, idx, pad_id) for idx in order[:n_batches]]
+    return batches if device is None else [to_device(b, device) for b in batches]
 
 
 def batch_indices(lengths: np.ndarray, batch_size: int, *, shuffle: bool, seed: int = 0,

@@ -6,6 +6,9 @@ A checkpoint is a directory `OUT/checkpoints/ckpt-NNNNNN/` holding
   state.json          loop counters, history, and what the runner needs to skip finished stages
 It is written under a temporary name and renamed into place, so a kill at any moment leaves
 either the previous checkpoints or the new one, never a torn one.
+
+Under torchrun only rank 0 writes (every rank holds the same weights); the kept best is read by rank 0 and
+broadcast, and a stage-start snapshot is written before the other ranks go on (a barrier).
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from slimtune.distributed import barrier, broadcast_module_, is_main, on_main
+
 CKPT_PATTERN = re.compile(r"^ckpt-(\d{6})$")
 KEEP_LAST = 2  # the newest is enough to resume; one more guards against a bad disk write
 
@@ -34,7 +39,7 @@ def state_dict_for_save(model: nn.Module) -> dict[str, torch.Tensor]:
         if t.numel() and key in seen:
             continue  # a tied weight (e.g. decoder = embeddings): safetensors refuses shared storage
         seen.add(key)
-        out[name] = t.detach().contiguous().clone()
+        out[name] = t.detach().to("cpu", copy=True).contiguous()  # a copy, on the CPU whatever the device
     return out
 
 
@@ -69,7 +74,10 @@ class CheckpointStore:
         done = self.complete()
         return done[-1] if done else None
 
-    def save(self, model: nn.Module, trainer_state: dict, state: dict) -> Path:
+    def save(self, model: nn.Module, trainer_state: dict, state: dict) -> Path | None:
+        """A new complete checkpoint (rank 0 only: other ranks write nothing and get None)."""
+        if not is_main():
+            return None
         self.root.mkdir(parents=True, exist_ok=True)
         latest = self.latest()
         seq = int(CKPT_PATTERN.match(latest.name).group(1)) + 1 if latest else 1
@@ -90,7 +98,9 @@ class CheckpointStore:
         return final
 
     def save_best(self, model: nn.Module, info: dict) -> None:
-        """Best-so-far weights for `keep_best`, kept across a resume."""
+        """Best-so-far weights for `keep_best`, kept across a resume (written by rank 0)."""
+        if not is_main():
+            return
         self.root.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".best.tmp-", suffix=".safetensors", dir=self.root)
         os.close(fd)
@@ -99,6 +109,13 @@ class CheckpointStore:
         (self.root / "best.json").write_text(json.dumps(info), encoding="utf-8")
 
     def load_best(self, model: nn.Module) -> dict | None:
+        """The kept best weights into `model` (None: none kept). Under torchrun rank 0 reads them and sends
+        them to the other ranks, which need not see its filesystem."""
+        info = on_main(lambda: self._read_best(model))
+        broadcast_module_(model)
+        return info
+
+    def _read_best(self, model: nn.Module) -> dict | None:
         path = self.root / "best.safetensors"
         if not path.is_file():
             return None
@@ -107,6 +124,8 @@ class CheckpointStore:
         return json.loads(info.read_text(encoding="utf-8")) if info.is_file() else {}
 
     def clear_best(self) -> None:
+        if not is_main():
+            return
         for name in ("best.safetensors", "best.json"):
             (self.root / name).unlink(missing_ok=True)
 
@@ -120,10 +139,12 @@ def stage_start_snapshot(run, model: nn.Module) -> None:
     if run.resume is not None and path.is_file():
         load_weights(model, path)
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file(state_dict_for_save(model), str(tmp))
-    tmp.replace(path)
+    if is_main():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file(state_dict_for_save(model), str(tmp))
+        tmp.replace(path)
+    barrier()  # complete before any rank goes on (and may be killed and resumed)
 
 
 def _json_of(value):

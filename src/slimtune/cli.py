@@ -9,6 +9,7 @@ paying seconds for torch, transformers, peft and onnxruntime.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -49,13 +50,62 @@ def run_cmd(
     keep_checkpoints: Annotated[bool | None, typer.Option(
         "--keep-checkpoints", help="keep OUT/checkpoints/ after the run (also the recipe key keep_checkpoints)",
         show_default=False)] = None,
+    nproc: Annotated[int | None, typer.Option(
+        "--nproc", metavar="N", show_default=False,
+        help="train with N local processes (data parallel, torchrun; at most one per core on CPU, one per GPU); "
+        "batch_size stays the global batch (docs/distributed.md)")] = None,
+    device: Annotated[str | None, typer.Option(
+        "--device", metavar="DEVICE", show_default=False,
+        help="auto (CUDA when available), cpu, cuda or cuda:N (default: the recipe key device, auto)")] = None,
 ):
     """Run a recipe: every stage in order, then write OUT/ (model, metrics.json, report.html, report.md...)."""
+    if nproc is not None:
+        args = ["run", str(recipe), "--out", str(out), *(a for item in set_ or [] for a in ("--set", item)),
+                *(["--resume"] if resume else []), *(["--overwrite"] if overwrite else []),
+                *(["--keep-checkpoints"] if keep_checkpoints else []), *(["--device", device] if device else [])]
+        if _launch_ranks(nproc, args, device or _recipe_device(recipe, set_ or [])):
+            return
     from slimtune.runner import run
 
     metrics = run(recipe, out, overwrite=overwrite, resume=resume, overrides=set_ or [],
-                  keep_checkpoints=keep_checkpoints)
-    _print_final({"final": metrics["final"]}, title=f"{out}")
+                  keep_checkpoints=keep_checkpoints, device=device)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 speaks for the job
+        _print_final({"final": metrics["final"]}, title=f"{out}")
+
+
+def _launch_ranks(nproc: int, args: list[str], device: str | None) -> bool:
+    """`slimtune ARGS` in `nproc` processes (True), or nothing to launch for one process (False). Checked
+    before anything starts; a rank that fails makes the whole job fail at once, naming the rank (exit 1)."""
+    from slimtune import distributed
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise SlimtuneError(f"--nproc {nproc}: this is already one of {os.environ['WORLD_SIZE']} processes "
+                            "started by torchrun; drop --nproc")
+    distributed.check_nproc(nproc, device)
+    if nproc == 1:
+        return False
+    try:
+        distributed.launch(nproc, args)
+    except distributed.LaunchFailed as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    return True
+
+
+def _recipe_device(recipe: Path, overrides: list[str]) -> str | None:
+    """The recipe's `device` (read cheaply, for --nproc's check before anything starts); the run itself
+    reports an unreadable recipe."""
+    import yaml
+
+    for item in reversed(overrides):
+        if item.startswith("device="):
+            return item.split("=", 1)[1]
+    try:
+        raw = yaml.safe_load(recipe.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, ValueError):
+        return None
+    device = raw.get("device") if isinstance(raw, dict) else None
+    return device if isinstance(device, str) else None
 
 
 @app.command("eval")
@@ -161,9 +211,10 @@ def export_cmd(
     model_dir: Annotated[str, typer.Argument(help="model directory (or alias) to export", metavar="MODEL_DIR")],
     out: Annotated[Path, typer.Option("--out", "-o", help="directory to create (model.onnx, tokenizer, "
                                       "preprocessing, config)", metavar="DIR")],
-    format_: Annotated[str, typer.Option("--format", help="export format (onnx)", metavar="FORMAT")] = "onnx",
-    quantize: Annotated[str | None, typer.Option(help="int8 in ONNX Runtime: dynamic or static",
-                                                 metavar="MODE")] = None,
+    format_: Annotated[str, typer.Option("--format", help="onnx, or bundle: an int8 classifier with a runtime that "
+                                         "needs only onnxruntime, tokenizers and numpy", metavar="FORMAT")] = "onnx",
+    quantize: Annotated[str | None, typer.Option(help="int8 in ONNX Runtime: dynamic or static (a bundle: dynamic "
+                                                 "unless static)", metavar="MODE")] = None,
     data: Annotated[Path | None, typer.Option(help="labelled file: int8 accuracy against torch, static "
                                               "calibration (default for a run's model: the rows it held back)",
                                               metavar="FILE")] = None,
@@ -179,15 +230,23 @@ def export_cmd(
 ):
     """Export to ONNX (dynamic batch/sequence axes) that onnxruntime + tokenizers serve alone; int8 is
     measured against torch and held to --max-drop (docs/deploy.md). A causal LM exports as one decoder graph
-    with its KV cache, held to greedy generations identical to torch's."""
-    from slimtune.export import export_onnx
+    with its KV cache, held to greedy generations identical to torch's. `--format bundle` writes an int8
+    classifier with its tokenizer, labels, cleaning code and slimtune_bundle.py, a runtime without torch."""
+    if format_ not in ("onnx", "bundle"):
+        raise SlimtuneError(f"--format {format_!r}: only onnx and bundle are supported")
+    if format_ == "bundle":
+        from slimtune.bundle import write_bundle
 
-    if format_ != "onnx":
-        raise SlimtuneError(f"--format {format_!r}: only onnx is supported")
-    report = export_onnx(model_dir, out, quantize=quantize, data=data, optimize=optimize, threads=threads,
-                         overwrite=overwrite, max_drop=max_drop, force=force)
+        report = write_bundle(model_dir, out, quantize=quantize, data=data, optimize=optimize, threads=threads,
+                              overwrite=overwrite, max_drop=max_drop, force=force)
+    else:
+        from slimtune.export import export_onnx
+
+        report = export_onnx(model_dir, out, quantize=quantize, data=data, optimize=optimize, threads=threads,
+                             overwrite=overwrite, max_drop=max_drop, force=force)
     detail = report.get("parity_detail") or f"max |logit diff| {report['fp32_max_abs_diff']:.2e}"
-    typer.echo(f"exported {out / 'model.onnx'} ({report['size_mb']:.1f} MB); fusion: {report['fusion']}; "
+    what = f"bundle {out}" if format_ == "bundle" else str(out / "model.onnx")
+    typer.echo(f"exported {what} ({report['size_mb']:.1f} MB); fusion: {report['fusion']}; "
                f"int8: {report.get('int8_format', 'no')}", err=True)
     if report.get("forced"):
         typer.echo(f"warning: kept with --force although it misses the policy: {detail}", err=True)
@@ -250,6 +309,39 @@ def search_cmd(
         raise typer.Exit(1)
 
 
+@app.command("tune")
+def tune_cmd(
+    recipe: Annotated[Path, typer.Argument(help="recipe YAML to tune", metavar="RECIPE", show_default=False)],
+    trials: Annotated[int, typer.Option("--trials", help="trials in the study in all (a resumed tune counts the "
+                                        "ones already run)", metavar="N")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="tune directory: study.db, trials/, best_recipe.yaml, "
+                                      "trials.png, tune.md (resumes when it exists)", metavar="DIR")],
+    space: Annotated[Path | None, typer.Option(
+        "--space", metavar="SPACE.yaml", show_default=False,
+        help="recipe keys -> distributions, e.g. 'stages.0.lr: {low: 1.0e-5, high: 1.0e-4, log: true}', "
+        "'stages.0.batch_size: {choices: [16, 32]}', 'stages.0.epochs: {low: 1, high: 4, step: 1}' "
+        "(default: a space that follows from the recipe's stages)")] = None,
+    jobs: Annotated[int, typer.Option("--jobs", help="trials run at once, each in its own process on the one "
+                                      "study", metavar="N")] = 1,
+    storage: Annotated[str | None, typer.Option(
+        "--storage", metavar="URL", show_default=False,
+        help="the study somewhere several machines share: postgresql://..., mysql+pymysql://..., sqlite:///... or "
+        "journal:PATH (default: DIR/study.db; docs/tuning.md)")] = None,
+    pruner: Annotated[str, typer.Option(help="stops trials whose selection-split curve lags: median, halving "
+                                        "(successive halving) or none")] = "median",
+    seed: Annotated[int, typer.Option(help="the sampler's seed")] = 0,
+    set_: Annotated[list[str] | None, typer.Option("--set", metavar="KEY=VALUE", help="override a recipe key")] = None,
+):
+    """Tune a recipe's hyperparameters with Optuna (TPE, pruned on the selection split): every trial a real run,
+    the best one chosen on the selection split, reported with its eval-split figures, written as best_recipe.yaml."""
+    from slimtune.tune import tune
+
+    summary = tune(recipe, out, trials=trials, space=space, jobs=jobs, storage=storage, pruner=pruner, seed=seed,
+                   overrides=set_ or [])
+    sys.stdout.write(json.dumps({k: summary.get(k) for k in ("best", "chosen_on", "scored_on", "counts")},
+                                default=str) + "\n")
+
+
 @app.command("report")
 def report_cmd(
     run_dirs: Annotated[list[Path], typer.Argument(help="finished run directories: the first gets the report, "
@@ -300,6 +392,128 @@ def unpack_cmd(
     path = unpack_model(packed, out, overwrite=overwrite)
     typer.echo(f"unpacked {packed} into {path}", err=True)
     sys.stdout.write(f"{path}\n")
+
+
+@app.command("serve")
+def serve_cmd(
+    model_dir: Annotated[str, typer.Argument(help="model directory, exported ONNX directory, or alias",
+                                             metavar="MODEL_DIR")],
+    host: Annotated[str, typer.Option(help="address to bind; 0.0.0.0 exposes the server to the network")
+                    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port", min=0, max=65535)] = 8000,
+    token: Annotated[str | None, typer.Option(envvar="SLIMTUNE_TOKEN", show_default=False,
+                                              help="require `Authorization: Bearer TOKEN` on every route but "
+                                                   "/health (env SLIMTUNE_TOKEN)")] = None,
+    max_batch: Annotated[int, typer.Option(help="texts per model call at most (1: no batching)", min=1)] = 32,
+    max_wait_ms: Annotated[float, typer.Option(help="how long the first queued text may wait for others while the "
+                                               "model is idle (0: run at once; texts that arrive while the "
+                                               "model is busy are batched anyway)", min=0.0)] = 0.0,
+    max_queue: Annotated[int, typer.Option(help="texts (or prompts) waiting at most; a full queue answers 429",
+                                           min=1)] = 256,
+    max_body_bytes: Annotated[int, typer.Option(help="request body cap (413 above it)", min=1)] = 1 << 20,
+    max_text_chars: Annotated[int, typer.Option(help="characters per text (422 above it)", min=1)] = 10_000,
+    feedback: Annotated[str | None, typer.Option(help='SQLite file /v1/feedback stores into ("" turns it off)',
+                                                 metavar="DB")] = "feedback.sqlite",
+    threads: Annotated[int | None, typer.Option(help="threads of the model's kernels (default: all cores)",
+                                                min=1)] = None,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
+):
+    """Serve a model over HTTP: /v1/classify (dynamic batching) or /v1/generate (server-sent events),
+    /v1/feedback, /metrics, /health, the playground page at /, OpenAPI at /docs, /admin/reload (or SIGHUP)."""
+    from slimtune.serve.app import ServeOptions, run_server
+
+    run_server(ServeOptions(model_dir=model_dir, token=token or None, max_batch=max_batch, max_wait_ms=max_wait_ms,
+                            max_queue=max_queue, max_body_bytes=max_body_bytes, max_text_chars=max_text_chars,
+                            feedback=feedback or None, threads=threads), host=host, port=port, log_level=log_level)
+
+
+@app.command("status")
+def status_cmd(
+    url: Annotated[str, typer.Argument(help="the server, e.g. http://127.0.0.1:8000", metavar="URL")],
+    token: Annotated[str | None, typer.Option(envvar="SLIMTUNE_TOKEN", show_default=False,
+                                              help="the server's bearer token (env SLIMTUNE_TOKEN)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the raw JSON")] = False,
+):
+    """A running server's model version, queue and drift signals (rolling confidence, feedback disagreement)."""
+    from slimtune.server_client import fetch_status
+
+    status = fetch_status(url, token)
+    if as_json:
+        sys.stdout.write(json.dumps(status, indent=2) + "\n")
+        return
+    feedback = status.get("feedback") or {}
+    rows = [("model", f"{status['model_version']} ({status['kind']}, {status['runtime']})"),
+            ("directory", status["model_dir"]), ("up", f"{status['uptime_s']:.0f} s"),
+            ("queue", f"{status['queue_depth']} texts"),
+            ("rolling confidence", _fmt_share(status.get("rolling_confidence"))
+             + f" over {status.get('predictions_seen', 0)} predictions"),
+            ("feedback disagreement", _fmt_share(feedback.get("disagreement"))
+             + f" over {feedback.get('recent_rows', 0)} rows")]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        sys.stdout.write(f"{key:<{width}}  {value}\n")
+
+
+def _fmt_share(value) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+@app.command("learn")
+def learn_cmd(
+    model_dir: Annotated[str, typer.Argument(help="the serving classifier: RUN/model of a run, a version "
+                                             "(DIR/current), or any classifier directory", metavar="MODEL_DIR")],
+    feedback: Annotated[Path, typer.Option("--feedback", help="the feedback store (SQLite) the server writes; read "
+                                           "only", metavar="DB")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="versions directory: vNNNN/ model directories and the "
+                                      "`current` symlink", metavar="DIR")],
+    replay: Annotated[Path | None, typer.Option(help="original training rows to mix in against forgetting (default: "
+                                                "the training data of the run MODEL_DIR comes from)",
+                                                metavar="DATA")] = None,
+    eval_: Annotated[Path | None, typer.Option("--eval", help="the old eval set forgetting is judged on (default: the "
+                                               "run's eval split)", metavar="DATA")] = None,
+    max_forget: Annotated[float, typer.Option(help="accuracy points on the old eval set a new version may lose and "
+                                              "still be promoted", metavar="PT", min=0.0)] = 1.0,
+    epochs: Annotated[float, typer.Option(help="fine-tuning epochs over feedback + replay", metavar="N",
+                                          min=0.01)] = 2.0,
+    lr: Annotated[float, typer.Option(help="learning rate (full fine-tune)", metavar="LR", min=0.0)] = 2e-5,
+    replay_ratio: Annotated[float, typer.Option(help="replayed training rows per feedback row (0: none)",
+                                                metavar="R", min=0.0)] = 4.0,
+    min_new: Annotated[int, typer.Option(help="new feedback rows needed to learn at all", metavar="N", min=1)] = 1,
+    batch_size: Annotated[int, typer.Option(help="training batch size", metavar="N", min=1)] = 16,
+    seed: Annotated[int, typer.Option(help="seed of the replay sample and the training", metavar="N")] = 0,
+    watch: Annotated[bool, typer.Option("--watch", help="keep polling the store; learn every --every new rows")
+                     ] = False,
+    every: Annotated[int, typer.Option(help="--watch: new rows that trigger a learn", metavar="N", min=1)] = 100,
+    poll_seconds: Annotated[float, typer.Option(help="--watch: seconds between polls", metavar="S", min=0.1)] = 30.0,
+    server: Annotated[str | None, typer.Option(help="after a promotion, POST URL/admin/reload with the new version",
+                                               metavar="URL")] = None,
+    token: Annotated[str | None, typer.Option(envvar="SLIMTUNE_TOKEN", show_default=False, metavar="TOKEN",
+                                              help="the server's bearer token (env SLIMTUNE_TOKEN)")] = None,
+):
+    """Fine-tune a classifier on the feedback it collected, mixed with replayed training rows, into DIR/vNNNN;
+    promote it (DIR/current) unless it lost more than --max-forget points on the old eval set. Exit codes:
+    0 promoted, 1 too few new feedback rows (no version), 2 an error, 3 written but not promoted."""
+    from slimtune import learn as learning
+
+    settings = {"replay": replay, "eval_data": eval_, "max_forget": max_forget, "epochs": epochs, "lr": lr,
+                "replay_ratio": replay_ratio, "min_new": min_new, "batch_size": batch_size, "seed": seed}
+    with learning.sigterm_interrupts():  # a terminated learn cleans up as Ctrl-C does: no version, current unchanged
+        if watch:
+            learning.watch(model_dir, feedback, out, every=every, poll_seconds=poll_seconds, server=server, token=token,
+                       **settings)
+            return
+        try:
+            result = learning.learn(model_dir, feedback, out, **settings)
+        except learning.NothingToLearn as e:
+            typer.echo(f"nothing to learn: {e}", err=True)
+            raise typer.Exit(learning.EXIT_NOTHING_NEW) from None
+    typer.echo(learning.report_markdown(result.record), err=True)  # the before/after table, and where from
+    if result.promoted and server:
+        typer.echo(learning.reload_server(server, out / "current", token), err=True)
+    sys.stdout.write(json.dumps({k: result.record[k] for k in ("version", "promoted", "forget_pt", "before", "after")}
+                                | {"path": str(result.path)}) + "\n")
+    if not result.promoted:
+        raise typer.Exit(learning.EXIT_NOT_PROMOTED)
 
 
 assets_app = typer.Typer(no_args_is_help=True, help="Large optional assets, installed from PyPI and set up on demand.")

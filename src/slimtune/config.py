@@ -184,6 +184,10 @@ class LoopConfig(Strict):
     seed: int = 42
     checkpoint_every: int | None = Field(None, ge=1, description="steps; epoch ends always checkpoint")
     bucket_by_length: bool = True
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="the training forward and loss: bf16 autocast (weights, gradients and AdamW stay fp32) "
+                            "or fp32; auto = bf16 on a CPU with avx512_bf16 / amx_bf16 and on a GPU with bf16, fp16 "
+                            "with loss scaling on other GPUs, else fp32. Evaluations are fp32")
 
     @field_validator("lr")
     @classmethod

@@ -382,10 +382,21 @@ def _train_label_map(cfg: DataConfig, train: _Examples) -> tuple[dict[str, int],
     return label2id, id2label
 
 
-def label_map_of(cfg: DataConfig) -> tuple[dict[str, int], dict[int, str]]:
+def label_map_of(cfg: DataConfig, keep: dict[int, str] | None = None) -> tuple[dict[str, int], dict[int, str]]:
     """The (label2id, id2label) `prepare_data` will use, with bad rows reported by file and line.
-    Cheap: reads the train file but cleans and tokenizes nothing."""
+    Cheap: reads the train file but cleans and tokenizes nothing.
+
+    `keep`: the labels (id -> name) a starting model was already trained for. When every label of the
+    train file is one of them they are returned as they are (their ids and order, so the model's head
+    still means what it meant; a single label is then enough); else the train file's own map. Integer
+    labels without `label_names` count as the model's ids when its labels are names, as eval reads them."""
     train = _load_examples(cfg.train, cfg.format, cfg.text_field, cfg.label_field, cfg.text_pair_field)
+    if keep:
+        kept = {name: i for i, name in keep.items()}
+        _, found = build_label_map(train.labels, cfg.label_names)
+        as_ids = cfg.label_names is None and all(label_id(v, kept) is not None for v in set(train.labels))
+        if set(found.values()) <= set(kept) or as_ids:
+            return kept, dict(keep)
     return _train_label_map(cfg, train)
 
 

@@ -22,17 +22,26 @@ import torch
 from torch import nn
 
 from slimtune.batching import EncodedDataset, batch_indices, collate, logits_of, model_inputs
+from slimtune.distributed import device_of, eval_rows, gather_rows, to_device
 from slimtune.io import atomic_write_text
 
 
 @torch.inference_mode()
 def predict_logits(model: nn.Module, ds: EncodedDataset, batch_size: int = 64, pad_id: int = 0) -> np.ndarray:
-    """Logits for every example, in the dataset's order (batches are length-sorted for speed)."""
+    """Logits for every example, in the dataset's order (batches are length-sorted for speed), computed on
+    the model's device. Under torchrun each rank computes its shard and every rank gets all the rows."""
     was_training = model.training
     model.eval()
+    device = device_of(model)
+    shard = eval_rows(len(ds), pad=True)
+
+    def forward(batch):
+        return logits_of(model(**to_device(model_inputs(batch), device))).float().cpu().numpy()
+
     try:
-        return batched_logits(lambda batch: logits_of(model(**model_inputs(batch))).float().numpy(), ds,
-                              batch_size, pad_id)
+        if shard is None:
+            return batched_logits(forward, ds, batch_size, pad_id)
+        return gather_rows(batched_logits(forward, ds.subset(shard), batch_size, pad_id), len(ds))
     finally:
         model.train(was_training)
 
@@ -174,9 +183,17 @@ def measure_speed(model: nn.Module, ds: EncodedDataset, pad_id: int = 0, latency
         torch.set_num_threads(threads)
     was_training = model.training
     model.eval()
+    device = device_of(model)
+
+    def forward(inputs):
+        out = model(**inputs)
+        if device.type == "cuda":  # kernels run asynchronously: time them to their end
+            torch.cuda.synchronize(device)
+        return out
+
     try:
-        speed = time_forward(lambda inputs: model(**inputs), ds, pad_id, latency_runs, throughput_batches,
-                             batch_size, warmup, prepare=model_inputs)
+        speed = time_forward(forward, ds, pad_id, latency_runs, throughput_batches, batch_size, warmup,
+                             prepare=lambda batch: to_device(model_inputs(batch), device))
         return speed | {"threads": torch.get_num_threads(), "cpu": cpu_description(), "runtime": torch_runtime(model)}
     finally:
         torch.set_num_threads(previous)
@@ -193,7 +210,7 @@ def measure_generation_speed(model: nn.Module, prompt: list[int], new_tokens: in
         torch.set_num_threads(threads)
     was_training = model.training
     model.eval()
-    ids = torch.tensor([prompt], dtype=torch.long)
+    ids = torch.tensor([prompt], dtype=torch.long, device=device_of(model))
     try:
         prefill, decode = [], []
         for run in range(runs + 1):  # the first run warms up

@@ -31,6 +31,7 @@ import copy
 import json
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -85,7 +86,8 @@ def export_onnx(model_dir: str | Path, out: str | Path, *, quantize: str | None 
                 optimize: bool = True, sample_size: int = 1000, calibration_batches: int = 8,
                 threads: int | None = None, overwrite: bool = False, sample: EncodedDataset | None = None,
                 model: nn.Module | None = None, calibration: list[dict] | None = None,
-                max_drop: float = DEFAULT_MAX_DROP_PT, force: bool = False) -> dict:
+                max_drop: float = DEFAULT_MAX_DROP_PT, force: bool = False,
+                finish: Callable[[Path, dict], None] | None = None) -> dict:
     """Export a model directory to OUT (see the module docstring); returns the export report.
 
     `sample` (labelled, already encoded) replaces --data for the parity check and calibration; `model`
@@ -93,7 +95,9 @@ def export_onnx(model_dir: str | Path, out: str | Path, *, quantize: str | None 
     `calibration` (collated batches) replaces the sample's first batches for static calibration.
     An int8 graph that loses more than `max_drop` points of the task's primary metric is refused with
     what to try, unless `force` (then kept, and `forced` is set in the report). So is a graph that misses
-    its task's own check (`OnnxSignature.check`: a decoder's greedy generations)."""
+    its task's own check (`OnnxSignature.check`: a decoder's greedy generations).
+    `finish(dir, report)` is called on the written directory before it replaces OUT (its failure leaves
+    nothing): a caller's own files and layout (slimtune.bundle)."""
     if quantize not in (None, "dynamic", "static"):
         raise SlimtuneError(f"--quantize {quantize!r}: expected dynamic or static")
     path = resolve_model_path(model_dir)
@@ -118,7 +122,7 @@ def export_onnx(model_dir: str | Path, out: str | Path, *, quantize: str | None 
         if data is not None:
             raise SlimtuneError(f"--data {data}: a {task.name} export reads no labelled rows (its graph is checked by "
                                 "generating with it); leave --data out")
-        return _export_self_checked(path, out, plain, tokenizer, signature, threads, force)
+        return _export_self_checked(path, out, plain, tokenizer, signature, threads, force, finish)
     measured_on = (ParitySample(sample, True, f"{len(sample)} rows of the run's eval split") if sample is not None
                    else parity_sample(path, model, tokenizer, data, sample_size))
     sample = measured_on.rows
@@ -158,12 +162,12 @@ def export_onnx(model_dir: str | Path, out: str | Path, *, quantize: str | None 
             report["forced"] = report["parity"] == "fail"
         else:
             report["parity"] = "pass"
-        _write_beside_graph(graph, tmp, path, plain, tokenizer, signature, report)
+        _write_beside_graph(graph, tmp, path, plain, tokenizer, signature, report, finish)
     return report
 
 
 def _export_self_checked(path: Path, out: Path, plain: nn.Module, tokenizer, signature: OnnxSignature,
-                         threads: int | None, force: bool) -> dict:
+                         threads: int | None, force: bool, finish: Callable[[Path, dict], None] | None) -> dict:
     """A graph its task checks itself (a decoder: greedy generations against torch's): traced, checked,
     written with its files, or refused with the check's one-line detail unless `force`."""
     report: dict = {"source": str(path), "quantize": None, "inputs": signature.input_names,
@@ -178,13 +182,14 @@ def _export_self_checked(path: Path, out: Path, plain: nn.Module, tokenizer, sig
             raise SlimtuneError(f"{path}: the ONNX graph misses the export policy: {report['parity_detail']} "
                                 "(--force keeps it anyway)")
         report["forced"] = report["parity"] == "fail"
-        _write_beside_graph(graph, tmp, path, plain, tokenizer, signature, report)
+        _write_beside_graph(graph, tmp, path, plain, tokenizer, signature, report, finish)
     return report
 
 
 def _write_beside_graph(graph: Path, tmp: Path, path: Path, plain: nn.Module, tokenizer, signature: OnnxSignature,
-                        report: dict) -> None:
-    """model.onnx with the tokenizer, preprocessing record and cleaning code, config and export.json."""
+                        report: dict, finish: Callable[[Path, dict], None] | None = None) -> None:
+    """model.onnx with the tokenizer, preprocessing record and cleaning code, config and export.json; then
+    the caller's `finish`."""
     shutil.copyfile(graph, tmp / "model.onnx")
     pre = preprocessing_of(path)
     if signature.pad_tokenizer:
@@ -198,6 +203,8 @@ def _write_beside_graph(graph: Path, tmp: Path, path: Path, plain: nn.Module, to
         plain.generation_config.save_pretrained(tmp)
     report["size_mb"] = round((tmp / "model.onnx").stat().st_size / 1e6, 3)
     atomic_write_text(tmp / "export.json", json.dumps(report, indent=2))
+    if finish is not None:
+        finish(tmp, report)
 
 
 PREPROCESSING_FILE = "preprocessing.json"

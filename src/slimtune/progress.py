@@ -29,11 +29,13 @@ def duration(seconds: float) -> str:
 
 
 class StepReporter:
-    """Shows the steps of one training loop (see the module docstring). `enabled=False` is silent."""
+    """Shows the steps of one training loop (see the module docstring). `enabled=False` is silent. `detail`
+    (e.g. "precision: bf16 autocast (amx_bf16)") is said once, at the start."""
 
     def __init__(self, enabled: bool, total: int, tag: str, start_step: int = 0, *, every_steps: int = 50,
-                 every_seconds: float = 30.0, stream: TextIO | None = None, tty: bool | None = None):
-        self.enabled, self.total, self.tag = enabled, total, tag
+                 every_seconds: float = 30.0, stream: TextIO | None = None, tty: bool | None = None,
+                 detail: str | None = None):
+        self.enabled, self.total, self.tag, self.detail = enabled, total, tag, detail
         self.every_steps, self.every_seconds = every_steps, every_seconds
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty() if tty is None else tty
@@ -55,9 +57,12 @@ class StepReporter:
                                  console=Console(file=self.stream), transient=False)
             self._bar.__enter__()
             self._task = self._bar.add_task(self.tag, total=self.total, completed=self.start_step, stats="starting")
+            if self.detail:
+                self._write(f"{self.tag}: {self.detail}")
         elif self.enabled:
             self._write(f"{self.tag}: {self.total} steps" + (f", resuming at step {self.start_step}"
-                                                             if self.start_step else ""))
+                                                             if self.start_step else "")
+                        + (f", {self.detail}" if self.detail else ""))
         return self
 
     def __exit__(self, *exc) -> None:

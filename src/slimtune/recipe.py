@@ -39,6 +39,9 @@ class Recipe(Strict):
     keep_checkpoints: bool = Field(False, description="keep OUT/checkpoints/ once the run has finished "
                                                       "(by default they are removed: they only serve --resume)")
     report: ReportConfig = Field(default_factory=ReportConfig)
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+                        description="where models train and are measured: auto (CUDA when available, else the "
+                                    "CPU), cpu, cuda or cuda:N (`slimtune run --device` overrides it)")
 
 
 @functools.cache
@@ -232,33 +235,64 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise SlimtuneError(f"--set {item!r}: expected KEY=VALUE, e.g. data.max_length=64")
         key, value = item.split("=", 1)
-        node: Any = raw
-        parts = key.split(".")
-        for part in parts[:-1]:
-            idx: Any = int(part) if part.isdigit() else part
-            try:
-                if isinstance(node, dict) and idx not in node:
-                    node[idx] = {}
-                node = node[idx]
-            except (IndexError, KeyError, TypeError):
-                raise SlimtuneError(f"--set {key}: no such entry '{part}' in the recipe") from None
-        last: Any = int(parts[-1]) if parts[-1].isdigit() else parts[-1]
+        try:
+            node, last = _parent_of(raw, key)
+        except SlimtuneError as e:
+            raise SlimtuneError(f"--set {e}") from None
         try:
             parsed = yaml.safe_load(value)
         except (yaml.YAMLError, ValueError, RecursionError) as e:
             problem = " ".join(str(getattr(e, "problem", None) or e).split())
             raise SlimtuneError(f"--set {key}: invalid YAML value {value!r} ({problem})") from None
         try:
-            node[last] = parsed
-        except (IndexError, TypeError):
-            raise SlimtuneError(f"--set {key}: no such entry '{parts[-1]}' in the recipe") from None
+            _assign(node, last, key, parsed)
+        except SlimtuneError as e:
+            raise SlimtuneError(f"--set {e}") from None
     return raw
+
+
+def set_key(raw: dict, key: str, value: Any) -> None:
+    """Set the dotted key `key` of the raw (unparsed) recipe `raw` to `value`: the keys of `--set` and of a
+    `slimtune tune` search space (`stages.0.lr`, `stages.0.lora.r`). Missing mappings are created, so
+    parsing the recipe afterwards names a key that matches no field (with "did you mean")."""
+    node, last = _parent_of(raw, key)
+    _assign(node, last, key, value)
+
+
+def _parent_of(raw: dict, key: str) -> tuple[Any, Any]:
+    """The mapping or list that holds dotted `key`'s last part, and that part (an index for a list)."""
+    node: Any = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        idx: Any = int(part) if part.isdigit() else part
+        try:
+            if isinstance(node, dict) and idx not in node:
+                node[idx] = {}
+            node = node[idx]
+        except (IndexError, KeyError, TypeError):
+            raise SlimtuneError(f"{key}: no such entry '{part}' in the recipe") from None
+    return node, int(parts[-1]) if parts[-1].isdigit() else parts[-1]
+
+
+def _assign(node: Any, last: Any, key: str, value: Any) -> None:
+    try:
+        node[last] = value
+    except (IndexError, TypeError):
+        raise SlimtuneError(f"{key}: no such entry '{last}' in the recipe") from None
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     path = Path(path)
+    raw = read_yaml(path, "recipe")
+    raw = apply_overrides(raw, overrides or []) if isinstance(raw, dict) else raw
+    return parse_recipe(raw, source=str(path), base_dir=path.resolve().parent, overrides=overrides or [])
+
+
+def read_yaml(path: Path, what: str) -> Any:
+    """The content of the YAML file `path` (a recipe, a search space...), not None; every problem reading or
+    parsing it is one line naming the file (and the line)."""
     if not path.is_file():
-        raise SlimtuneError(f"{path}: recipe file not found")
+        raise SlimtuneError(f"{path}: {what} file not found")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as e:
@@ -272,9 +306,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         reason = "nested too deeply" if isinstance(e, RecursionError) else " ".join(str(e).split())
         raise SlimtuneError(f"{path}: invalid YAML ({reason})") from None
     if raw is None:
-        raise SlimtuneError(f"{path}: recipe file is empty")
-    raw = apply_overrides(raw, overrides or []) if isinstance(raw, dict) else raw
-    return parse_recipe(raw, source=str(path), base_dir=path.resolve().parent, overrides=overrides or [])
+        raise SlimtuneError(f"{path}: {what} file is empty")
+    return raw
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:

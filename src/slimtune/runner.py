@@ -11,6 +11,10 @@ Inputs (recipe, model, data, output path) are all validated before OUT is touche
 leaves a partial output behind; each output file or directory appears in one rename.
 
 The runner knows no task and no stage by name: it asks the recipe's Task and the stage registry.
+
+Under torchrun every process runs `run`: rank 0 decides about OUT and every rank follows its verdict, all
+ranks prepare and run the stages together (slimtune.distributed shares the training and the evaluation),
+and rank 0 alone writes OUT.
 """
 
 from __future__ import annotations
@@ -20,8 +24,10 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from torch.utils.tensorboard import SummaryWriter
 
+from slimtune import distributed
 from slimtune.adapt.lora import is_peft
 from slimtune.batching import calibration_batches
 from slimtune.checkpoint import CheckpointStore, read_checkpoint
@@ -58,21 +64,58 @@ def coerce_recipe(recipe: Recipe | dict | str | Path, overrides: list[str] | Non
 
 def run(recipe: Recipe | dict | str | Path, out: str | Path, *, overwrite: bool = False, resume: bool = False,
         overrides: list[str] | None = None, progress: bool | None = None,
-        keep_checkpoints: bool | None = None, on_eval: Callable[[str, dict], None] | None = None) -> dict:
+        keep_checkpoints: bool | None = None, on_eval: Callable[[str, dict], None] | None = None,
+        device: str | None = None) -> dict:
     """Run a recipe into the run directory `out`; returns the metrics.json content.
     `keep_checkpoints` (default: the recipe's) keeps OUT/checkpoints/ once the run has finished.
     `on_eval(loop_tag, record)` sees every dev evaluation of every training loop; raising `RunStopped`
-    from it stops the run and removes its output (nothing is left to resume)."""
+    from it stops the run and removes its output (nothing is left to resume).
+    `device` (default: the recipe's `device`): auto (CUDA when available), cpu, cuda or cuda:N. Under torchrun
+    every process calls `run` (see the module docstring)."""
     recipe = coerce_recipe(recipe, overrides)
+    dev = distributed.init(device or recipe.device)
+    if not distributed.is_main():
+        console.quiet = True  # one voice: rank 0's
     out = Path(out).expanduser().resolve()
-    check_output_path(out, kind="directory")  # before any work: a path that cannot be created is one line
     keep = recipe.keep_checkpoints if keep_checkpoints is None else keep_checkpoints
     show_progress = True if progress is None else progress  # a bar at a terminal, plain lines in a log
     store = CheckpointStore(out / "checkpoints")
+    # rank 0 looks at OUT and every rank follows its verdict (another rank looking after rank 0 created OUT
+    # would find it not empty)
+    non_empty, checkpoint, finished = distributed.on_main(lambda: _inspect_out(out, store, recipe, resume, overwrite))
+    if finished is not None:
+        return finished
+
+    # ---- validate every input before OUT is touched
+    state, stages = _prepare(recipe, show_progress, dev)
+    state.on_eval = on_eval
+    created = distributed.on_main(lambda: _create_out(out, store, recipe, non_empty and overwrite and not resume))
+    try:
+        with output_errors(out):
+            return _execute(recipe, state, stages, out, store, checkpoint, keep)
+    except RunStopped:
+        if created and distributed.is_main():
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    except BaseException:
+        if not distributed.is_main():
+            raise
+        if created and store.latest() is None:  # nothing worth resuming: leave no partial output
+            shutil.rmtree(out, ignore_errors=True)
+        elif store.latest() is not None:
+            console.print(f"run interrupted; continue it with --resume (checkpoints in {store.root})")
+        raise
+
+
+def _inspect_out(out: Path, store: CheckpointStore, recipe: Recipe, resume: bool,
+                 overwrite: bool) -> tuple[bool, Path | None, dict | None]:
+    """(OUT is not empty, the checkpoint to resume from, the metrics of a run already finished): the checks
+    on OUT made before any work."""
+    check_output_path(out, kind="directory")  # before any work: a path that cannot be created is one line
     non_empty = out.is_dir() and any(out.iterdir())
     if resume and (out / "metrics.json").is_file():
         console.print(f"{out}: run already finished; nothing to resume (metrics in {out / 'metrics.json'})")
-        return json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+        return non_empty, None, json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     if non_empty and not (resume or overwrite):
         raise SlimtuneError(f"{out}: output directory exists and is not empty "
                             "(use --overwrite to replace it, or --resume to continue a run)")
@@ -83,30 +126,19 @@ def run(recipe: Recipe | dict | str | Path, out: str | Path, *, overwrite: bool 
         else:
             _check_same_recipe(store.root, recipe)
             console.print(f"resuming from {checkpoint}")
+    return non_empty, checkpoint, None
 
-    # ---- validate every input before OUT is touched
-    state, stages = _prepare(recipe, show_progress)
-    state.on_eval = on_eval
+
+def _create_out(out: Path, store: CheckpointStore, recipe: Recipe, replace: bool) -> bool:
+    """OUT and OUT/checkpoints/recipe.yaml (`replace`: an existing OUT removed first); whether OUT is new."""
     with output_errors(out):
-        if non_empty and overwrite and not resume:
+        if replace:
             shutil.rmtree(out)
         created = not out.exists()
         out.mkdir(parents=True, exist_ok=True)
         store.root.mkdir(exist_ok=True)
         atomic_write_text(store.root / "recipe.yaml", recipe_to_yaml(recipe))
-    try:
-        with output_errors(out):
-            return _execute(recipe, state, stages, out, store, checkpoint, keep)
-    except RunStopped:
-        if created:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
-    except BaseException:
-        if created and store.latest() is None:  # nothing worth resuming: leave no partial output
-            shutil.rmtree(out, ignore_errors=True)
-        elif store.latest() is not None:
-            console.print(f"run interrupted; continue it with --resume (checkpoints in {store.root})")
-        raise
+    return created
 
 
 def _check_same_recipe(root: Path, recipe: Recipe) -> None:
@@ -116,7 +148,7 @@ def _check_same_recipe(root: Path, recipe: Recipe) -> None:
                             "resume with the same recipe and --set options, or use --overwrite")
 
 
-def _prepare(recipe: Recipe, show_progress: bool) -> tuple[Run, list[Stage]]:
+def _prepare(recipe: Recipe, show_progress: bool, device: torch.device | None = None) -> tuple[Run, list[Stage]]:
     task = get_task(recipe.task)
     for i, cfg in enumerate(recipe.stages):
         method = getattr(cfg, "method", None)
@@ -128,16 +160,22 @@ def _prepare(recipe: Recipe, show_progress: bool) -> tuple[Run, list[Stage]]:
     model_path = resolve_model_path(recipe.model)
     tokenizer = load_tokenizer(model_path)
     # The task's outputs first (cheap), so the head is built with the right size before data prep,
-    # which needs the model's embeddings for synonym augmentation.
-    outputs = task.output_space(recipe.data)
+    # which needs the model's embeddings for synonym augmentation. A starting model already trained for
+    # these outputs keeps its own (a classifier: its label order, and its head); else it gets a new head.
+    outputs = task.output_space(recipe.data, model_path)
+    note = task.start_note(model_path, outputs)
+    if note:
+        console.print(f"note: {note}", highlight=False)
     # A new head is initialised randomly at load: seed it (with the first stage's seed) so two runs of
     # one recipe, or a killed run and its resume, start from the same weights.
     seed_everything(next((s.seed for s in recipe.stages if hasattr(s, "seed")), 42))
     model = task.load_pretrained(model_path, outputs)
     emb = model.get_input_embeddings().weight.detach() if getattr(recipe.data, "augment", None) else None
     data = task.prepare_data(recipe.data, tokenizer, outputs, embedding_weight=emb, model_config=model.config)
+    device = device or torch.device("cpu")
+    model.to(device)  # every stage and evaluation runs where the model is (batches follow it)
     state = Run(task=task, model=model, tokenizer=tokenizer, data=data, preprocessing=task.preprocessing(recipe.data),
-                base_model=recipe.model, show_progress=show_progress)
+                base_model=recipe.model, show_progress=show_progress, device=device)
     stages = [build_stage(cfg) for cfg in recipe.stages]
     for i, stage in enumerate(stages):
         state.stage_index, state.stage_name = i, stage.name
@@ -155,7 +193,7 @@ def _execute(recipe: Recipe, run: Run, stages: list[Stage], out: Path, store: Ch
         first = run.progress.stage
     run.checkpoints, run.resume, run.out = store, checkpoint, out
     store.pinned = checkpoint
-    run.tb = SummaryWriter(str(out / "tb"))
+    run.tb = SummaryWriter(str(out / "tb")) if distributed.is_main() else None  # rank 0 logs
     report = recipe.report
     opens_measured = _measures(stages[0]) and getattr(stages[0].config, "speed", False)
     if checkpoint is None and report.start and not opens_measured:  # an opening evaluate stage is the start
@@ -180,8 +218,10 @@ def _execute(recipe: Recipe, run: Run, stages: list[Stage], out: Path, store: Ch
             run.progress.done.append(record)
             run.resume = None  # only the stage that was interrupted resumes from the checkpoint
     finally:
-        run.tb.close()
-    return _write_outputs(recipe, run, out, store, run.progress.done, keep_checkpoints)
+        if run.tb is not None:
+            run.tb.close()
+    # rank 0 writes OUT (its final measurement, if any, unsharded) and every rank returns its metrics
+    return distributed.on_main(lambda: _write_outputs(recipe, run, out, store, run.progress.done, keep_checkpoints))
 
 
 def _write_outputs(recipe: Recipe, run: Run, out: Path, store: CheckpointStore, stage_metrics: list[dict],

@@ -44,6 +44,7 @@ from slimtune.report_page import write_report
 from slimtune.runner import run
 from slimtune.search_pruning import CandidateStopped, HopelessPruner
 from slimtune.stages.base import console
+from slimtune.studies import local_storage, open_storage, open_study
 from slimtune.tasks import task_of_model
 
 SPEED = {"latency_runs": 30, "throughput_batches": 4}
@@ -197,10 +198,8 @@ def search(recipe_path: str | Path, out: str | Path, budget: Budget, *, trials: 
         sign = 1 if primary.higher_is_better else -1
         return sign * r["metric"], r["latency_ms"], r["size_mb"]
 
-    sampler = optuna.samplers.TPESampler(seed=seed)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(directions=["maximize", "minimize", "minimize"], sampler=sampler,
-                                storage=f"sqlite:///{out / 'study.db'}", study_name="search", load_if_exists=True)
+    study = open_study(open_storage(local_storage(out)), "search", directions=["maximize", "minimize", "minimize"],
+                       seed=seed)
     for t in study.trials:  # resumed: the finished candidates' results, read back from their run directories
         if t.state == optuna.trial.TrialState.COMPLETE and "key" in t.user_attrs:
             measure(Candidate.of(t.params))

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from slimtune.errors import RunStopped
 from slimtune.io import atomic_write_text
+from slimtune.studies import eval_points
 
 CURVE_FILE = "search_curve.json"  # beside a finished candidate's metrics.json: its dev evaluations
 
@@ -71,21 +72,14 @@ class HopelessPruner:
     def watch(self, key: str) -> Callable[[str, dict], None]:
         """The `on_eval` observer of candidate `key`'s run: records its curve, raises `CandidateStopped`."""
         curve = self.running.setdefault(key, {})
-        seen: dict[str, int] = {}
 
-        def observe(tag: str, record: dict) -> None:
-            if self.metric not in record:
-                return
-            kind = tag.split("-", 1)[-1]  # "s1-prune-p0" -> "prune-p0": the stage index differs per pipeline
-            seen[kind] = seen.get(kind, 0) + 1
-            point = f"{kind}#{seen[kind]}"
-            value = float(record[self.metric])
+        def see(point: str, step: int, value: float) -> None:  # point: "prune-p0#1" (the same in every pipeline)
             curve[point] = value
             gain, passed = self.best_gain(point)
             if passed >= self.min_finished and self._up(value) + gain + self.margin < self._up(self.floor):
                 raise CandidateStopped({"point": point, "metric": value, "best_gain": gain if self.higher_is_better
                                         else -gain, "floor": self.floor, "finished_compared": passed})
-        return observe
+        return eval_points(self.metric, see)
 
     def finish(self, key: str, final: float, run_dir: Path) -> None:
         """Candidate `key` finished with selection metric `final`: its curve (watched now, or saved in

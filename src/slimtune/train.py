@@ -7,6 +7,15 @@ only in the `loss_fn`, `make_batch` and `eval_fn` they inject.
 resolves `auto` and picks a phase's lr), the metric's direction included. Everything a resume needs
 (weights, optimizer, scheduler, torch RNG, counters) goes into an atomic checkpoint; the batch order of
 an epoch is a pure function of (seed, phase, epoch), so a resumed run replays exactly the batches it missed.
+
+Under torchrun (slimtune.distributed) the same loop runs in every process: `batch_size` stays the global
+batch, each rank trains on its part of it, the gradients are averaged over the ranks before clipping, and
+only rank 0 writes checkpoints and logs. The batch order, the step and the checkpoints are the one-process
+ones, so a run resumes on any number of processes.
+
+The forward pass and the loss run under bf16 autocast where the device has bf16 (`precision: auto`, the
+default; `fp32` turns it off; distributed.precision_for decides): weights, gradients, clipping and AdamW
+stay fp32, and evaluations run outside autocast, in fp32.
 """
 
 from __future__ import annotations
@@ -25,12 +34,30 @@ from torch import nn
 from slimtune.batching import EncodedDataset, batch_indices, collate, cross_entropy_loss
 from slimtune.checkpoint import CheckpointStore, load_weights, read_checkpoint
 from slimtune.config import LoopConfig
+from slimtune.distributed import (
+    all_reduce_sum,
+    autocast,
+    average_gradients_,
+    broadcast_module_,
+    device_of,
+    exit_hook,
+    grad_scaler,
+    is_main,
+    loop_precision,
+    rank_rows,
+    to_device,
+    world,
+)
 from slimtune.ema import WeightEMA
 from slimtune.progress import StepReporter
 
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+UnitsFn = Callable[[dict[str, torch.Tensor]], int]  # what a loss averages over in a batch (rows, tokens)
 BatchFn = Callable[[EncodedDataset, list[int]], dict[str, torch.Tensor]]
 EvalFn = Callable[[nn.Module], dict]
+# where a step's time goes: collation + copy to the device, the forward pass and loss (under autocast), the
+# backward pass, the exchange with the other ranks, clip + AdamW + schedule, and the rest (hooks, the average)
+PHASES = ("data", "forward", "backward", "all_reduce", "optimizer", "other")
 
 
 
@@ -62,6 +89,7 @@ class LoopSettings:
     seed: int
     checkpoint_every: int | None
     bucket_by_length: bool
+    precision: str  # auto, fp32, bf16 (distributed.precision_for resolves auto per device)
 
     def __post_init__(self):
         if isinstance(self.lr, str) or isinstance(self.batch_size, str):
@@ -87,6 +115,7 @@ class LoopSettings:
             eval_every=cfg.eval_every, early_stopping_patience=es.patience if es else None,
             min_delta=es.min_delta if es else 0.0, keep_best=cfg.keep_best, ema_decay=cfg.ema_decay,
             seed=cfg.seed, checkpoint_every=cfg.checkpoint_every, bucket_by_length=cfg.bucket_by_length,
+            precision=cfg.precision,
         ) | overrides
         if higher_is_better is None:
             higher_is_better = values["metric"] != "loss"
@@ -125,6 +154,8 @@ class TrainResult:
     batch_size: int = 0
     history: list[dict] = field(default_factory=list)
     best_state: dict | None = field(default=None, repr=False)  # keep_best without a checkpoint store
+    precision: str = ""  # what the forward and loss ran in: "bf16 autocast (avx512_bf16)", "fp32 (...)"
+    phase_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
 
     @property
     def examples_per_s(self) -> float:
@@ -136,11 +167,29 @@ class TrainResult:
         out = {k: getattr(self, k) for k in keys}
         out["examples_per_s"] = round(self.examples_per_s, 2)
         out["train_seconds"] = round(self.train_seconds, 2)
+        out["train_precision"] = self.precision
+        out["seconds_by_phase"] = {k: round(v, 3) for k, v in self.phase_seconds.items()}
         return out
 
 
 RESUMED_RESULT_FIELDS = ("examples_seen", "train_seconds", "best_metric", "best_step", "history",
-                         "stopped_early")
+                         "stopped_early", "phase_seconds")
+
+
+class _PhaseClock:
+    """The seconds of the optimizer steps by phase (PHASES), as perf_counter laps: a few calls of ~0.1 us per
+    step, against steps of 0.05-2 s, so the loop always keeps them (`seconds_by_phase` in its summary). CPU
+    ops are synchronous, so there a lap is its phase's compute; on CUDA kernels run asynchronously and the
+    split is only indicative (the loss's `.item()` waits for the backward pass)."""
+
+    def __init__(self, seconds: dict[str, float]):
+        self.seconds, self.start = seconds, time.perf_counter()
+        self.last = self.start
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] += now - self.last
+        self.last = now
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -185,7 +234,8 @@ def optimizer_steps(n_examples: int, settings: LoopSettings) -> int:
 def train(model: nn.Module, train_ds: EncodedDataset, settings: LoopSettings, ctx: TrainContext, *,
           loss_fn: LossFn = cross_entropy_loss, make_batch: BatchFn | None = None, eval_fn: EvalFn | None = None,
           phase: int = 0, on_eval: Callable[[dict], bool] | None = None,
-          on_step: Callable[[int], None] | None = None, best_from_step: int = 0) -> TrainResult:
+          on_step: Callable[[int], None] | None = None, best_from_step: int = 0,
+          loss_units: UnitsFn | None = None) -> TrainResult:
     """Train `model` in place on `train_ds`; `eval_fn(model)` (None: no evaluation) each epoch or `eval_every`.
 
     `make_batch` defaults to `collate` with `ctx.pad_id`. `on_eval(record)` may return True to stop (the
@@ -196,13 +246,16 @@ def train(model: nn.Module, train_ds: EncodedDataset, settings: LoopSettings, ct
     kept best nor count towards early stopping's patience (gradual pruning: the masks are still moving).
     With `ema_decay`, a moving average of the weights starts at `best_from_step`; evaluations, the kept
     best and the final model then use the averaged weights.
+    `loss_units(batch)`: what `loss_fn` averages over (default: rows); under torchrun a rank's loss is
+    weighted by its share of the global batch's units.
     """
     pad = ctx.pad_id
     loop = _Loop(model, train_ds, settings, ctx, loss_fn, make_batch or (lambda ds, idx: collate(ds, idx, pad)),
-                 eval_fn, phase, on_eval, on_step, best_from_step)
+                 eval_fn, phase, on_eval, on_step, best_from_step, loss_units)
     torch.manual_seed(settings.seed + 1000 * phase)
     if loop.resume():  # killed after this loop ended: its final weights are loaded
         return loop.state.result
+    broadcast_module_(model)  # every rank starts from rank 0's weights (as DDP does)
     st, s = loop.state, settings
     done = st.result.stopped_early or st.step >= loop.total_steps
     last_eval = st.result.history[-1]["step"] if st.result.history else -1
@@ -247,23 +300,30 @@ class _Loop:
     def __init__(self, model: nn.Module, train_ds: EncodedDataset, settings: LoopSettings, ctx: TrainContext,
                  loss_fn: LossFn, make_batch: BatchFn, eval_fn: EvalFn | None, phase: int,
                  on_eval: Callable[[dict], bool] | None, on_step: Callable[[int], None] | None,
-                 best_from_step: int):
+                 best_from_step: int, loss_units: UnitsFn | None = None):
         s = self.s = settings
         self.model, self.train_ds, self.ctx, self.phase = model, train_ds, ctx, phase
         self.loss_fn, self.make_batch, self.eval_fn = loss_fn, make_batch, eval_fn
         self.on_eval, self.on_step, self.best_from_step = on_eval, on_step, best_from_step
+        self.loss_units = loss_units or (lambda batch: len(batch["input_ids"]))
         self.lengths = train_ds.lengths
         self.batches_per_epoch = math.ceil(len(train_ds) / s.batch_size)
         self.total_batches = math.ceil(s.epochs * self.batches_per_epoch)
         self.total_steps = optimizer_steps(len(train_ds), s)
         self.optimizer = make_optimizer(model, s.lr, s.weight_decay)
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.scheduler = make_scheduler(self.optimizer, s, self.total_steps)
+        self.world, self.device = world(), device_of(model)
+        # bf16 autocast around forward + loss where the device has bf16 (CPUs with avx512_bf16 / AMX, GPUs),
+        # unless `precision: fp32`; fp16 + GradScaler on older GPUs. Weights, gradients and AdamW stay fp32.
+        self.precision, self.precision_note = loop_precision(self.device, s.precision)
+        self.scaler = grad_scaler(self.device, self.precision)
         self.plateau = None
         if s.schedule == "plateau":
             self.plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
                 self.optimizer, mode="max" if s.higher_is_better else "min", factor=s.plateau_factor,
                 patience=s.plateau_patience)
-        self.state = _LoopState(TrainResult(lr=s.lr, batch_size=s.batch_size))
+        self.state = _LoopState(TrainResult(lr=s.lr, batch_size=s.batch_size, precision=self.precision_note))
         self._reporter: StepReporter | None = None
 
     def resume(self) -> bool:
@@ -281,13 +341,16 @@ class _Loop:
         if self.plateau is not None:
             self.plateau.load_state_dict(trainer["plateau"])
         torch.set_rng_state(trainer["torch_rng"])
+        if self.scaler is not None and trainer.get("scaler"):
+            self.scaler.load_state_dict(trainer["scaler"])
         if trainer.get("ema") is not None:
             st.ema = WeightEMA(self.model, self.s.ema_decay)
             st.ema.load_state_dict(trainer["ema"])
         loop = state["loop"]
         st.epoch, st.batch_pos, st.step, st.since_best = (loop[k] for k in ("epoch", "batch_pos", "step", "since_best"))
         for k in RESUMED_RESULT_FIELDS:
-            setattr(st.result, k, loop[k])
+            if k in loop:  # phase_seconds: not in checkpoints written before it existed
+                setattr(st.result, k, loop[k])
         if not loop.get("finished"):
             return False
         st.result.steps, st.result.epochs_run = loop["step"], loop["epochs_run"]
@@ -301,32 +364,58 @@ class _Loop:
 
     def train_step(self, order: list[list[int]]) -> bool:
         """One optimizer step over the next grad_accum batches of `order` (fewer at the epoch's end):
-        backward each, clip, AdamW, schedule; then `on_step`, the average, the log. Returns whether the
-        epoch ended."""
-        s, st, res = self.s, self.state, self.state.result
-        t0, seen, loss_sum = time.perf_counter(), 0, 0.0
+        backward each (this rank's part of each), average the gradients over the ranks, clip, AdamW,
+        schedule; then `on_step`, the average, the log. Returns whether the epoch ended."""
+        s, st, res, w = self.s, self.state, self.state.result, self.world
+        clock, seen, loss_sum = _PhaseClock(res.phase_seconds), 0, 0.0
         for _ in range(s.grad_accum):
-            batch = self.make_batch(self.train_ds, order[st.batch_pos])
-            loss = self.loss_fn(self.model, batch) / s.grad_accum
-            loss.backward()
-            loss_sum += loss.item()
-            seen += len(order[st.batch_pos])
+            rows = order[st.batch_pos]
+            mine = rank_rows(rows, w)
+            # a rank past the rows of a short last batch computes nothing: its gradient counts as zero
+            batch = to_device(self.make_batch(self.train_ds, mine), self.device) if mine else None
+            clock.lap("data")
+            if w.size > 1:  # a rank's mean weighted by its share of the loss's units: the average is the batch's
+                units = self.loss_units(batch) if mine else 0
+                total = all_reduce_sum([float(units)])[0]
+                weight = units * w.size / total if total else 1.0
+                clock.lap("all_reduce")
+            if mine:
+                with autocast(self.device, self.precision):
+                    loss = self.loss_fn(self.model, batch) / s.grad_accum
+                if w.size > 1:
+                    loss = loss * weight
+                clock.lap("forward")
+                (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+                loss_sum += loss.item()
+                clock.lap("backward")
+            seen += len(rows)
             st.batch_pos += 1
             if st.batch_pos >= len(order):
                 break
+        loss_sum = average_gradients_(self.params, loss_sum)  # over the ranks (DDP's arithmetic); else a no-op
+        clock.lap("all_reduce")
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
         if s.grad_clip:
-            torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], s.grad_clip)
-        self.optimizer.step()
+            torch.nn.utils.clip_grad_norm_(self.params, s.grad_clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        clock.lap("optimizer")
         st.step += 1
+        exit_hook(st.step)
         if self.on_step is not None:
             self.on_step(st.step)
         if st.ema is not None:
             st.ema.update()
         elif s.ema_decay and st.step >= self.best_from_step:  # the average starts from these weights
             st.ema = WeightEMA(self.model, s.ema_decay)
-        elapsed = time.perf_counter() - t0
+        clock.lap("other")
+        elapsed = clock.last - clock.start
         res.train_seconds += elapsed
         res.examples_seen += seen
         self._log_step(loss_sum, self.optimizer.param_groups[0]["lr"], seen, elapsed)
@@ -383,11 +472,13 @@ class _Loop:
             self.state.result.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
     def checkpoint(self, finished: bool = False) -> None:
-        if self.ctx.checkpoints is None:
+        if self.ctx.checkpoints is None or not is_main():  # rank 0 writes; every rank holds the same state
             return
         st = self.state
         trainer = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                    "torch_rng": torch.get_rng_state()}
+        if self.scaler is not None:
+            trainer["scaler"] = self.scaler.state_dict()
         if self.plateau is not None:
             trainer["plateau"] = self.plateau.state_dict()
         if st.ema is not None:
@@ -413,7 +504,8 @@ class _Loop:
 
     @contextlib.contextmanager
     def progress_bar(self) -> Iterator[None]:
-        with StepReporter(self.ctx.progress, self.total_steps, self.ctx.tag, self.state.step) as reporter:
+        with StepReporter(self.ctx.progress and is_main(), self.total_steps, self.ctx.tag, self.state.step,
+                          detail=f"precision: {self.precision_note}") as reporter:
             self._reporter = reporter
             yield
 

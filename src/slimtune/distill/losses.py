@@ -6,6 +6,11 @@ hidden states  MSE between mapped student and teacher layers through a learned p
                widths differ (TinyBERT), per token when both share a tokenizer, else on mean-pooled states
 attention      KL between the teachers' and the student's attention distributions (TinyBERT), per
                head, when head counts match
+
+Under the loop's bf16 autocast the logits and attention maps come out in bf16 and CPU autocast leaves
+(log-)softmax in bf16: the losses take them to fp32 first (a no-op in fp32), so the soft targets and the
+KL keep fp32's precision (a student close to its teacher has a KL of ~1e-3, below bf16's rounding of
+its log-probabilities).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from slimtune.errors import SlimtuneError
 
 
 def soft_target_loss(student_logits: torch.Tensor, soft_targets: torch.Tensor, temperature: float) -> torch.Tensor:
-    log_p = F.log_softmax(student_logits / temperature, dim=-1)
+    log_p = F.log_softmax(student_logits.float() / temperature, dim=-1)
     return F.kl_div(log_p, soft_targets, reduction="batchmean") * temperature**2
 
 
@@ -29,7 +34,7 @@ def logit_mse_loss(student_logits: torch.Tensor, soft_targets: torch.Tensor, tem
     are centred (a softmax is blind to that constant anyway)."""
     teacher = temperature * torch.log(soft_targets.clamp_min(1e-12))
     center = lambda z: z - z.mean(-1, keepdim=True)  # noqa: E731
-    return F.mse_loss(center(student_logits), center(teacher))
+    return F.mse_loss(center(student_logits.float()), center(teacher))
 
 
 def mixed_distill_loss(logits: torch.Tensor, soft_targets: torch.Tensor, labels: torch.Tensor, temperature: float,
@@ -50,7 +55,7 @@ def online_distill_loss(teacher: nn.Module, temperature: float, alpha: float, hi
         out = m(**inputs, **extra)
         with torch.no_grad():
             teacher_out = teacher(**inputs, **extra)
-            target = torch.softmax(logits_of(teacher_out) / temperature, dim=-1)
+            target = torch.softmax(logits_of(teacher_out).float() / temperature, dim=-1)
         loss = mixed_distill_loss(logits_of(out), target, batch["labels"], temperature, alpha)
         if hidden_weight:
             loss = loss + hidden_weight * hidden_state_mse(out.hidden_states, teacher_out.hidden_states,
@@ -124,6 +129,7 @@ def _pooled(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def _attention_kl(teacher_att: torch.Tensor, student_att: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """KL over keys for every real query position, averaged over heads and positions."""
     eps = 1e-8
+    teacher_att, student_att = teacher_att.float(), student_att.float()
     kl = (teacher_att * ((teacher_att + eps).log() - (student_att + eps).log())).sum(-1)  # [B, H, L]
     q = mask.unsqueeze(1).to(kl.dtype)
     return (kl * q).sum() / (q.sum() * kl.shape[1]).clamp(min=1)

@@ -4,7 +4,8 @@ Running a 109M-parameter teacher every epoch would cost more than training the s
 teacher labels the transfer set once: logits (and, for pooled intermediate losses, mean-pooled
 hidden states of the mapped layers) go into one safetensors file keyed by a hash of the teachers'
 weights and the exact encoded data. A file written for other data or teachers is refused, never
-silently reused.
+silently reused. Under torchrun one process per machine runs the teachers and writes the file while the
+others wait, then every rank reads it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import nn
 from slimtune.assets import slimtune_home
 from slimtune.batching import EncodedDataset, batch_indices, collate, encode, model_inputs
 from slimtune.config import TeacherSpec
+from slimtune.distributed import device_of, once_per_node, to_device
 from slimtune.errors import SlimtuneError
 from slimtune.models import load_model, load_tokenizer, read_config, resolve_model_path
 
@@ -58,12 +60,14 @@ def check_teacher(spec, id2label: dict[int, str]) -> Path:
     return path
 
 
-def load_teachers(specs, id2label: dict[int, str]) -> list[Teacher]:
+def load_teachers(specs, id2label: dict[int, str], device: torch.device | None = None) -> list[Teacher]:
     teachers = []
     for spec in specs:
         path = check_teacher(spec, id2label)
         model = load_model(path)
         model.requires_grad_(False)
+        if device is not None:
+            model.to(device)
         teachers.append(Teacher(spec.path, path, model.eval(), load_tokenizer(path), spec.weight))
     return teachers
 
@@ -91,8 +95,9 @@ def teacher_outputs(teacher: Teacher, ds: EncodedDataset, pooled_layers: list[in
                     ) -> dict[str, torch.Tensor]:
     """logits [N, C] and pooled{layer} [N, H] (mean over real tokens) for every example, in order."""
     out: dict[str, torch.Tensor] = {}
+    device = device_of(teacher.model)
     for idx in batch_indices(ds.lengths, batch_size, shuffle=False, bucket=True):
-        batch = collate(ds, idx, teacher.pad_id, with_labels=False)
+        batch = to_device(collate(ds, idx, teacher.pad_id, with_labels=False), device)
         res = teacher.model(**model_inputs(batch), output_hidden_states=bool(pooled_layers))
         rows = torch.tensor(idx)
         values = {"logits": res.logits.float()}
@@ -102,7 +107,7 @@ def teacher_outputs(teacher: Teacher, ds: EncodedDataset, pooled_layers: list[in
         for key, v in values.items():
             if key not in out:
                 out[key] = torch.zeros((len(ds), v.shape[-1]), dtype=torch.float32)
-            out[key][rows] = v.float()
+            out[key][rows] = v.float().cpu()
     return out
 
 
@@ -118,37 +123,42 @@ def cached_teacher_outputs(teachers: list[Teacher], texts: list[str], pairs: lis
         h.update(_data_hash(ds).encode())
     key = h.hexdigest()
     path = cache or slimtune_home() / "teacher-cache" / f"{key[:32]}.safetensors"
-    if path.is_file():
-        meta = _metadata(path)
-        if meta.get("key") != key:
-            raise SlimtuneError(f"{path}: teacher cache was written for different data or teachers "
-                                f"({meta.get('rows', '?')} rows of {meta.get('teachers', '?')}); "
-                                "delete it or choose another cache file")
-        log(f"teacher outputs: cached ({path})")
-        flat = load_file(path)
-        return [{k.split(".", 1)[1]: v for k, v in flat.items() if k.startswith(f"t{i}.")}
-                for i in range(len(teachers))]
-    outputs = []
-    for t, ds in zip(teachers, encoded, strict=True):
-        log(f"teacher outputs: running {t.name} on {len(ds)} examples (once; cached in {path})")
-        outputs.append(teacher_outputs(t, ds, pooled_layers))
-    flat = {f"t{i}.{k}": v.contiguous() for i, out in enumerate(outputs) for k, v in out.items()}
-    meta = {"key": key, "rows": str(len(texts)), "teachers": ", ".join(t.name for t in teachers)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file(flat, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return outputs
+
+    def check_or_compute() -> None:  # one process per machine; the others wait for the file it leaves
+        if path.is_file():
+            meta = _metadata(path)
+            if meta.get("key") != key:
+                raise SlimtuneError(f"{path}: teacher cache was written for different data or teachers "
+                                    f"({meta.get('rows', '?')} rows of {meta.get('teachers', '?')}); "
+                                    "delete it or choose another cache file")
+            log(f"teacher outputs: cached ({path})")
+            return
+        outputs = []
+        for t, ds in zip(teachers, encoded, strict=True):
+            log(f"teacher outputs: running {t.name} on {len(ds)} examples (once; cached in {path})")
+            outputs.append(teacher_outputs(t, ds, pooled_layers))
+        flat = {f"t{i}.{k}": v.contiguous() for i, out in enumerate(outputs) for k, v in out.items()}
+        meta = {"key": key, "rows": str(len(texts)), "teachers": ", ".join(t.name for t in teachers)}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            save_file(flat, str(tmp), metadata=meta)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    once_per_node(check_or_compute)
+    flat = load_file(path)
+    return [{k.split(".", 1)[1]: v for k, v in flat.items() if k.startswith(f"t{i}.")}
+            for i in range(len(teachers))]
 
 
 def teacher_soft_targets(teacher: str, ds: EncodedDataset, id2label: dict[int, str], max_length: int,
-                         temperature: float, log=print) -> torch.Tensor:
+                         temperature: float, log=print, device: torch.device | None = None) -> torch.Tensor:
     """[N, C] softened distribution of one fine-tuned `teacher` (dir or alias) on every text of `ds`, in
-    order; the teacher runs once per data and is cached like the distill stage's (recovery training)."""
-    teachers = load_teachers([TeacherSpec(path=teacher)], id2label)
+    order; the teacher runs once per data (on `device`) and is cached like the distill stage's (recovery
+    training)."""
+    teachers = load_teachers([TeacherSpec(path=teacher)], id2label, device)
     out = cached_teacher_outputs(teachers, list(ds.texts), ds.pairs, max_length, [], None, log=log)
     return torch.softmax(out[0]["logits"] / temperature, dim=-1)
 

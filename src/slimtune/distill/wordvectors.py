@@ -15,9 +15,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from slimtune.distributed import once_per_node
 from slimtune.errors import SlimtuneError
 
 
@@ -95,19 +97,23 @@ def cached_word_vectors(words: Sequence[str], teacher: nn.Module, teacher_tokeni
     in `cache_dir` (100k words take minutes on a CPU)."""
     key = hashlib.sha256(json.dumps([teacher_hash, layer, list(words)]).encode()).hexdigest()
     path = Path(cache_dir) / f"{key[:32]}.safetensors"
-    if path.is_file():
-        stored = load_file(str(path))
-        if stored["vectors"].shape[0] == len(words):
-            return stored["vectors"]
-    vectors = contextual_word_vectors(words, teacher, teacher_tokenizer, layer)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file({"vectors": vectors.contiguous()}, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return vectors
+
+    def compute() -> None:  # under torchrun one process per machine computes; the others read its file
+        if path.is_file():
+            with safe_open(str(path), framework="pt") as f:
+                if f.get_slice("vectors").get_shape()[0] == len(words):
+                    return
+        vectors = contextual_word_vectors(words, teacher, teacher_tokenizer, layer)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            save_file({"vectors": vectors.contiguous()}, str(tmp))
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    once_per_node(compute)
+    return load_file(str(path))["vectors"]
 
 
 def principal_components(vectors: torch.Tensor, dims: int) -> torch.Tensor:

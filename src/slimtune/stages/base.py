@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, TypeVar
 
+import torch
 from pydantic import BaseModel
 from rich.console import Console
 from torch import nn
@@ -27,6 +28,7 @@ from slimtune.autotune import find_batch_size, find_lr
 from slimtune.batching import EncodedDataset, pad_id_of
 from slimtune.checkpoint import CheckpointStore, stage_start_snapshot
 from slimtune.config import LoopConfig, Preprocessing
+from slimtune.distributed import autocast, on_main, precision_for, to_device
 from slimtune.errors import SlimtuneError
 from slimtune.tasks import Task, TaskData
 from slimtune.train import LoopSettings, LossFn, TrainContext, TrainResult, train
@@ -74,6 +76,7 @@ class Run:
     out: Path | None = None
     # sees every dev evaluation of every training loop, with the loop's tag (a search watches its candidates)
     on_eval: Callable[[str, dict], None] | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where models train and measure
 
     @property
     def pad_id(self) -> int:
@@ -126,8 +129,9 @@ class Run:
                                             higher_is_better=self.loop_direction(cfg), metric=self.loop_metric(cfg))
         if self.on_eval is not None:
             hooks["on_eval"] = _observed(self.on_eval, ctx.tag, hooks.get("on_eval"))
+        model.to(self.device)  # a stage's new model (a student, a copy) trains where the run does
         return train(model, self.data.train if train_ds is None else train_ds, settings, ctx,
-                     loss_fn=loss_fn or self.task.loss,
+                     loss_fn=loss_fn or self.task.loss, loss_units=self.task.loss_units,
                      make_batch=make_batch or (lambda ds, idx: self.task.collate(ds, idx, pad)),
                      eval_fn=self.eval_fn(eval_ds, pad) if len(eval_ds) else None, phase=phase or 0, **hooks)
 
@@ -148,18 +152,34 @@ class Run:
         saved = self.progress.auto.get(str(self.stage_index))
         if saved:
             return saved["lr"], saved["batch_size"]
-        pad = self.pad_id
-        make_batch = make_batch or (lambda ds, idx: self.task.collate(ds, idx, pad))
+        # under torchrun rank 0 runs the range tests alone (timings on shared cores would mislead) and every
+        # rank trains with its result
+        lr, bs = on_main(lambda: self._find_auto(cfg, model, loss_fn, train_ds, make_batch))
+        self.progress.auto[str(self.stage_index)] = {"lr": float(lr), "batch_size": int(bs)}
+        return float(lr), int(bs)
+
+    def _find_auto(self, cfg: LoopConfig, model: nn.Module, loss_fn: LossFn, train_ds: EncodedDataset | None,
+                   make_batch: Callable | None) -> tuple[float, int]:
+        pad, device = self.pad_id, self.device
+        collate = make_batch or (lambda ds, idx: self.task.collate(ds, idx, pad))
+        make_batch = lambda ds, idx: to_device(collate(ds, idx), device)  # noqa: E731
+        model.to(device)
         train_ds = train_ds or self.data.train
         bs, lr = cfg.batch_size, cfg.lr
+        probe_loss = loss_fn
+        if precision_for(device, cfg.precision) == "bf16":  # probe at the loop's speed and numerics
+
+            def probe_loss(m: nn.Module, batch: dict) -> torch.Tensor:
+                with autocast(device, "bf16"):
+                    return loss_fn(m, batch)
+
         if bs == "auto":
-            bs, speeds = find_batch_size(model, train_ds, loss_fn, make_batch, seed=cfg.seed)
+            bs, speeds = find_batch_size(model, train_ds, probe_loss, make_batch, seed=cfg.seed)
             console.print(f"batch_size auto: {bs} (examples/s by batch size: "
                           f"{ {k: round(v, 1) for k, v in speeds.items()} })")
         if lr == "auto":
-            lr, _ = find_lr(model, train_ds, loss_fn, make_batch, bs, cfg.weight_decay, seed=cfg.seed)
+            lr, _ = find_lr(model, train_ds, probe_loss, make_batch, bs, cfg.weight_decay, seed=cfg.seed)
             console.print(f"lr auto (LR range test): {lr:.2e}")
-        self.progress.auto[str(self.stage_index)] = {"lr": float(lr), "batch_size": int(bs)}
         return float(lr), int(bs)
 
 

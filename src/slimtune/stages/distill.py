@@ -238,6 +238,8 @@ def _with_word_defaults(run: Run, cfg: DistillConfig) -> tuple[DistillConfig, di
 
 def run_distill(run: Run, cfg: DistillConfig) -> dict:
     setup = setup_distill(run, cfg)
+    for t in setup.teachers:  # built on the CPU with the student; they label the transfer set on the run's device
+        t.model.to(run.device)
     max_length = run.max_length
     pooled_layers = sorted({t for _, t in setup.mapping}) if setup.granularity == "pooled" else []
     outputs = cached_teacher_outputs(setup.teachers, setup.texts, setup.pairs, max_length, pooled_layers, cfg.cache,

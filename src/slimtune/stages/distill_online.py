@@ -115,6 +115,8 @@ def rebuild_online(run: Run, cfg) -> None:
 
 def run_online(run: Run, cfg) -> dict:
     setup = setup_online(run, cfg)
+    for t in setup.teachers:  # built on the CPU with the student; they run where it trains
+        t.model.to(run.device)
     student, primary = setup.student, run.task.primary.name
     evaluate = run.eval_fn(run.data.eval)  # reported figures: the eval split
     teacher_metric = {t.name: evaluate(t.model)[primary] for t in setup.teachers}  # for "% of teacher"

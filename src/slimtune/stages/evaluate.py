@@ -8,6 +8,7 @@ from typing import ClassVar, Literal
 from pydantic import Field
 
 from slimtune.config import Strict
+from slimtune.distributed import on_main
 from slimtune.evaluate import count_parameters, tensors_size_mb
 from slimtune.stages.base import Run
 
@@ -22,14 +23,16 @@ class EvaluateConfig(Strict):
 
 def measure(run: Run, speed: bool = True, latency_runs: int = 50, throughput_batches: int = 10,
             threads: int | None = None) -> dict:
-    """The task's metrics of the run's model on the eval split, its size, and (with `speed`) its speed."""
+    """The task's metrics of the run's model on the eval split, its size, and (with `speed`) its speed.
+    Under torchrun every rank scores its share of the split; rank 0 alone times the model (the others would
+    compete for its cores) and sends the figures to the others."""
     model, ds = run.model, run.data.eval
     metrics = run.task.evaluate(model, ds, run.data.labels, run.pad_id)
     params, trainable = count_parameters(model)
     metrics |= {"params": params, "trainable_params": trainable, "size_mb": tensors_size_mb(model)}
     if speed:
-        metrics |= run.task.measure_speed(model, ds, run.pad_id, latency_runs=latency_runs,
-                                          throughput_batches=throughput_batches, threads=threads)
+        metrics |= on_main(lambda: run.task.measure_speed(model, ds, run.pad_id, latency_runs=latency_runs,
+                                                          throughput_batches=throughput_batches, threads=threads))
     return metrics
 
 

@@ -272,7 +272,8 @@ class Prune:
         if getattr(cfg, "calibration", None) is not None:  # exactly `samples` rows
             size = min(size, cfg.calibration.samples)
             count = -(-cfg.calibration.samples // size)
-        batches = calibration_batches(run.data.train, count, size, cfg.seed, run.pad_id, collate_fn=run.task.collate)
+        batches = calibration_batches(run.data.train, count, size, cfg.seed, run.pad_id, collate_fn=run.task.collate,
+                                      device=run.device)
         if not batches:
             raise SlimtuneError("prune: calibration set is empty (the train split has no rows)")
         if getattr(cfg, "calibration", None) is not None:

@@ -239,7 +239,7 @@ def quantize_calibration(run: Run, cfg) -> list[dict]:
     if len(run.data.train) == 0:
         raise SlimtuneError("quantize: the calibration set is empty (the train split has no rows)")
     return calibration_batches(run.data.train, cfg.calibration_batches, cfg.calibration_batch_size, cfg.seed,
-                               run.pad_id, collate_fn=run.task.collate)
+                               run.pad_id, collate_fn=run.task.collate, device=run.device)
 
 
 class Quantize:

@@ -39,7 +39,7 @@ def recovery_loss(run: Run, rc: RecoverConfig | None, model: nn.Module) -> Recov
         frozen = copy.deepcopy(model).eval().requires_grad_(False)
         return RecoveryLoss(online_distill_loss(frozen, rc.temperature, rc.alpha, rc.hidden_weight))
     soft = teacher_soft_targets(rc.teacher, run.data.train, run.data.id2label, run.max_length, rc.temperature,
-                                log=console.print)
+                                log=console.print, device=run.device)
     pad = run.pad_id
 
     def make_batch(ds, idx):

@@ -88,15 +88,22 @@ class Task(Protocol):
     # per token is too large to keep: the teachers run online, frozen, on each training batch)
     soft_targets: ClassVar[Literal["example", "token"]]
 
-    def output_space(self, data: Any) -> dict[int, str]:
-        """What the model's head must produce, read cheaply before the model loads (labels...)."""
+    def output_space(self, data: Any, start: Path | None = None) -> dict[int, str]:
+        """What the model's head must produce, read cheaply before the model loads (labels...). `start`:
+        the run's starting model; one already trained for these outputs keeps its own (a classifier's
+        label ids and order)."""
+
+    def start_note(self, start: Path, outputs: dict[int, str]) -> str | None:
+        """One line for the run's output when the starting model's trained head cannot be kept for
+        `outputs` (a classifier fine-tuned for other labels gets a new head); None otherwise."""
 
     def preprocessing(self, data: Any) -> Preprocessing:
         """The record saved with the model (`slimtune_preprocessing`) that eval, predict, export and
         generate read back, from the recipe's data section."""
 
     def load_pretrained(self, path: Path, outputs: dict[int, str]) -> nn.Module:
-        """The starting model of a run: a pretrained directory with this task's head."""
+        """The starting model of a run: a pretrained directory with this task's head (a new head when the
+        directory's own was trained for other outputs)."""
 
     def model_class(self) -> type:
         """The transformers Auto class that loads a saved model of this task."""
@@ -115,6 +122,11 @@ class Task(Protocol):
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The training loss of a batch."""
+
+    def loss_units(self, batch: dict[str, torch.Tensor]) -> int:
+        """What the loss averages over in `batch` (rows; a language model: scored tokens). Under torchrun a
+        rank's mean over its part of a global batch is weighted by its share of these, so the averaged
+        gradient is the whole batch's."""
 
     def distill_rows(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The output distributions distillation matches, as logit rows [N, V], and each row's hard target

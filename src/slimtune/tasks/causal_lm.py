@@ -22,6 +22,7 @@ from torch import nn
 from slimtune.batching import EncodedDataset, batch_indices, model_inputs
 from slimtune.config import CausalLMData, Preprocessing
 from slimtune.data import TaskData
+from slimtune.distributed import all_reduce_sum, device_of, eval_rows, to_device
 from slimtune.errors import SlimtuneError
 from slimtune.evaluate import measure_generation_speed
 from slimtune.lmdata import (
@@ -58,16 +59,23 @@ def token_nll(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.T
 
 @torch.inference_mode()
 def perplexity(model: nn.Module, ds: EncodedDataset, pad_id: int, batch_size: int = EVAL_BATCH) -> dict:
-    """Perplexity, mean NLL and scored-token count of `ds` (eval windows or instruction rows)."""
+    """Perplexity, mean NLL and scored-token count of `ds` (eval windows or instruction rows). Under torchrun
+    each rank scores its share of the windows and the sums are added up."""
     was_training = model.training
     model.eval()
+    device = device_of(model)
+    shard = eval_rows(len(ds), pad=False)  # sums: no padding, so no window counts twice
+    part = ds if shard is None else ds.subset(shard)
     total, count = 0.0, 0
     try:
-        for idx in batch_indices(ds.lengths, batch_size, shuffle=False):
-            nll, n = token_nll(model, collate_lm(ds, idx, pad_id))
+        for idx in batch_indices(part.lengths, batch_size, shuffle=False) if len(part) else []:
+            nll, n = token_nll(model, to_device(collate_lm(part, idx, pad_id), device))
             total, count = total + float(nll), count + n
     finally:
         model.train(was_training)
+    if shard is not None:
+        total, count = all_reduce_sum([total, float(count)])
+        count = int(count)
     mean = total / max(count, 1)
     return {"perplexity": math.exp(mean) if count else None, "nll": mean, "eval_tokens": count}
 
@@ -89,8 +97,11 @@ class CausalLM:
     soft_targets: ClassVar[str] = "token"  # 49,152 probabilities per token: the teacher runs online
     onnx_quantize: ClassVar[tuple[str, ...]] = ()  # fp32 graphs; int4/int8 MatMulNBits: bench/onnx_decoder.py
 
-    def output_space(self, data: CausalLMData) -> dict[int, str]:
+    def output_space(self, data: CausalLMData, start: Path | None = None) -> dict[int, str]:
         return {}  # the vocabulary is the model's own
+
+    def start_note(self, start: Path, outputs: dict[int, str]) -> str | None:
+        return None  # the language-model head is always the model's own
 
     def preprocessing(self, data: CausalLMData) -> Preprocessing:
         # max_length carries the block size: the window eval and generate read it back
@@ -132,6 +143,9 @@ class CausalLM:
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         nll, count = token_nll(model, batch)
         return nll / max(count, 1)
+
+    def loss_units(self, batch: dict[str, torch.Tensor]) -> int:
+        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())  # a mean over scored tokens, as token_nll
 
     def distill_rows(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         # as token_nll: position t predicts token t+1; only scored targets (not padding, not prompts)

@@ -17,11 +17,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimtune.batching import EncodedDataset, collate, cross_entropy_loss
-from slimtune.config import DataConfig, Preprocessing
+from slimtune.config import DataConfig, Preprocessing, names_causal_lm
 from slimtune.data import TaskData, label_map_of, load_eval_data, prepare_data
 from slimtune.errors import SlimtuneError
 from slimtune.evaluate import classification_metrics, measure_speed, predict_logits, save_confusion_matrix
-from slimtune.models import load_for_classification
+from slimtune.modeldir import check_model_dir
+from slimtune.models import load_for_classification, read_config
 from slimtune.tasks.base import EvalFn, Metric, OnnxSignature
 
 TINY_SPLIT_PT = 5.0  # warn when the eval accuracy's 95% interval is wider than ± this many points
@@ -40,14 +41,25 @@ class TextClassification:
     onnx_quantize: ClassVar[tuple[str, ...]] = ("dynamic", "static")
     soft_targets: ClassVar[str] = "example"  # a few probabilities per text: cached once per teacher
 
-    def output_space(self, data: DataConfig) -> dict[int, str]:
-        return label_map_of(data)[1]
+    def output_space(self, data: DataConfig, start: Path | None = None) -> dict[int, str]:
+        return label_map_of(data, keep=trained_labels(start) if start is not None else None)[1]
+
+    def start_note(self, start: Path, outputs: dict[int, str]) -> str | None:
+        trained = trained_labels(start)
+        if trained is None or trained == outputs:
+            return None
+        return (f"{start} was fine-tuned for the labels {_listed(trained)}; this data has {_listed(outputs)}: "
+                "a new classification head for them (the encoder is kept)")
 
     def preprocessing(self, data: DataConfig) -> Preprocessing:
         return Preprocessing.of(data)
 
     def load_pretrained(self, path: Path, outputs: dict[int, str]) -> nn.Module:
-        return load_for_classification(path, outputs)
+        model = load_for_classification(path, outputs)
+        trained = trained_labels(path)
+        if trained is not None and trained != outputs:  # same size but other labels: transformers keeps the head
+            new_head_(model)
+        return model
 
     def model_class(self) -> type:
         from transformers import AutoModelForSequenceClassification
@@ -74,6 +86,9 @@ class TextClassification:
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return cross_entropy_loss(model, batch)
+
+    def loss_units(self, batch: dict[str, torch.Tensor]) -> int:
+        return len(batch["input_ids"])  # a mean over rows
 
     def distill_rows(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         return logits, batch["labels"]  # one distribution per text
@@ -162,6 +177,40 @@ class TextClassification:
             return []
         save_confusion_matrix(final["confusion_matrix"], out)
         return ["confusion_matrix.json", "confusion_matrix.png"]
+
+
+def trained_labels(path: Path) -> dict[int, str] | None:
+    """The labels (id -> name) a model directory's classification head was trained for; None for a base
+    encoder (it has no head: it gets a new one anyway) and for a directory that is no classifier."""
+    config = read_config(path)
+    id2label = config.get("id2label")
+    if not id2label or names_causal_lm(config) or not check_model_dir(path, tokenizer=False).has_head:
+        return None
+    return {int(k): str(v) for k, v in id2label.items()}
+
+
+def new_head_(model: nn.Module) -> None:
+    """Re-initialise a classifier's head (every module beside its encoder, `model.base_model`) as
+    transformers initialises a new one: normal(0, initializer_range) weights, zero biases."""
+    base = getattr(model, "base_model", model)
+    if base is model:
+        raise SlimtuneError(f"{type(model).__name__}: no separate encoder, so no head to replace")
+    std = getattr(model.config, "initializer_range", 0.02)
+    for child in model.children():
+        if child is base:
+            continue
+        for module in child.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+
+
+def _listed(labels: dict[int, str]) -> str:
+    names = [labels[i] for i in sorted(labels)]
+    return ", ".join(names[:8]) + (f" ... ({len(names)})" if len(names) > 8 else "")
 
 
 class _LogitsOnly(nn.Module):
