@@ -404,7 +404,9 @@ def serve_cmd(
     token: Annotated[str | None, typer.Option(envvar="SLIMTUNE_TOKEN", show_default=False,
                                               help="require `Authorization: Bearer TOKEN` on every route but "
                                                    "/health (env SLIMTUNE_TOKEN)")] = None,
-    max_batch: Annotated[int, typer.Option(help="texts per model call at most (1: no batching)", min=1)] = 32,
+    max_batch: Annotated[int | None, typer.Option(help="texts per model call at most (1: no batching; default: 32 "
+                                                       "in torch, 1 for an ONNX graph, where batching was slower)",
+                                                  min=1, show_default=False)] = None,
     max_wait_ms: Annotated[float, typer.Option(help="how long the first queued text may wait for others while the "
                                                "model is idle (0: run at once; texts that arrive while the "
                                                "model is busy are batched anyway)", min=0.0)] = 0.0,

@@ -64,6 +64,7 @@ def test_classify_answers_what_predict_answers(server, models):
         assert ours["probabilities"] == pytest.approx(theirs["probabilities"], abs=1e-5)
         assert set(ours["probabilities"]) == set(LABELS.values())
     assert body["model_version"].startswith("v1@")
+    assert server.get("/v1/status").json()["max_batch"] == 8
     assert len({p["label"] for p in expected}) == 2  # the check means something: both labels occur
 
 
@@ -239,6 +240,7 @@ def test_an_onnx_directory_is_served_without_torch(models, tmp_path):
         assert answer.status_code == 200, s.log()[-2000:]
         body = answer.json()
         assert s.get("/v1/info").json()["runtime"] == "onnxruntime"
+        assert s.get("/v1/status").json()["max_batch"] == 1  # batching was measured slower on an ONNX graph
         assert s.post("/v1/feedback", {"text": "ok", "label": "negative"}).status_code == 200
     expected = Predictor(str(models[0]))(TEXTS)
     assert [p["label"] for p in body["predictions"]] == [p["label"] for p in expected]
@@ -337,3 +339,4 @@ def test_feedback_then_learn_then_the_server_serves_the_new_version(models, sst2
         version = json.loads((versions / "current" / "version.json").read_text())["version"]
         assert s.get("/health").json()["model_version"] == version
         assert s.post("/v1/classify", {"texts": TEXTS[:1]}).json()["model_version"] == version
+

@@ -43,7 +43,7 @@ OPEN_PATHS = ("/health", "/", "/favicon.ico")  # the page's shell holds no data:
 class ServeOptions:
     model_dir: str
     token: str | None = None
-    max_batch: int = 32
+    max_batch: int | None = None  # None: the backend's own (32 in torch, 1 for an int8 ONNX graph: measured)
     max_wait_ms: float = 0.0  # the model idle: run at once; busy: whatever queued meanwhile forms the batch
     max_queue: int = 256  # texts (or prompts) waiting, and the most one request may send
     max_body_bytes: int = 1 << 20
@@ -96,7 +96,8 @@ class Serving:
 
     def __init__(self, backend: Backend, options: ServeOptions, metrics: ServerMetrics):
         self.backend = backend
-        self.batcher = Batcher(backend.classify, options.max_batch, options.max_wait_ms, options.max_queue,
+        self.max_batch = options.max_batch or backend.max_batch
+        self.batcher = Batcher(backend.classify, self.max_batch, options.max_wait_ms, options.max_queue,
                                on_batch=metrics.batch_size.observe, on_depth=metrics.queue_depth.set)
 
 
@@ -230,7 +231,7 @@ def create_app(options: ServeOptions, backend: Backend) -> FastAPI:
                 "uptime_s": round(time.time() - state.started, 1), "queue_depth": state.current.batcher.waiting,
                 "predictions_seen": len(state.metrics.recent), "rolling_confidence": state.metrics.rolling_mean(),
                 "feedback": {"store": options.feedback, "recent_rows": n, "disagreement": share},
-                "max_batch": options.max_batch, "max_wait_ms": options.max_wait_ms}
+                "max_batch": state.current.max_batch, "max_wait_ms": options.max_wait_ms}
 
     @app.post("/v1/classify", tags=["model"])
     async def classify(body: ClassifyRequest, request: Request):

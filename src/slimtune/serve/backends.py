@@ -26,6 +26,7 @@ class Backend(Protocol):
     path: Path
     labels: list[str]  # the model's id2label in id order (empty for a generator)
     paired: bool  # trained on text pairs: requests send "pairs"
+    max_batch: int  # texts per model call when `--max-batch` is not given (what was measured best on it)
 
     def classify(self, texts: list[str], pairs: list[str] | None = None) -> list[dict]: ...
 
@@ -49,6 +50,9 @@ class OnnxClassifier:
     """An exported classifier: onnxruntime + tokenizers + numpy, the export's own preprocessing record."""
 
     kind, runtime = "classify", "onnxruntime"
+    # batching lost on an int8 graph (bench/serve_load.py: 0.81x the requests/s of none at 16 clients, p99
+    # 2.3 s at 64; splitting batches by length did not change it): one text per call unless asked
+    max_batch = 1
 
     def __init__(self, path: Path, threads: int | None = None):
         import numpy as np
