@@ -107,6 +107,7 @@ class ServerState:
         self.current = Serving(backend, options, self.metrics)
         self.metrics.serving(backend.version, backend.runtime)
         self.store = FeedbackStore(options.feedback) if options.feedback else None
+        self.disagreement: tuple[int, float | None] = (0, None)  # (recent feedback rows, share disagreeing)
         if self.store is not None:
             self._update_disagreement()
         self.reload_lock = asyncio.Lock()
@@ -226,7 +227,7 @@ def create_app(options: ServeOptions, backend: Backend) -> FastAPI:
     @app.get("/v1/status", tags=["ops"])
     async def status():
         b = state.current.backend
-        n, share = getattr(state, "disagreement", (0, None))
+        n, share = state.disagreement
         return {"model_version": b.version, "model_dir": str(b.path), "kind": b.kind, "runtime": b.runtime,
                 "uptime_s": round(time.time() - state.started, 1), "queue_depth": state.current.batcher.waiting,
                 "predictions_seen": len(state.metrics.recent), "rolling_confidence": state.metrics.rolling_mean(),
@@ -279,16 +280,16 @@ def create_app(options: ServeOptions, backend: Backend) -> FastAPI:
         if state.generations_waiting >= options.max_queue:
             raise QueueFull(f"{state.generations_waiting} prompts are waiting")
         sampling = body.model_dump(include={"max_new_tokens", "temperature", "top_p", "top_k", "seed"})
-        events = _generation_events(state, b, body.prompt, sampling)
+        events = _generation(state, b, body.prompt, sampling)
         if body.stream:
-            return StreamingResponse(events, media_type="text/event-stream",
+            return StreamingResponse(_server_sent_events(events, b.version), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         text = None
-        async for event in events:  # a plain JSON answer: the same generation, collected
-            if event.startswith("event: done"):
-                text = json.loads(event.split("data: ", 1)[1])["text"]
-            elif event.startswith("event: error"):
-                raise SlimtuneError(json.loads(event.split("data: ", 1)[1])["error"])
+        async for kind, value in events:  # a plain JSON answer: the same generation, collected
+            if kind == "done":
+                text = value
+            elif kind == "error":
+                raise SlimtuneError(value)
         return {"text": text, "model_version": b.version}
 
     @app.post("/v1/feedback", tags=["model"])
@@ -351,58 +352,60 @@ class _StopGeneration(Exception):
     """Raised inside the model's streamer when the client has gone: generation stops at the next token."""
 
 
-async def _generation_events(state: ServerState, backend: Backend, prompt: str, sampling: dict):
-    """Server-sent events: `token` (each decoded piece), then `done` (the whole text) or `error`."""
+async def _generation(state: ServerState, backend: Backend, prompt: str, sampling: dict):
+    """(kind, value) as the model decodes: `token` (each decoded piece), then `done` (the whole text) or
+    `error`. Generation runs on the server's generation thread; when the consumer stops (the client left),
+    the model stops at its next token."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     gone = threading.Event()
+
+    def put(kind: str, value: str) -> None:
+        loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
 
     def write(piece: str) -> None:
         if gone.is_set():
             raise _StopGeneration
         if piece:
-            loop.call_soon_threadsafe(queue.put_nowait, ("token", piece))
+            put("token", piece)
 
     def work() -> None:
+        loop.call_soon_threadsafe(_one_less_waiting, state)
         if gone.is_set():  # the client left while the prompt waited its turn
             return
         try:
-            text = backend.generate(prompt, sampling, write)
-            loop.call_soon_threadsafe(queue.put_nowait, ("done", text))
+            put("done", backend.generate(prompt, sampling, write))
         except _StopGeneration:
             pass
         except SlimtuneError as e:
-            loop.call_soon_threadsafe(queue.put_nowait, ("error", str(e)))
+            put("error", str(e))
         except Exception:
             log.exception("generation failed")
-            loop.call_soon_threadsafe(queue.put_nowait, ("error", "internal error (see the server's log)"))
+            put("error", "internal error (see the server's log)")
 
     state.generations_waiting += 1
-    future = loop.run_in_executor(state.generation, _started(state, loop, work))
+    loop.run_in_executor(state.generation, work)
     try:
         while True:
             kind, value = await queue.get()
-            if kind == "token":
-                yield f"event: token\ndata: {json.dumps({'text': value}, ensure_ascii=False)}\n\n"
-                continue
-            payload = {"text": value, "model_version": backend.version} if kind == "done" else {"error": value}
-            yield f"event: {kind}\ndata: {json.dumps(payload, ensure_ascii=False)}\n\n"
-            return
+            yield kind, value
+            if kind != "token":
+                return
     finally:
-        gone.set()  # the client went away (or we are done): the model stops at its next token
-        if not future.done():
-            future.add_done_callback(lambda _: None)
+        gone.set()
 
 
-def _started(state: ServerState, loop, work):
-    def run():
-        loop.call_soon_threadsafe(_decrement, state)
-        work()
+async def _server_sent_events(events, version: str):
+    try:
+        async for kind, value in events:
+            payload = {"text": value} if kind == "token" else (
+                {"text": value, "model_version": version} if kind == "done" else {"error": value})
+            yield f"event: {kind}\ndata: {json.dumps(payload, ensure_ascii=False)}\n\n"
+    finally:
+        await events.aclose()  # a client that left stops the model now, not when the generator is collected
 
-    return run
 
-
-def _decrement(state: ServerState) -> None:
+def _one_less_waiting(state: ServerState) -> None:
     state.generations_waiting -= 1
 
 
@@ -413,9 +416,6 @@ class _Guard:
     def __init__(self, app: FastAPI, state: ServerState):
         self.app, self.state = app, state
         self.token = state.options.token.encode() if state.options.token else None
-
-    def __getattr__(self, name):  # tests and uvicorn see the FastAPI app's attributes (state, routes, ...)
-        return getattr(self.app, name)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":

@@ -27,6 +27,7 @@ class _Item:
     pairs: list[str] | None
     future: asyncio.Future
     arrived: float = field(default_factory=time.monotonic)
+    queued: bool = True  # still in the queue (not yet taken into a batch)
 
 
 class Batcher:
@@ -59,7 +60,8 @@ class Batcher:
         finally:
             if not item.future.done():  # the client went away while queued: free the place now
                 item.future.cancel()
-            if item in self.pending:
+            if item.queued:  # (a flag, not a scan of the queue on every answer)
+                item.queued = False
                 self.pending.remove(item)
                 self._depth(-len(texts))
 
@@ -87,6 +89,7 @@ class Batcher:
             batch, size = [], 0
             while self.pending and (not batch or size + len(self.pending[0].texts) <= self.max_batch):
                 item = self.pending.popleft()
+                item.queued = False
                 self._depth(-len(item.texts))
                 if item.future.done():  # cancelled while queued
                     continue
