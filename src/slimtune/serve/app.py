@@ -7,7 +7,6 @@ Nothing here logs a request body or a token: uvicorn's access log has the method
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import signal
@@ -21,22 +20,21 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
 
 from slimtune.errors import SlimtuneError
 from slimtune.feedback import FeedbackStore
 from slimtune.serve.backends import Backend, load_backend
 from slimtune.serve.batcher import Batcher, QueueFull
+from slimtune.serve.guard import Guard, json_error
 from slimtune.serve.metrics import ROLLING, ServerMetrics
 
 log = logging.getLogger("slimtune.serve")
 PAGE = Path(__file__).with_name("page")
-OPEN_PATHS = ("/health", "/", "/favicon.ico")  # the page's shell holds no data: every call it makes needs the token
 
 
 @dataclass(frozen=True)
@@ -144,18 +142,6 @@ class ServerState:
             return {"model_version": backend.version, "previous": old.backend.version}
 
 
-def _route_of(app, scope) -> str:
-    for route in app.router.routes:
-        match, _ = route.matches(scope)
-        if match == Match.FULL:
-            return getattr(route, "path", "other")
-    return "unmatched"
-
-
-def _json(status: int, body: dict, headers: dict | None = None):
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
 def create_app(options: ServeOptions, backend: Backend) -> FastAPI:
     """The app for a backend already loaded (loading first means a bad model directory is a one-line error
     before any port is bound)."""
@@ -190,24 +176,24 @@ def create_app(options: ServeOptions, backend: Backend) -> FastAPI:
         errors = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]  # no input echo
         first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request"}
         where = ".".join(str(p) for p in first["loc"] if p != "body") or "body"
-        return _json(422, {"error": f"{where}: {first['msg']}", "detail": errors})
+        return json_error(422, {"error": f"{where}: {first['msg']}", "detail": errors})
 
     @app.exception_handler(FieldError)
     async def _field(request: Request, exc: FieldError):
-        return _json(422, {"error": str(exc), "detail": [{"loc": ["body", *exc.field.split(".")],
+        return json_error(422, {"error": str(exc), "detail": [{"loc": ["body", *exc.field.split(".")],
                                                            "msg": exc.message}]})
 
     @app.exception_handler(SlimtuneError)
     async def _slimtune(request: Request, exc: SlimtuneError):
-        return _json(422, {"error": str(exc)})
+        return json_error(422, {"error": str(exc)})
 
     @app.exception_handler(QueueFull)
     async def _full(request: Request, exc: QueueFull):
-        return _json(429, {"error": f"busy: {exc}; retry shortly"}, {"Retry-After": "1"})
+        return json_error(429, {"error": f"busy: {exc}; retry shortly"}, {"Retry-After": "1"})
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
-        return _json(exc.status_code, {"error": str(exc.detail)}, getattr(exc, "headers", None))
+        return json_error(exc.status_code, {"error": str(exc.detail)}, getattr(exc, "headers", None))
 
     # ----------------------------------------------------------------------------------------- routes
     @app.get("/health", tags=["ops"])
@@ -324,7 +310,7 @@ def create_app(options: ServeOptions, backend: Backend) -> FastAPI:
         return FileResponse(PAGE / "index.html")
 
     app.mount("/static", StaticFiles(directory=PAGE), name="static")
-    return _Guard(app, state)
+    return Guard(app, state.metrics, options.token, options.max_body_bytes)
 
 
 async def _until_disconnect(request: Request, work):
@@ -407,71 +393,6 @@ async def _server_sent_events(events, version: str):
 
 def _one_less_waiting(state: ServerState) -> None:
     state.generations_waiting -= 1
-
-
-class _Guard:
-    """The outer ASGI layer: request metrics, bearer-token auth and the body size cap, before FastAPI parses
-    anything (a 413 never buffers more than the cap; a 401 reads no body)."""
-
-    def __init__(self, app: FastAPI, state: ServerState):
-        self.app, self.state = app, state
-        self.token = state.options.token.encode() if state.options.token else None
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        started, route = time.perf_counter(), _route_of(self.app, scope)
-        status = {"code": 500}
-
-        async def send_counted(message):
-            if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-            await send(message)
-
-        try:
-            await self._guarded(scope, receive, send_counted)
-        finally:
-            metrics = self.state.metrics
-            metrics.requests.labels(route=route, status=str(status["code"])).inc()
-            metrics.latency.labels(route=route).observe(time.perf_counter() - started)
-
-    async def _guarded(self, scope, receive, send):
-        path = scope["path"]
-        if self.token and path not in OPEN_PATHS and not path.startswith("/static/"):
-            headers = dict(scope["headers"])
-            given = headers.get(b"authorization", b"")
-            if not (given[:7].lower() == b"bearer " and hmac.compare_digest(given[7:].strip(), self.token)):
-                return await _json(401, {"error": "missing or wrong bearer token (Authorization: Bearer TOKEN)"},
-                                   {"WWW-Authenticate": "Bearer"})(scope, receive, send)
-        cap = self.state.options.max_body_bytes
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > cap:
-            return await _json(413, {"error": f"body of {int(length)} bytes; at most {cap} (--max-body-bytes)"}
-                               )(scope, receive, send)
-        if scope["method"] not in ("POST", "PUT", "PATCH"):
-            return await self.app(scope, receive, send)
-        # read the body here, counting: a chunked upload has no content-length to check up front
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            size += len(message.get("body", b""))
-            if size > cap:
-                return await _json(413, {"error": f"body over {cap} bytes (--max-body-bytes)"})(scope, receive, send)
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body"):
-                break
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-            return await receive()  # after the body: the disconnect notice
-
-        return await self.app(scope, replay, send)
 
 
 def run_server(options: ServeOptions, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
