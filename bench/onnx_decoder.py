@@ -2,6 +2,7 @@
 ONNX Runtime MatMulNBits int4 / int8 graphs of the same export.
 
     python bench/onnx_decoder.py [--work runs/onnx_decoder] [--threads 2] [--rounds 3] [--variants a,b,...]
+                                 [--exports smollm2:int8,runs/lm_bench/int4-g32-fzero-rtn/model:int4,...]
 
 Protocol, the same for every row: batch 1, the first 128 tokens of WikiText-2 test as the prompt, greedy
 decoding, `--threads` threads (torch.set_num_threads / ORT intra-op). Each round generates 33 tokens and
@@ -19,6 +20,10 @@ EOS stop) whose greedy tokens equal torch fp32's (`onnx_decoder.torch_greedy`, t
 perplexity of `--ppl-tokens` WikiText-2 test tokens in 512-token windows (a few windows: for ranking
 the rows, not for a published perplexity).
 Needs onnx-ir (ORT's quantizer imports it): pip install -e '.[bench]' (make setup does).
+
+`--exports MODEL:BITS,...` adds slimtune's own `export --quantize int8|int4` of each model directory (or alias):
+a model quantized by a run keeps its own codes (GPTQ, a float zero point, its int8 head), a float one is rounded
+to nearest in blocks of 32; each export checks itself on WikiText-2 *valid* (export.json: its perplexity rise).
 """
 
 from __future__ import annotations
@@ -155,6 +160,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--variants", default=",".join(VARIANTS), help="MatMulNBits rows (names above), '' for none")
+    ap.add_argument("--exports", default="", help="MODEL_DIR:int8|int4,... : slimtune export --quantize rows")
     ap.add_argument("--ppl-tokens", type=int, default=2048, help="WikiText-2 test tokens for the ppl column (0: skip)")
     ap.add_argument("--no-ort-spinning", action="store_true", help="ORT's idle intra-op threads sleep (shared cores)")
     args = ap.parse_args()
@@ -187,6 +193,18 @@ def main() -> None:
             graphs[f"ORT {name}"] = dest
         except Exception as e:  # noqa: BLE001  (a row ORT refuses is reported, the others still run)
             failed[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+
+    for spec in [e for e in args.exports.split(",") if e]:
+        source, bits = spec.rsplit(":", 1)
+        label = f"slimtune {bits} of {Path(source).parent.name if '/' in source else source}"
+        dest = args.work / "exports" / label.replace(" ", "-")
+        if not (dest / "model.onnx").is_file():
+            t0 = time.perf_counter()
+            report = export_onnx(source, dest, quantize=bits, data=WIKI.with_name("wiki.valid.raw"),
+                                 threads=args.threads, overwrite=True, force=True)
+            print(f"exported {label} in {time.perf_counter() - t0:.0f} s: {len(report['nbits']['own_codes'])} layers "
+                  f"with own codes, {len(report['nbits']['rounded'])} rounded; {report['parity_detail']}")
+        graphs[label] = dest / "model.onnx"
 
     tokenizer, model = load_tokenizer(path), load_model(path)
     text = WIKI.read_text(encoding="utf-8")

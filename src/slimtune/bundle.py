@@ -29,7 +29,6 @@ from slimtune.errors import SlimtuneError
 from slimtune.export import PREPROCESSING_FILE, export_onnx
 from slimtune.io import atomic_write_text
 from slimtune.models import read_config, resolve_model_path
-from slimtune.parity import DEFAULT_MAX_DROP_PT
 from slimtune.tasks import task_of_model
 from slimtune.tasks.classification import TextClassification
 
@@ -46,7 +45,7 @@ def runtime_requirements(preprocessing: dict | None = None) -> list[str]:
 
 
 def write_bundle(model_dir: str | Path, out: str | Path, *, quantize: str | None = None, data: Path | None = None,
-                 max_drop: float = DEFAULT_MAX_DROP_PT, force: bool = False, optimize: bool = True,
+                 max_drop: float | None = None, force: bool = False, optimize: bool = True,
                  threads: int | None = None, overwrite: bool = False, sample_size: int = 1000) -> dict:
     """Write the bundle of a classifier directory to OUT; returns export's report with `bundle` (the manifest).
 

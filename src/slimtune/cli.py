@@ -213,13 +213,17 @@ def export_cmd(
                                       "preprocessing, config)", metavar="DIR")],
     format_: Annotated[str, typer.Option("--format", help="onnx, or bundle: an int8 classifier with a runtime that "
                                          "needs only onnxruntime, tokenizers and numpy", metavar="FORMAT")] = "onnx",
-    quantize: Annotated[str | None, typer.Option(help="int8 in ONNX Runtime: dynamic or static (a bundle: dynamic "
-                                                 "unless static)", metavar="MODE")] = None,
-    data: Annotated[Path | None, typer.Option(help="labelled file: int8 accuracy against torch, static "
-                                              "calibration (default for a run's model: the rows it held back)",
-                                              metavar="FILE")] = None,
-    max_drop: Annotated[float, typer.Option(help="accuracy points int8 may lose against torch on those rows",
-                                            metavar="PT")] = 0.5,
+    quantize: Annotated[str | None, typer.Option(help="a classifier: int8 dynamic or static (a bundle: dynamic "
+                                                 "unless static); a causal LM: int8 or int4 weights (MatMulNBits; "
+                                                 "a quantized model keeps its own codes)", metavar="MODE")] = None,
+    data: Annotated[Path | None, typer.Option(help="labelled file (a causal LM: text) to measure int8/int4 against "
+                                              "torch, static calibration (default for a run's model: the rows it "
+                                              "held back)", metavar="FILE")] = None,
+    max_drop: Annotated[float | None, typer.Option(help="accuracy points int8 may lose against torch on those rows "
+                                                   "[default 0.5]; a causal LM: percent its perplexity may rise "
+                                                   "[default 2]", metavar="PT", show_default=False)] = None,
+    block_size: Annotated[int, typer.Option(help="a causal LM's int8/int4 weights without codes of their own: "
+                                            "input columns per scale", metavar="N")] = 32,
     force: Annotated[bool, typer.Option("--force", help="keep an int8 graph that loses more than --max-drop, or a "
                                         "decoder whose greedy tokens differ from torch's (export.json records it)")
                      ] = False,
@@ -243,15 +247,17 @@ def export_cmd(
         from slimtune.export import export_onnx
 
         report = export_onnx(model_dir, out, quantize=quantize, data=data, optimize=optimize, threads=threads,
-                             overwrite=overwrite, max_drop=max_drop, force=force)
+                             overwrite=overwrite, max_drop=max_drop, force=force, block_size=block_size)
     detail = report.get("parity_detail") or f"max |logit diff| {report['fp32_max_abs_diff']:.2e}"
     what = f"bundle {out}" if format_ == "bundle" else str(out / "model.onnx")
-    typer.echo(f"exported {what} ({report['size_mb']:.1f} MB); fusion: {report['fusion']}; "
-               f"int8: {report.get('int8_format', 'no')}", err=True)
+    weights = report.get("nbits")
+    low_bits = (f"{report['quantize']} weights: {len(weights['own_codes'])} layers with their own codes, "
+                f"{len(weights['rounded'])} rounded here" if weights else f"int8: {report.get('int8_format', 'no')}")
+    typer.echo(f"exported {what} ({report['size_mb']:.1f} MB); fusion: {report['fusion']}; {low_bits}", err=True)
     if report.get("forced"):
         typer.echo(f"warning: kept with --force although it misses the policy: {detail}", err=True)
     elif report["parity"] == "unchecked":
-        typer.echo(f"warning: int8 accuracy not measured: {detail}", err=True)
+        typer.echo(f"warning: {report.get('quantize') or 'int8'} accuracy not measured: {detail}", err=True)
     else:
         typer.echo(f"parity {report['parity']}: {detail}", err=True)
     sys.stdout.write(json.dumps(report) + "\n")

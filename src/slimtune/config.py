@@ -186,8 +186,9 @@ class LoopConfig(Strict):
     bucket_by_length: bool = True
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="the training forward and loss: bf16 autocast (weights, gradients and AdamW stay fp32) "
-                            "or fp32; auto = bf16 on a CPU with avx512_bf16 / amx_bf16 and on a GPU with bf16, fp16 "
-                            "with loss scaling on other GPUs, else fp32. Evaluations are fp32")
+                            "or fp32; auto = bf16 on a GPU with bf16 and on a CPU with avx512_bf16 / amx_bf16 for "
+                            "models of hidden size >= 256, fp16 with loss scaling on other GPUs, else fp32. "
+                            "Evaluations are fp32")
 
     @field_validator("lr")
     @classmethod

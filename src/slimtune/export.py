@@ -32,6 +32,7 @@ import json
 import shutil
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -51,12 +52,22 @@ from slimtune.models import (
     resolve_model_path,
 )
 from slimtune.onnx_int8 import onnx_feed, quantization_scope, quantize_graph
-from slimtune.parity import DEFAULT_MAX_DROP_PT, ParitySample, greedy_verdict, miss_hint, parity_sample, verdict
+from slimtune.parity import (
+    DEFAULT_MAX_DROP_PT,
+    DEFAULT_MAX_RISE_PCT,
+    ParitySample,
+    greedy_verdict,
+    miss_hint,
+    parity_sample,
+    perplexity_verdict,
+    verdict,
+)
 from slimtune.quantize.core import dequantize_
 from slimtune.tasks import task_of_model
 from slimtune.tasks.base import OnnxSignature
 
 FP32_TOLERANCE = 1e-4
+LM_PARITY_WINDOWS = 8  # a decoder's int8/int4 check: 8 eval windows (4,096 tokens at 512 a window)
 
 
 # ------------------------------------------------------------------------------- ONNX Runtime model
@@ -86,8 +97,8 @@ def export_onnx(model_dir: str | Path, out: str | Path, *, quantize: str | None 
                 optimize: bool = True, sample_size: int = 1000, calibration_batches: int = 8,
                 threads: int | None = None, overwrite: bool = False, sample: EncodedDataset | None = None,
                 model: nn.Module | None = None, calibration: list[dict] | None = None,
-                max_drop: float = DEFAULT_MAX_DROP_PT, force: bool = False,
-                finish: Callable[[Path, dict], None] | None = None) -> dict:
+                max_drop: float | None = None, force: bool = False,
+                finish: Callable[[Path, dict], None] | None = None, block_size: int = 32) -> dict:
     """Export a model directory to OUT (see the module docstring); returns the export report.
 
     `sample` (labelled, already encoded) replaces --data for the parity check and calibration; `model`
@@ -95,11 +106,14 @@ def export_onnx(model_dir: str | Path, out: str | Path, *, quantize: str | None 
     `calibration` (collated batches) replaces the sample's first batches for static calibration.
     An int8 graph that loses more than `max_drop` points of the task's primary metric is refused with
     what to try, unless `force` (then kept, and `forced` is set in the report). So is a graph that misses
-    its task's own check (`OnnxSignature.check`: a decoder's greedy generations).
+    its task's own check (`OnnxSignature.check`: a decoder's greedy generations). A decoder's `quantize`
+    (int8 / int4: MatMulNBits weights, slimtune.onnx_nbits, new codes in blocks of `block_size`) is held to a
+    perplexity rise of at most `max_drop` percent against torch instead (default DEFAULT_MAX_RISE_PCT).
     `finish(dir, report)` is called on the written directory before it replaces OUT (its failure leaves
     nothing): a caller's own files and layout (slimtune.bundle)."""
-    if quantize not in (None, "dynamic", "static"):
-        raise SlimtuneError(f"--quantize {quantize!r}: expected dynamic or static")
+    if quantize not in (None, "dynamic", "static", "int8", "int4"):
+        raise SlimtuneError(f"--quantize {quantize!r}: expected dynamic or static (a classifier), int8 or int4 "
+                            "(a causal LM's weights)")
     path = resolve_model_path(model_dir)
     config = read_config(path)
     if config.get("slimtune_format") == "word-classifier":
@@ -107,8 +121,8 @@ def export_onnx(model_dir: str | Path, out: str | Path, *, quantize: str | None 
                             "LSTM sequences have no ONNX equivalent); they run in torch")
     task = task_of_model(config)
     if quantize and quantize not in task.onnx_quantize:
-        raise SlimtuneError(f"--quantize {quantize}: not available for a {task.name} model (its ONNX graph is "
-                            "exported in fp32; leave --quantize out)")
+        raise SlimtuneError(f"--quantize {quantize}: not available for a {task.name} model (its modes: "
+                            f"{', '.join(task.onnx_quantize) or 'none: leave --quantize out'})")
     out = check_output_path(Path(out).expanduser().resolve(), kind="directory")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise SlimtuneError(f"{out}: output directory exists and is not empty (use --overwrite to replace it)")
@@ -119,10 +133,14 @@ def export_onnx(model_dir: str | Path, out: str | Path, *, quantize: str | None 
     plain = plain_float_model(model)
     signature = task.onnx_signature(plain, tokenizer, path)  # refuses a config that disagrees with the weights
     if signature.check is not None:
-        if data is not None:
-            raise SlimtuneError(f"--data {data}: a {task.name} export reads no labelled rows (its graph is checked by "
-                                "generating with it); leave --data out")
-        return _export_self_checked(path, out, plain, tokenizer, signature, threads, force, finish)
+        if data is not None and not quantize:
+            raise SlimtuneError(f"--data {data}: a float {task.name} export reads no text (its graph is checked by "
+                                "generating with it); leave --data out, or give it with --quantize")
+        weights = None if not quantize else WeightQuantization(
+            int(quantize[3:]), block_size, DEFAULT_MAX_RISE_PCT if max_drop is None else max_drop,
+            parity_sample(path, model, tokenizer, data, LM_PARITY_WINDOWS), model)
+        return _export_self_checked(path, out, plain, tokenizer, signature, threads, force, finish, weights)
+    max_drop = DEFAULT_MAX_DROP_PT if max_drop is None else max_drop
     measured_on = (ParitySample(sample, True, f"{len(sample)} rows of the run's eval split") if sample is not None
                    else parity_sample(path, model, tokenizer, data, sample_size))
     sample = measured_on.rows
@@ -166,12 +184,26 @@ def export_onnx(model_dir: str | Path, out: str | Path, *, quantize: str | None 
     return report
 
 
+@dataclass
+class WeightQuantization:
+    """A decoder export's MatMulNBits request: bits for layers without codes, their block, the allowed
+    perplexity rise (percent) and the text it is measured on; `model` holds the codes of a quantized model."""
+
+    bits: int
+    block_size: int
+    max_rise_pct: float
+    measured_on: ParitySample
+    model: nn.Module
+
+
 def _export_self_checked(path: Path, out: Path, plain: nn.Module, tokenizer, signature: OnnxSignature,
-                         threads: int | None, force: bool, finish: Callable[[Path, dict], None] | None) -> dict:
+                         threads: int | None, force: bool, finish: Callable[[Path, dict], None] | None,
+                         weights: WeightQuantization | None = None) -> dict:
     """A graph its task checks itself (a decoder: greedy generations against torch's): traced, checked,
-    written with its files, or refused with the check's one-line detail unless `force`."""
-    report: dict = {"source": str(path), "quantize": None, "inputs": signature.input_names,
-                    "outputs": signature.output_names}
+    written with its files, or refused with the check's one-line detail unless `force`. With `weights`,
+    the checked float graph's MatMuls then become MatMulNBits, held to the perplexity rise."""
+    report: dict = {"source": str(path), "quantize": None if weights is None else f"int{weights.bits}",
+                    "inputs": signature.input_names, "outputs": signature.output_names}
     with tempfile.TemporaryDirectory() as work_dir, atomic_dir(out) as tmp:
         graph = Path(work_dir) / "fp32.onnx"
         trace_to_onnx(signature, graph)
@@ -181,9 +213,39 @@ def _export_self_checked(path: Path, out: Path, plain: nn.Module, tokenizer, sig
         if report["parity"] == "fail" and not force:
             raise SlimtuneError(f"{path}: the ONNX graph misses the export policy: {report['parity_detail']} "
                                 "(--force keeps it anyway)")
+        if weights is not None:
+            graph = _weight_only_graph(path, graph, Path(work_dir) / "nbits.onnx", plain, signature, weights,
+                                       threads, report)
+            if report["parity"] == "fail" and not force:
+                raise SlimtuneError(f"{path}: the int{weights.bits} graph misses the export policy: "
+                                    f"{report['parity_detail']}; try quantizing in a run first (`stage: quantize, "
+                                    "method: weight_only`, algorithm gptq; its codes are exported as they are), "
+                                    "--quantize int8, or --max-drop PCT / --force to keep this graph anyway")
         report["forced"] = report["parity"] == "fail"
         _write_beside_graph(graph, tmp, path, plain, tokenizer, signature, report, finish)
     return report
+
+
+def _weight_only_graph(path: Path, fp32: Path, dest: Path, plain: nn.Module, signature: OnnxSignature,
+                       weights: WeightQuantization, threads: int | None, report: dict) -> Path:
+    """The MatMulNBits graph of `fp32`, measured: its perplexity against torch's on real text (the verdict),
+    and its greedy generations against torch's (reported: quantized weights may pick other tokens)."""
+    from slimtune.onnx_nbits import perplexity_comparison, token_nlls_onnx, token_nlls_torch, write_nbits_graph
+
+    report["nbits"] = write_nbits_graph(fp32, dest, weights.model, plain, weights.bits, weights.block_size)
+    greedy = signature.check(dest, threads)
+    report["int_greedy"] = {k: greedy[k] for k in ("prompts", "prompts_differing", "first_difference")}
+    sample = weights.measured_on
+    if sample.labelled:
+        rows = sample.rows.subset(range(min(LM_PARITY_WINDOWS, len(sample.rows))))
+        measured = perplexity_comparison(token_nlls_torch(plain, rows), token_nlls_onnx(dest, rows, threads))
+        report.update(perplexity_verdict(measured, sample, weights.max_rise_pct))
+    else:
+        report.update(parity="unchecked", parity_detail=(
+            f"greedy generations differ from torch's on {greedy['prompts_differing']} of {greedy['prompts']} "
+            f"prompts; perplexity not measured (pass --data FILE with text, or export RUN/model of a slimtune run)"))
+    report["max_drop_pct"] = weights.max_rise_pct
+    return dest
 
 
 def _write_beside_graph(graph: Path, tmp: Path, path: Path, plain: nn.Module, tokenizer, signature: OnnxSignature,

@@ -33,6 +33,12 @@ import numpy as np
 QUANT_SUFFIXES = ("_quantized", "_scale", "_zero_point")
 
 
+def weight_key(array: np.ndarray) -> int:
+    """A key of a weight's values: a graph initializer and the torch tensor it was exported from (in the
+    layout the graph holds) get the same key, which is how a node is matched to its module."""
+    return hash(np.ascontiguousarray(array, dtype=np.float32).tobytes())
+
+
 def load(path: Path):
     import onnx
 

@@ -46,7 +46,7 @@ def quantization_scope(model: nn.Module, plain: nn.Module, graph: Path) -> dict:
     digests = {}
     for name, node in nodes.items():
         w = numpy_helper.to_array(weights[next(i for i in node.input if i in weights)])
-        digests[hash(np.ascontiguousarray(w.T if node.op_type == "MatMul" else w).tobytes())] = name
+        digests[onnx_graph.weight_key(w.T if node.op_type == "MatMul" else w)] = name
     linears = [layer for layer, entry in spec.items() if entry.get("kind", "linear") == "linear"]
     # int8 runs: exactly the layers whose activations torch quantizes (their weight-only pooler stays
     # float, as in torch). A weight-only model (mixed, ternary, ...) is served int8 by all its quantized
@@ -55,7 +55,7 @@ def quantization_scope(model: nn.Module, plain: nn.Module, graph: Path) -> dict:
     keep, overrides, codes = set(), {}, {}
     for layer in served:
         w = plain.get_submodule(layer).weight.detach().numpy()
-        node = digests.get(hash(np.ascontiguousarray(w).tobytes()))
+        node = digests.get(onnx_graph.weight_key(w))
         keep.add(node)
         quantized = model.get_submodule(layer)
         if node is not None and nodes[node].op_type == "MatMul" and hasattr(quantized, "qweight"):
@@ -79,23 +79,23 @@ def quantization_scope(model: nn.Module, plain: nn.Module, graph: Path) -> dict:
     qdq_exact = len(set(per_tensor)) <= 1 and not any(spec[layer].get("scale_group") for layer in served)
     return {"exclude": sorted(exclude), "gather": False, "overrides": overrides,
             "per_channel": not (per_tensor and all(per_tensor)), "codes": codes, "qdq": qdq_exact,
-            "tables": _table_codes(model, plain, g, spec)}
+            "tables": table_codes(model, plain, g, spec)}
 
 
-def _table_codes(model: nn.Module, plain: nn.Module, g, spec: dict) -> dict:
+def table_codes(model: nn.Module, plain: nn.Module, g, spec: dict) -> dict:
     """Graph table name -> (int8 codes, per-row scale, integer zero point or None) of each quantized embedding
     whose codes fit GatherBlockQuantized: 8 bits or fewer, one scale per row, an integer zero point."""
     from onnx import numpy_helper
 
     gathered = {n.input[0] for n in g.node if n.op_type == "Gather"}
-    by_digest = {hash(np.ascontiguousarray(numpy_helper.to_array(init)).tobytes()): init.name
+    by_digest = {onnx_graph.weight_key(numpy_helper.to_array(init)): init.name
                  for init in g.initializer if init.name in gathered}
     tables = {}
     for layer, entry in spec.items():
         module = model.get_submodule(layer)
         if entry.get("kind") != "embedding" or not hasattr(module, "qweight") or entry.get("bits", 8) > 8:
             continue
-        name = by_digest.get(hash(np.ascontiguousarray(plain.get_submodule(layer).weight.detach().numpy()).tobytes()))
+        name = by_digest.get(onnx_graph.weight_key(plain.get_submodule(layer).weight.detach().numpy()))
         scale = module.scale.detach().numpy()
         zero = None if module.zero_point is None else module.zero_point.detach().numpy()
         if name is None or scale.shape[-1] != 1 or (zero is not None and not np.array_equal(zero, np.round(zero))):

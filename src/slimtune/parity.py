@@ -29,12 +29,15 @@ import torch
 import yaml
 
 from slimtune.batching import EncodedDataset
-from slimtune.config import DataConfig
 from slimtune.errors import SlimtuneError
 from slimtune.models import preprocessing_of
 from slimtune.tasks import task_of_model
 
 DEFAULT_MAX_DROP_PT = 0.5
+# a decoder's int8 / int4 weights: the perplexity may rise this many percent over torch's on the same text.
+# ORT's int8 kernels quantize the activations too (accuracy_level 4); int8 weights in blocks of 32 rose 0.5%
+# on SmolLM2 (docs/benchmarks.md)
+DEFAULT_MAX_RISE_PCT = 2.0
 
 
 @dataclass
@@ -67,7 +70,9 @@ def held_back_rows(path: Path, model, tokenizer) -> ParitySample | None:
         return None
     try:
         raw = yaml.safe_load(recipe_file.read_text(encoding="utf-8"))
-        data = DataConfig(**raw["data"]).model_copy(update={"augment": None})  # the split only, no copies
+        data = task_of_model(model.config).data_config(**raw["data"])
+        if "augment" in type(data).model_fields:
+            data = data.model_copy(update={"augment": None})  # the split only, no copies
     except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError) as e:
         raise SlimtuneError(f"{recipe_file}: cannot read the run's data section to find its held-back rows "
                             f"({' '.join(str(e).split())[:200]}); pass --data FILE") from None
@@ -121,6 +126,15 @@ def greedy_verdict(measured: dict) -> dict:
               f"each, {measured['tokens_compared']} tokens compared with torch; max |logit diff| "
               f"{measured['max_abs_logit_diff']:.2e}")
     return measured | {"parity": "pass" if measured["identical"] else "fail", "parity_detail": detail}
+
+
+def perplexity_verdict(measured: dict, sample: ParitySample, max_rise: float) -> dict:
+    """`measured` (slimtune.onnx_nbits.perplexity_comparison) plus `parity` (pass: the graph's perplexity
+    rises at most `max_rise` percent over torch's) and a one-line detail."""
+    detail = (f"perplexity {measured['onnx_perplexity']:.3f} vs torch {measured['torch_perplexity']:.3f} "
+              f"({measured['rise_pct']:+.2f}%, max {max_rise:g}%; ±{measured['rise_interval_pct']:.2f}% 95% on "
+              f"{measured['tokens']} tokens of {sample.source})")
+    return measured | {"parity": "pass" if measured["rise_pct"] <= max_rise else "fail", "parity_detail": detail}
 
 
 def miss_hint(mode: str, report: dict, sample: ParitySample, max_drop: float) -> str:

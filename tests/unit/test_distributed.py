@@ -35,7 +35,7 @@ def test_a_global_batch_is_split_in_contiguous_parts():
 def test_devices_and_precision_on_this_machine():
     assert distributed.resolve_device("cpu") == torch.device("cpu")
     cpu = torch.device("cpu")
-    assert distributed.precision_for(cpu, "auto") is None  # a CPU trains in fp32 unless `precision: bf16`
+    assert distributed.precision_for(cpu, "auto", 32) is None  # a narrow model trains in fp32 on a CPU
     assert distributed.precision_for(cpu, "bf16") == "bf16"
     assert distributed.precision_for(cpu, "fp32") is None
     assert distributed.grad_scaler(torch.device("cpu"), None) is None

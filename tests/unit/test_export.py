@@ -190,8 +190,11 @@ def test_head_pruned_model_exports(classifier_dir, tmp_path):
 def test_bad_input_leaves_nothing(classifier_dir, tmp_path):
     with pytest.raises(SlimtuneError, match="static needs --data"):
         export_onnx(classifier_dir, tmp_path / "a", quantize="static")
-    with pytest.raises(SlimtuneError, match="dynamic or static"):
+    with pytest.raises(SlimtuneError, match=r"^--quantize int4: not available for a text-classification model "
+                                            r"\(its modes: dynamic, static\)$"):
         export_onnx(classifier_dir, tmp_path / "b", quantize="int4")
+    with pytest.raises(SlimtuneError, match="expected dynamic or static .*int8 or int4"):
+        export_onnx(classifier_dir, tmp_path / "b", quantize="int3")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
     with pytest.raises(SlimtuneError, match="not empty"):

@@ -190,7 +190,8 @@ def test_bad_input_is_one_line_and_touches_nothing(tiny_llama_dir, tmp_path):
 
     with pytest.raises(SlimtuneError, match=r"^--quantize dynamic: not available for a causal-lm model"):
         export_onnx(tiny_llama_dir, tmp_path / "q", quantize="dynamic")
-    with pytest.raises(SlimtuneError, match=r"^--data .*rows.txt: a causal-lm export reads no labelled rows"):
+    with pytest.raises(SlimtuneError, match=r"^--data .*rows.txt: a float causal-lm export reads no text .*"
+                                            r"or give it with --quantize"):
         export_onnx(tiny_llama_dir, tmp_path / "d", data=tmp_path / "rows.txt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["damaged", "onnx"]
 

@@ -130,6 +130,24 @@ def test_early_stopping_and_keep_best(ds):
     assert all(torch.equal(v, snapshots[1][k]) for k, v in model.state_dict().items())
 
 
+def test_a_tie_on_the_metric_keeps_the_lower_loss(ds):
+    """Accuracy on a small selection split ties often; the tied evaluation with the lower loss is kept (and
+    counts as a best for early stopping), a tied one with a higher loss is not."""
+    cfg = stage(epochs=4, keep_best=True)
+    rows = [(0.6, 0.70), (0.6, 0.62), (0.6, 0.65), (0.5, 0.40)]
+    model, snapshots = tiny_model(), []
+
+    def eval_fn(m):
+        snapshots.append({k: v.clone() for k, v in m.state_dict().items()})
+        accuracy, loss = rows[len(snapshots) - 1]
+        return {"accuracy": accuracy, "loss": loss}
+
+    steps_per_epoch = math.ceil(len(ds) / 8)
+    res = train(model, ds, loop(cfg), TrainContext(progress=False), eval_fn=eval_fn)
+    assert res.best_metric == 0.6 and res.best_loss == 0.62 and res.best_step == 2 * steps_per_epoch
+    assert all(torch.equal(v, snapshots[1][k]) for k, v in model.state_dict().items())
+
+
 @pytest.mark.parametrize("metric", ["loss", "perplexity"])
 def test_a_lower_is_better_metric_keeps_the_lowest_eval(ds, metric):
     """`loss` goes down by default; another metric (a causal LM's perplexity) says so with higher_is_better."""

@@ -117,6 +117,11 @@ class DistillModel(nn.Module):
             f"{s}_{t}": nn.Linear(student_widths[s], teacher_width) if student_widths[s] != teacher_width
             else nn.Identity() for s, t in mapping})
 
+    @property
+    def config(self):
+        """The student's: what the loop reads of the model it trains (its width, for the precision)."""
+        return getattr(self.student, "config", None)
+
     def forward(self, **inputs):
         return self.student(**inputs)
 

@@ -28,7 +28,7 @@ from slimtune.autotune import find_batch_size, find_lr
 from slimtune.batching import EncodedDataset, pad_id_of
 from slimtune.checkpoint import CheckpointStore, stage_start_snapshot
 from slimtune.config import LoopConfig, Preprocessing
-from slimtune.distributed import autocast, on_main, precision_for, to_device
+from slimtune.distributed import autocast, model_width, on_main, precision_for, to_device
 from slimtune.errors import SlimtuneError
 from slimtune.tasks import Task, TaskData
 from slimtune.train import LoopSettings, LossFn, TrainContext, TrainResult, train
@@ -167,7 +167,7 @@ class Run:
         train_ds = train_ds or self.data.train
         bs, lr = cfg.batch_size, cfg.lr
         probe_loss = loss_fn
-        if precision_for(device, cfg.precision) == "bf16":  # probe at the loop's speed and numerics
+        if precision_for(device, cfg.precision, model_width(model)) == "bf16":  # probe at the loop's speed, numerics
 
             def probe_loss(m: nn.Module, batch: dict) -> torch.Tensor:
                 with autocast(device, "bf16"):
