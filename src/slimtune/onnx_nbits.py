@@ -11,9 +11,11 @@ slimtune's own `quantize_codes` (asymmetric, 0 in the range: the scheme of ORT's
 
     B            uint8 [N, k_blocks, block_size * bits / 8]  codes + 2^(bits-1); two 4-bit codes a byte, low first
     scales       float [N, k_blocks]
-    zero_points  uint8 [N, ceil(k_blocks * bits / 8)] (integer, + 2^(bits-1), packed like B) or
-                 float [N, k_blocks] (a float zero point); absent for symmetric codes (ORT then uses 2^(bits-1))
+    zero_points  uint8 [N, ceil(k_blocks * bits / 8)] (integer, + 2^(bits-1), packed like B); absent for
+                 symmetric codes and float zero points (ORT then uses 2^(bits-1))
     weight = (code - zero_point) * scale, which is slimtune's `dequantize_codes` with both shifted alike.
+A float zero point z (the `asymmetric_float` scheme) is carried exactly as a correction beside the node:
+x (c - z) s = x c s + (x summed per block) (-z s).
 
 A MatMul's constant weight is matched to its torch module by content (`onnx_graph.weight_key`): the exported
 graph holds each Linear's dequantized W^T as an initializer (constant-folded), so equal bytes name the module
@@ -45,17 +47,19 @@ RTN_SCHEME = "asymmetric"
 MIN_BLOCK = 16  # MatMulNBits' smallest block
 
 
-def model_codes(model: nn.Module) -> dict[int, tuple[str, QuantizedLinear]]:
-    """content key of W^T -> (module name, module) for every weight-only QuantizedLinear whose codes
-    MatMulNBits can carry: 4 or 8 bits, scaled codes, no per-input AWQ scale (that one varies inside a block).
-    A float zero point only at 4 bits: ORT 1.31 refuses it at 8 ("only 2b and 4b ... for unpacked compute")."""
+def model_codes(model: nn.Module) -> dict[int, tuple[str, QuantizedLinear, bool]]:
+    """content key of W^T -> (module name, module, carried) for every weight-only QuantizedLinear. `carried`: its
+    codes go into MatMulNBits as they are (4 or 8 bits, scaled codes, no per-input AWQ scale, which varies inside
+    a block; a float zero point only at 4 bits: ORT 1.31 refuses it at 8, "only 2b and 4b ... for unpacked
+    compute"). The others are rounded again, at their own bits when those are 4 or 8."""
     found = {}
     for name, module in model.named_modules():
-        if (isinstance(module, QuantizedLinear) and module.bits in (4, 8) and module.activations is None
-                and module.input_scale is None
-                and module.scheme in ("symmetric", "asymmetric", "asymmetric_float")
-                and not (module.scheme == "asymmetric_float" and module.bits == 8)):
-            found[onnx_graph.weight_key(module.dequantized_weight().detach().float().T.numpy())] = (name, module)
+        if isinstance(module, QuantizedLinear) and module.activations is None:
+            carried = (module.bits in (4, 8) and module.input_scale is None
+                       and module.scheme in ("symmetric", "asymmetric", "asymmetric_float")
+                       and not (module.scheme == "asymmetric_float" and module.bits == 8))
+            key = onnx_graph.weight_key(module.dequantized_weight().detach().float().T.numpy())
+            found[key] = (name, module, carried)
     return found
 
 
@@ -97,23 +101,39 @@ def nbits_tensors(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor |
     if zero is not None:
         z = zero.repeat_interleave(repeat, dim=1)[:, :k_blocks]
         if z.is_floating_point():
-            out["zero_points"] = (z.float() + offset).numpy().astype(np.float32)
+            # ORT takes a float zero point only on its slow path (it dequantizes every weight on every call:
+            # SmolLM2 decoded at 0.42x torch fp32). Exact and fast instead: (c - z) s = c s - z s, so the node
+            # runs on the codes with no zero point, plus each block's input sum times -z s (two small MatMuls)
+            indicator = np.zeros((k, k_blocks), np.float32)
+            indicator[np.arange(k), np.arange(k) // block] = 1.0
+            out["block_sums"] = indicator
+            out["zero_shift"] = np.ascontiguousarray((-(z.float() * scale.float().repeat_interleave(
+                repeat, dim=1)[:, :k_blocks])).T.numpy(), dtype=np.float32)
         else:
             z_unsigned = (z.to(torch.int16) + offset).numpy()
             out["zero_points"] = _pack(z_unsigned, bits)
     return block, out
 
 
-def nbits_node(input_name: str, output_name: str, prefix: str, tensors: dict[str, np.ndarray], k: int, n: int,
-               bits: int, block: int, accuracy_level: int = ACCURACY_LEVEL):
-    """(the MatMulNBits node, its initializers) computing input @ W^T for the tensors of `nbits_tensors`."""
+def nbits_nodes(input_name: str, output_name: str, prefix: str, tensors: dict[str, np.ndarray], k: int, n: int,
+                bits: int, block: int, accuracy_level: int = ACCURACY_LEVEL) -> tuple[list, list]:
+    """(the nodes, their initializers) computing input @ W^T for the tensors of `nbits_tensors`: one
+    MatMulNBits, and for float zero points the block sums' correction added to it."""
     from onnx import helper, numpy_helper
 
-    names = [f"{prefix}_{part}" for part in ("B", "scales", "zero_points") if part in tensors]
-    initializers = [numpy_helper.from_array(tensors[name[len(prefix) + 1:]], name) for name in names]
-    node = helper.make_node("MatMulNBits", [input_name, *names], [output_name], name=f"{prefix}_matmul",
-                            domain=MS_DOMAIN, K=k, N=n, bits=bits, block_size=block, accuracy_level=accuracy_level)
-    return node, initializers
+    initializers = [numpy_helper.from_array(array, f"{prefix}_{part}") for part, array in tensors.items()]
+    inputs = [f"{prefix}_{part}" for part in ("B", "scales", "zero_points") if part in tensors]
+    shifted = "zero_shift" in tensors
+    main = f"{prefix}_codes" if shifted else output_name
+    nodes = [helper.make_node("MatMulNBits", [input_name, *inputs], [main], name=f"{prefix}_matmul",
+                              domain=MS_DOMAIN, K=k, N=n, bits=bits, block_size=block, accuracy_level=accuracy_level)]
+    if shifted:
+        nodes += [helper.make_node("MatMul", [input_name, f"{prefix}_block_sums"], [f"{prefix}_sums"],
+                                   name=f"{prefix}_sum_blocks"),
+                  helper.make_node("MatMul", [f"{prefix}_sums", f"{prefix}_zero_shift"], [f"{prefix}_shift"],
+                                   name=f"{prefix}_zero_points"),
+                  helper.make_node("Add", [main, f"{prefix}_shift"], [output_name], name=f"{prefix}_add_shift")]
+    return nodes, initializers
 
 
 def write_nbits_graph(src: Path, dest: Path, model: nn.Module, plain: nn.Module, bits: int, block_size: int) -> dict:
@@ -138,28 +158,28 @@ def write_nbits_graph(src: Path, dest: Path, model: nn.Module, plain: nn.Module,
             new_nodes.append(node)
             continue
         k, n = array.shape
-        match = own.get(onnx_graph.weight_key(array))
-        if match is not None:
-            name, module = match
+        name, module, carried = own.get(onnx_graph.weight_key(array), (node.name or node.output[0], None, False))
+        if carried:
             group = module.group_size or k
             layer_bits = module.bits
             block, tensors = nbits_tensors(module.qweight, module.scale, module.zero_point, layer_bits, group)
             report["own_codes"].append(name)
         else:
-            name, layer_bits = node.name or node.output[0], bits
             if k < MIN_BLOCK:
                 report["kept_float"].append(name)
                 new_nodes.append(node)
                 continue
+            # a quantized layer whose codes cannot be carried keeps its bits (an int8 head stays int8)
+            layer_bits = module.bits if module is not None and module.bits in (4, 8) else bits
             group = block_size if k % block_size == 0 else k
-            codes, scale, zero = quantize_codes(torch.from_numpy(array.T.copy()), bits, RTN_SCHEME, group)
-            block, tensors = nbits_tensors(codes, scale, zero, bits, group)
+            codes, scale, zero = quantize_codes(torch.from_numpy(array.T.copy()), layer_bits, RTN_SCHEME, group)
+            block, tensors = nbits_tensors(codes, scale, zero, layer_bits, group)
             report["rounded"].append(name)
         report["bits"][name] = f"int{layer_bits}, blocks of {block}"
-        nbits, initializers = nbits_node(node.input[0], node.output[0], f"{node.input[1]}_nbits", tensors, k, n,
-                                         layer_bits, block)
+        nodes, initializers = nbits_nodes(node.input[0], node.output[0], f"{node.input[1]}_nbits", tensors, k, n,
+                                          layer_bits, block)
         graph.initializer.extend(initializers)
-        new_nodes.append(nbits)
+        new_nodes.extend(nodes)
     if not report["own_codes"] and not report["rounded"]:
         raise SlimtuneError(f"{src}: no MatMul with a constant weight to quantize")
     del graph.node[:]
@@ -222,5 +242,5 @@ def perplexity_comparison(reference: np.ndarray, candidate: np.ndarray) -> dict:
             "rise_interval_pct": 100 * half}
 
 
-__all__ = ["model_codes", "nbits_tensors", "perplexity_comparison", "token_nlls_onnx", "token_nlls_torch",
-           "write_nbits_graph"]
+__all__ = ["model_codes", "nbits_nodes", "nbits_tensors", "perplexity_comparison", "token_nlls_onnx",
+           "token_nlls_torch", "write_nbits_graph"]

@@ -12,7 +12,7 @@ from helpers import slimtune as slimtune_cli
 import slimtune
 from slimtune.errors import SlimtuneError
 from slimtune.export import export_onnx
-from slimtune.onnx_nbits import nbits_node, nbits_tensors
+from slimtune.onnx_nbits import nbits_nodes, nbits_tensors
 from slimtune.quantize.codes import dequantize_codes, quantize_codes
 
 
@@ -21,8 +21,8 @@ def _run_node(x: np.ndarray, tensors: dict, k: int, n: int, bits: int, block: in
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    node, inits = nbits_node("x", "y", "w", tensors, k, n, bits, block, accuracy_level=0)
-    graph = helper.make_graph([node], "one", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
+    nodes, inits = nbits_nodes("x", "y", "w", tensors, k, n, bits, block, accuracy_level=0)
+    graph = helper.make_graph(nodes, "one", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, n])], inits)
     model = helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 17),
                                                                   helper.make_opsetid("com.microsoft", 1)])
@@ -42,7 +42,8 @@ def test_the_node_computes_the_dequantized_weights(bits, scheme, group, k):
     codes, scale, zero = quantize_codes(weight, bits, scheme, group)
     block, tensors = nbits_tensors(codes, scale, zero, bits, group or k)
     assert block in (16, 32, 64) and tensors["B"].dtype == np.uint8
-    assert ("zero_points" in tensors) == (scheme != "symmetric")
+    assert ("zero_points" in tensors) == (scheme == "asymmetric")
+    assert ("zero_shift" in tensors) == (scheme == "asymmetric_float")  # the fast path: a correction beside it
     x = torch.randn(5, k, generator=gen)
     want = (x @ dequantize_codes(codes, scale, zero).T).numpy()
     assert np.abs(_run_node(x.numpy(), tensors, k, n, bits, block) - want).max() < 1e-4
@@ -113,3 +114,19 @@ def test_the_perplexity_policy_refuses_and_leaves_nothing(tiny_llama_dir, text_f
     assert proc.returncode == 2 and proc.stderr.strip() == (
         "error: --quantize dynamic: not available for a causal-lm model (its modes: int8, int4)")
     assert not (tmp_path / "x").exists()
+
+
+def test_codes_onnx_runtime_cannot_carry_are_rounded_at_their_own_bits(tiny_llama_dir, text_files, tmp_path):
+    """int4 layers with a float zero point go in as they are; the int8 head with one (ORT refuses a float zero
+    point at 8 bits) is rounded again, at 8 bits, not at --quantize's 4."""
+    recipe = {"task": "causal-lm", "model": str(tiny_llama_dir),
+              "data": {"train": str(text_files / "train.txt"), "eval": str(text_files / "eval.txt"),
+                       "block_size": 32},
+              "stages": [{"stage": "quantize", "method": "weight_only", "head": True, "bits": 4, "group_size": 32,
+                          "algorithm": "rtn", "symmetric": False, "zero_point": "float", "head_bits": 8,
+                          "calibration_batches": 1, "calibration_batch_size": 4}]}
+    slimtune.run(recipe, tmp_path / "run", progress=False)
+    report = export_onnx(tmp_path / "run" / "model", tmp_path / "onnx", quantize="int4")
+    assert report["nbits"]["rounded"] == ["lm_head"] and len(report["nbits"]["own_codes"]) == 14
+    assert report["nbits"]["bits"]["lm_head"] == "int8, blocks of 32"
+    assert report["parity"] == "pass" and abs(report["rise_pct"]) < 2
