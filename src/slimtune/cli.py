@@ -220,8 +220,8 @@ def export_cmd(
                                               "torch, static calibration (default for a run's model: the rows it "
                                               "held back)", metavar="FILE")] = None,
     max_drop: Annotated[float | None, typer.Option(help="accuracy points int8 may lose against torch on those rows "
-                                                   "[default 0.5]; a causal LM: percent its perplexity may rise "
-                                                   "[default 2]", metavar="PT", show_default=False)] = None,
+                                                   "(default 0.5); a causal LM: percent its perplexity may rise "
+                                                   "(default 2)", metavar="PT", show_default=False)] = None,
     block_size: Annotated[int, typer.Option(help="a causal LM's int8/int4 weights without codes of their own: "
                                             "input columns per scale", metavar="N")] = 32,
     force: Annotated[bool, typer.Option("--force", help="keep an int8 graph that loses more than --max-drop, or a "
@@ -234,8 +234,9 @@ def export_cmd(
 ):
     """Export to ONNX (dynamic batch/sequence axes) that onnxruntime + tokenizers serve alone; int8 is
     measured against torch and held to --max-drop (docs/deploy.md). A causal LM exports as one decoder graph
-    with its KV cache, held to greedy generations identical to torch's. `--format bundle` writes an int8
-    classifier with its tokenizer, labels, cleaning code and slimtune_bundle.py, a runtime without torch."""
+    with its KV cache, held to greedy generations identical to torch's; its int8/int4 weights to a perplexity
+    rise. `--format bundle` writes an int8 classifier with its tokenizer, labels, cleaning code and
+    slimtune_bundle.py, a runtime without torch."""
     if format_ not in ("onnx", "bundle"):
         raise SlimtuneError(f"--format {format_!r}: only onnx and bundle are supported")
     if format_ == "bundle":
