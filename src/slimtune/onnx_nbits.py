@@ -1,8 +1,8 @@
 """A decoder graph's MatMuls as ONNX Runtime `MatMulNBits` (int4 / int8 weights in blocks), and its perplexity.
 
-Why this exists: ORT's MatMulNBits kernels decode SmolLM2 4-5x faster than torch fp32 on a CPU
+Why this exists: ORT's MatMulNBits kernels decode SmolLM2 2.3-5x faster than torch fp32 on a CPU (two runs)
 (docs/benchmarks.md, "ONNX decoder export"), but ORT's own `MatMulNBitsQuantizer` can only round the float
-weights it is given. A model quantized by slimtune (GPTQ, AWQ-free RTN, a float zero point) already has its
+weights it is given. A model quantized by slimtune (RTN, GPTQ, a float zero point) already has its
 codes; rounding their dequantized values again would land on another grid whenever a group's codes do not
 span the whole range (GPTQ moves them), and a float zero point has no equivalent in ORT's quantizer at all.
 So the node is written here from the model's own codes. A Linear without codes is rounded to nearest by
