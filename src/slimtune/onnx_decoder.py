@@ -218,15 +218,17 @@ class OnnxDecoder:
 # --------------------------------------------------------------------------------------- parity
 def greedy_parity(model: nn.Module, graph: str | Path, prompts: list[list[int]], new_tokens: int,
                   eos_token_id: int | None = None, pad_token_id: int | None = None,
-                  threads: int | None = None) -> dict:
+                  threads: int | None = None, references: list[list[int]] | None = None) -> dict:
     """Greedy generations of torch (`generate`) and of the graph, prompt by prompt: `identical` only when
     every prompt gives the same tokens. `max_abs_logit_diff`: the graph's logits at each chosen token
-    (prefill, then decode with the cache) against torch's full forward over the same tokens."""
+    (prefill, then decode with the cache) against torch's full forward over the same tokens. `references`:
+    torch's generations when the caller already has them (a second graph of the same model)."""
     decoder = OnnxDecoder(graph, threads)
     model.eval()
     compared, differences, worst = 0, [], 0.0
     for n, prompt in enumerate(prompts, 1):
-        want = torch_greedy(model, prompt, new_tokens, eos_token_id, pad_token_id)
+        want = (references[n - 1] if references is not None
+                else torch_greedy(model, prompt, new_tokens, eos_token_id, pad_token_id))
         logits: list[np.ndarray] = []
         got = decoder.generate(prompt, new_tokens, eos_token_id, logits_out=logits)
         compared += min(len(want), len(got))

@@ -36,7 +36,7 @@ from slimtune.lmdata import (
     windows,
 )
 from slimtune.models import load_causal_lm
-from slimtune.onnx_decoder import KVCacheDecoder, greedy_parity
+from slimtune.onnx_decoder import KVCacheDecoder, greedy_parity, torch_greedy
 from slimtune.tasks.base import EvalFn, Metric, OnnxSignature
 
 DEFAULT_BLOCK = 512  # eval window of a model without a saved record
@@ -184,9 +184,12 @@ class CausalLM:
         decoder = KVCacheDecoder(model, source)
         prompts = parity_prompts(tokenizer)
         eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+        references: list[list[int]] = []  # torch's generations: the same for every graph checked (fp32, int4...)
 
         def check(graph: Path, threads: int | None) -> dict:
-            return greedy_parity(model, graph, prompts, PARITY_NEW_TOKENS, eos, pad, threads)
+            if not references:
+                references.extend(torch_greedy(model, p, PARITY_NEW_TOKENS, eos, pad) for p in prompts)
+            return greedy_parity(model, graph, prompts, PARITY_NEW_TOKENS, eos, pad, threads, references)
 
         return OnnxSignature(decoder, decoder.example(), decoder.input_names, decoder.output_names,
                              decoder.dynamic_axes(), check=check, pad_tokenizer=False)
