@@ -351,8 +351,11 @@ def describe_precision(device: torch.device, precision: str | None, requested: s
     if precision is None:
         if requested == "fp32":
             return "fp32 (precision: fp32)"
-        return (f"fp32 (precision: auto; hidden size {width} < {BF16_MIN_WIDTH}: bf16 casts would cost more than "
-                f"they save; `precision: bf16` forces it)" if flags else "fp32 (no bf16 in this CPU)")
+        if not flags:
+            return "fp32 (no bf16 in this CPU)"
+        why = (f"hidden size {width} < {BF16_MIN_WIDTH}: bf16 casts would cost more than they save" if width
+               else f"the model declares no hidden size, and auto takes bf16 only from {BF16_MIN_WIDTH}")
+        return f"fp32 (precision: auto; {why}; `precision: bf16` forces it)"
     if precision == "bf16" and flags:
         return f"bf16 autocast ({', '.join(flags)})"
     return f"{precision} autocast (precision: {precision}; no native {precision} in this CPU: emulated, slow)"

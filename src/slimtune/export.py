@@ -52,6 +52,7 @@ from slimtune.models import (
     resolve_model_path,
 )
 from slimtune.onnx_int8 import onnx_feed, quantization_scope, quantize_graph
+from slimtune.onnx_nbits import perplexity_comparison, token_nlls_onnx, token_nlls_torch, write_nbits_graph
 from slimtune.parity import (
     DEFAULT_MAX_DROP_PT,
     DEFAULT_MAX_RISE_PCT,
@@ -230,8 +231,6 @@ def _weight_only_graph(path: Path, fp32: Path, dest: Path, plain: nn.Module, sig
                        weights: WeightQuantization, threads: int | None, report: dict) -> Path:
     """The MatMulNBits graph of `fp32`, measured: its perplexity against torch's on real text (the verdict),
     and its greedy generations against torch's (reported: quantized weights may pick other tokens)."""
-    from slimtune.onnx_nbits import perplexity_comparison, token_nlls_onnx, token_nlls_torch, write_nbits_graph
-
     report["nbits"] = write_nbits_graph(fp32, dest, weights.model, plain, weights.bits, weights.block_size)
     greedy = signature.check(dest, threads)
     report["int_greedy"] = {k: greedy[k] for k in ("prompts", "prompts_differing", "first_difference")}

@@ -35,6 +35,7 @@ from torch import nn
 from slimtune import onnx_graph
 from slimtune.errors import SlimtuneError
 from slimtune.lmdata import IGNORE_INDEX
+from slimtune.onnx_decoder import OnnxDecoder
 from slimtune.onnx_int8 import table_codes
 from slimtune.quantize.codes import pack_nibbles
 from slimtune.quantize.core import QuantizedLinear, quantize_codes
@@ -197,8 +198,6 @@ def write_nbits_graph(src: Path, dest: Path, model: nn.Module, plain: nn.Module,
 # ------------------------------------------------------------------------------------- perplexity
 def token_nlls_onnx(graph: Path, ds, threads: int | None = None) -> np.ndarray:
     """The NLL of every scored token of `ds` (eval windows: one prefill call each, no past) under the graph."""
-    from slimtune.onnx_decoder import OnnxDecoder
-
     decoder = OnnxDecoder(graph, threads)
     out = []
     for ids, labels in zip(ds.input_ids, ds.token_labels, strict=True):

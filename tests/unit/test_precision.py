@@ -83,6 +83,9 @@ def test_auto_takes_bf16_on_a_cpu_with_it_for_a_wide_model_only(monkeypatch):
     assert distributed.describe_precision(CPU, None, "auto", bf16_flags=["amx_bf16"], width=32) == (
         "fp32 (precision: auto; hidden size 32 < 256: bf16 casts would cost more than they save; `precision: bf16` "
         "forces it)")
+    assert distributed.describe_precision(CPU, None, "auto", bf16_flags=["amx_bf16"]) == (
+        "fp32 (precision: auto; the model declares no hidden size, and auto takes bf16 only from 256; "
+        "`precision: bf16` forces it)")
     monkeypatch.setattr(distributed, "cpu_bf16_flags", lambda cpuinfo=None: [])
     assert distributed.precision_for(CPU, "auto", 384) is None
 
