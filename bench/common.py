@@ -81,9 +81,11 @@ def _load(path, threads: int):
     return model, model, tok, config
 
 
-def measure(models: dict[str, Path | InMemory], threads: int, rounds: int) -> dict[str, dict]:
-    """Dev accuracy, params, size on disk, and median batch-1 latency / batch-32 throughput over
-    `rounds` rounds interleaved across the models (so drifts of the machine hit every model alike).
+def measure(models: dict[str, Path | InMemory], threads: int, rounds: int,
+            eval_file: Path | None = None) -> dict[str, dict]:
+    """Accuracy on `eval_file` (default SST-2 dev), params, size on disk, and median batch-1 latency /
+    batch-32 throughput over `rounds` rounds interleaved across the models (so drifts of the machine hit
+    every model alike).
     A directory holding `model.onnx` (a `slimtune export`) runs in ONNX Runtime, any other in torch."""
     from slimtune.data import load_eval_data
     from slimtune.evaluate import (
@@ -102,7 +104,7 @@ def measure(models: dict[str, Path | InMemory], threads: int, rounds: int) -> di
         path = entry.source if isinstance(entry, InMemory) else Path(entry)
         label2id = {str(k): int(v) for k, v in config["label2id"].items()}
         pre = preprocessing_of(path).model_copy(update={"text_field": "text", "label_field": "label"})
-        ds = load_eval_data(Path(data_file("dev")), tok, label2id, pre)
+        ds = load_eval_data(Path(eval_file or data_file("dev")), tok, label2id, pre)
         pad = int(tok.pad_token_id or 0)
         logits = predict_logits(model, ds, pad_id=pad) if model is not None else runner.predict_logits(ds, pad)
         id2label = {int(k): str(v) for k, v in config["id2label"].items()}

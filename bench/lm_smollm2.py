@@ -82,6 +82,15 @@ LORA_RECIPE = {"task": "causal-lm", "model": "smollm2",
 DEFAULT_ROWS = [*ROWS, *PEERS, LORA_ROW]
 
 
+def row_stages(name: str) -> list[dict] | None:
+    """A row's stages; `NAME@seedN` is row NAME with every stage's seed set to N (another calibration sample
+    and recovery order: the spread of a row that lands near its target). None for a name that is no row."""
+    base, _, seed = name.partition("@seed")
+    if base not in ROWS or (seed and not seed.isdigit()):
+        return None
+    return [{**stage, "seed": int(seed)} for stage in ROWS[base]] if seed else ROWS[base]
+
+
 # ---------------------------------------------------------------------------------------- slimtune
 def run_row(name: str, stages: list[dict], runs: Path, eval_tokens: int) -> dict:
     import slimtune
@@ -280,15 +289,15 @@ def main() -> None:
     names = args.rows.split(",")
     results, speeds = {}, {}
     for name in names:  # every run first, so the speed probes below run back to back on a quiet machine
-        if name in ROWS:
-            results[name] = run_row(name, ROWS[name], args.runs, args.eval_tokens)
+        if row_stages(name) is not None:
+            results[name] = run_row(name, row_stages(name), args.runs, args.eval_tokens)
     if "dense" not in results:
         results["dense"] = run_row("dense", [], args.runs, args.eval_tokens)
     lora = run_lora_row(args.runs) if LORA_ROW in names else None
     full = {}
     if args.full_file:
         for name in dict.fromkeys(["dense", *names]):
-            if name in ROWS or name in PEERS:
+            if row_stages(name) is not None or name in PEERS:
                 full[name] = full_file_perplexity(name, args.runs)
     for name in names:
         if name in PEERS:

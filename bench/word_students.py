@@ -9,6 +9,7 @@ Every row distils a BiLSTM (256 units per direction) from the fine-tuned MPNet t
   bench-fp32       the distillation bench's recipe, every field given: the teacher's layer-6 vector of each
                    word, fixed; train words + the teacher's whole words + the 100,000 most frequent English
                    words (99k words x 768, float32); logit MSE + the pooled middle layer; 8 epochs
+  bench-fp16       the same, its table stored in float16
   bench-int8       the same, its table stored in int8 with one scale per row
   pca256-int8      the same, the vectors cut to their 256 principal components first
   defaults         `student: {arch: bilstm}` and nothing else: the measured-best recipe as filled in by
@@ -44,6 +45,7 @@ def rows(teacher: str) -> tuple[dict[str, list[dict]], dict[str, dict]]:
     distill = {"stage": "distill", "teacher": teacher, "temperature": 2.0, "seed": 42}
     runs = {
         "bench-fp32": distill | BENCH_STAGE | {"student": BENCH_STUDENT},
+        "bench-fp16": distill | BENCH_STAGE | {"student": BENCH_STUDENT | {"table": "float16"}},
         "bench-int8": distill | BENCH_STAGE | {"student": BENCH_STUDENT | {"table": "int8"}},
         "pca256-int8": distill | BENCH_STAGE | {"student": BENCH_STUDENT | {"table": "int8", "pca_dims": 256}},
         "defaults": distill | {"student": {"arch": "bilstm"}},

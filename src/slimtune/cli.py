@@ -253,7 +253,10 @@ def export_cmd(
     what = f"bundle {out}" if format_ == "bundle" else str(out / "model.onnx")
     weights = report.get("nbits")
     low_bits = (f"{report['quantize']} weights: {len(weights['own_codes'])} layers with their own codes, "
-                f"{len(weights['rounded'])} rounded here" if weights else f"int8: {report.get('int8_format', 'no')}")
+                f"{len(weights['rounded'])} rounded here, "
+                f"{len(weights['quantized_tables'])} int8 embedding tables "
+                f"({len(weights['rounded_tables'])} rounded here)"
+                if weights else f"int8: {report.get('int8_format', 'no')}")
     typer.echo(f"exported {what} ({report['size_mb']:.1f} MB); fusion: {report['fusion']}; {low_bits}", err=True)
     if report.get("forced"):
         typer.echo(f"warning: kept with --force although it misses the policy: {detail}", err=True)

@@ -219,7 +219,8 @@ class StudentSpec(Strict):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
     from_: str | None = Field(None, alias="from", json_schema_extra={"ref": "model"},
-                              description="model dir or alias (default for layers: the teacher)")
+                              description="model dir or alias, or `current`: the run's own model (the default "
+                                          "without layers; with layers the default is the teacher)")
     layers: list[int] | int | None = Field(
         None, description="keep these encoder/decoder layers (DistilBERT-style init); a count N keeps N evenly "
                           "spaced layers, the first and the last included")

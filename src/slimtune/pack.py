@@ -250,6 +250,13 @@ def _read_safetensors(path: Path) -> tuple[bytes, dict, memoryview]:
     return raw[:8 + size], header, data
 
 
+def records_integer_codes(config: dict) -> bool:
+    """A quantize stage's model, or a word student whose vector table is stored as int8 codes (one scale per
+    row: `embeddings.qweight`), the bulk of its size."""
+    return bool(config.get("slimtune_quantization")) or (config.get("slimtune_format") == "word-classifier"
+                                                         and config.get("table") == "int8")
+
+
 def _is_code_tensor(name: str, dtype: str) -> bool:
     return name.endswith(CODE_SUFFIXES) and dtype in CODE_DTYPES
 
@@ -308,9 +315,9 @@ def pack_model(model_dir: str | Path, out: str | Path, codec: str = "ans", compa
     # the gate, for files stored byte for byte: every file check, and shapes where the config describes a
     # model slimtune can build (pack itself never builds it)
     model_dir, out = resolve_model_path(model_dir, buildable=False), Path(out)
-    if not read_config(model_dir).get("slimtune_quantization"):
-        raise SlimtuneError(f"{model_dir}: not quantized (config.json has no slimtune_quantization); "
-                            "run a quantize stage first")
+    if not records_integer_codes(read_config(model_dir)):
+        raise SlimtuneError(f"{model_dir}: not quantized (config.json has no slimtune_quantization, nor a word "
+                            "student's int8 table); run a quantize stage first")
     if out.is_dir() or (out.exists() and not overwrite):
         raise SlimtuneError(f"{out}: already exists" + ("" if out.is_dir() else " (use --overwrite to replace it)"))
     check_output_path(out, kind="file")
@@ -354,7 +361,7 @@ def pack_model(model_dir: str | Path, out: str | Path, codec: str = "ans", compa
 def packed_size_mb(model_dir: Path) -> float | None:
     """The size `slimtune pack` gets a model directory to (its default codec), or None when it has no
     integer codes to pack (a float model)."""
-    if not read_config(model_dir).get("slimtune_quantization"):
+    if not records_integer_codes(read_config(model_dir)):
         return None
     if not _has_code_tensors(_read_safetensors(model_dir / TENSOR_FILE)[1]):
         return None

@@ -105,7 +105,9 @@ def candidate_stages(c: Candidate, base: str, teacher: str | None, base_layers: 
         return [{"stage": "distill", "teacher": teacher, "student": {"arch": "bilstm"}}, {"stage": "evaluate", **SPEED}]
     stages: list[dict] = []
     if c.layers < base_layers or teacher != base:  # full depth from its own base: nothing to distil
-        student = {"from": base, "layers": c.layers} if c.layers < base_layers else {"from": base}
+        # the run starts from the base model: `current` names it without its path, so that the chosen
+        # pipeline written to best_recipe.yaml runs as is on other data
+        student = {"from": "current", "layers": c.layers} if c.layers < base_layers else {"from": "current"}
         stages.append({"stage": "distill", "teacher": teacher, "student": student,
                        "epochs": epochs, "batch_size": batch_size, "lr": 1e-4})
     if c.heads or c.ffn:
@@ -362,11 +364,12 @@ def _finish(recipe: Recipe, data: dict, out: Path, budget: Budget, measured: dic
     report_run = _run_cached(raw | {"report": {"start": True, "stages": True, **SPEED}}, out / "best_run")
     shutil.rmtree(out / "best", ignore_errors=True)
     shutil.copytree(out / "best_run" / ("onnx" if best["artifact"] == "onnx/model.onnx" else "model"), out / "best")
+    base = str(out / "base" / "model")
     reproduce = yaml.safe_load(recipe_to_yaml(recipe))
     reproduce["stages"] += best["stages"][:-1] + [{"stage": "evaluate"}]
     atomic_write_text(out / "best_recipe.yaml", "# the chosen pipeline from the start: `slimtune run` it as is\n"
-                      f"# (a distill stage's student comes from the search's fine-tuned base model, and so does\n"
-                      f"# its teacher when the search had no --teacher: {out / 'base' / 'model'})\n"
+                      + (f"# (its distill stage's teacher is the search's fine-tuned base model: {base})\n"
+                         if any(s.get("teacher") == base for s in best["stages"]) else "")
                       + yaml.safe_dump(reproduce, sort_keys=False, allow_unicode=True))
     summary |= {"met": True, "best": best, "reported": {**report_run["final"],
                                                         "split": report_run["data"].get("eval_file")}}

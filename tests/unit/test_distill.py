@@ -118,6 +118,20 @@ def test_layer_selected_student_with_hidden_and_attention_losses_saves_as_plain_
     assert m["final"]["params"] < sum(p.numel() for p in teacher.parameters())
 
 
+def test_a_layer_selection_of_the_runs_own_model_with_from_current(tmp_path, teacher_dir, tiny_model_dir, sst2_small):
+    """`from: current` + layers: the layers of the model the run has reached (here the fine-tuned tiny BERT of
+    the first stage), not the teacher's; without layers, the run's model itself."""
+    first = {"stage": "finetune", "epochs": 1, "lr": 1e-3, "batch_size": 16}
+    stage = DISTILL | {"teacher": str(teacher_dir), "student": {"from": "current", "layers": [1]}}
+    m = slimtune.run(recipe(tiny_model_dir, sst2_small, first, stage, EVAL), tmp_path / "out", progress=False)
+    record = m["stages"][1]
+    assert (record["student"], record["student_source"]) == ("layers", "the run's model layers [1]")
+    assert m["final"]["params"] < m["start"]["params"]  # one of the two layers
+    whole = DISTILL | {"teacher": str(teacher_dir), "student": {"from": "current"}}
+    m = slimtune.run(recipe(tiny_model_dir, sst2_small, whole, EVAL), tmp_path / "whole", progress=False)
+    assert m["stages"][0]["student"] == "current"
+
+
 def test_student_with_other_width_and_tokenizer_learns_through_pooled_projection(tmp_path, teacher_dir,
                                                                                  wide_model_dir, sst2_small,
                                                                                  monkeypatch):
@@ -317,6 +331,17 @@ def test_a_word_students_table_is_stored_small_and_ships_that_way(tmp_path, teac
     proc = slimtune_cli("eval", tmp_path / "out" / "model", "--data", sst2_small[1], "--no-speed")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["accuracy"] == m["final"]["accuracy"]
+    # an int8 table is integer codes: `slimtune pack` entropy-codes them and unpacks the very same file
+    from slimtune.pack import pack_model, unpack_model
+
+    if storage == "int8":
+        pack_model(tmp_path / "out" / "model", tmp_path / "w.slim")
+        unpack_model(tmp_path / "w.slim", tmp_path / "unpacked")
+        assert ((tmp_path / "unpacked" / "model.safetensors").read_bytes()
+                == (tmp_path / "out" / "model" / "model.safetensors").read_bytes())
+    else:
+        with pytest.raises(slimtune.SlimtuneError, match="not quantized"):
+            pack_model(tmp_path / "out" / "model", tmp_path / "w.slim")
 
 
 def test_resume_past_a_word_student_rebuilds_its_compact_table(tmp_path, teacher_dir, sst2_small):

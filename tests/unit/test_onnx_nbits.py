@@ -92,8 +92,15 @@ def test_a_float_model_is_rounded_and_checked_from_the_cli(tiny_llama_dir, text_
     report = json.loads(proc.stdout)
     assert report["quantize"] == "int8" and not report["nbits"]["own_codes"] and len(report["nbits"]["rounded"]) == 15
     assert report["parity"] == "pass"
-    assert "int8 weights: 0 layers with their own codes, 15 rounded here" in proc.stderr
+    assert "int8 weights: 0 layers with their own codes, 15 rounded here, 1 int8 embedding tables (1 rounded " \
+           "here)" in proc.stderr
     assert "parity pass: perplexity" in proc.stderr
+    # the float input-embedding table too: int8 rows, one scale each, read by GatherBlockQuantized
+    graph = onnx.load(str(tmp_path / "onnx" / "model.onnx")).graph
+    assert [n.op_type for n in graph.node].count("GatherBlockQuantized") == 1
+    assert not [n for n in graph.node if n.op_type == "Gather" and n.input[0] in {t.name for t in graph.initializer}
+                and len(next(t for t in graph.initializer if t.name == n.input[0]).dims) == 2
+                and next(t for t in graph.initializer if t.name == n.input[0]).data_type == onnx.TensorProto.FLOAT]
 
 
 def test_the_perplexity_policy_refuses_and_leaves_nothing(tiny_llama_dir, text_files, tmp_path):

@@ -47,6 +47,8 @@ def test_search_chooses_on_the_selection_split_and_reports_on_eval(searched, sst
     assert (out / "report.html").is_file() and "[selection split]" in (out / "best_run" / "report.md").read_text()
     reproduce = load_recipe(out / "best_recipe.yaml")  # a plain recipe: the fine-tuning, then the candidate
     assert [s.stage for s in reproduce.stages][:1] == ["finetune"] and reproduce.stages[-1].stage == "evaluate"
+    # its students come from the run's own fine-tuned model, not from this search's directory
+    assert all(s.student.from_ == "current" for s in reproduce.stages if s.stage == "distill" and s.student.arch is None)
     assert all(r in summary["all"] for r in summary["pareto"])
 
 
@@ -112,13 +114,14 @@ def test_a_teacher_with_other_labels_is_refused(recipe_file, tmp_path, tiny_mode
 def test_candidate_stages_and_the_pareto_front():
     stages = candidate_stages(Candidate(layers=3, heads=0.25, ffn=0.0, quant="static_int8"), "B", None, 6, 2.0, 32)
     assert [s["stage"] for s in stages] == ["distill", "prune", "quantize", "evaluate"]
-    assert stages[0]["student"] == {"from": "B", "layers": 3} and stages[0]["teacher"] == "B"
+    # the student is named relative to the run (which starts from B), so the chosen recipe runs on other data
+    assert stages[0]["student"] == {"from": "current", "layers": 3} and stages[0]["teacher"] == "B"
     assert stages[1]["heads"] == 0.25 and stages[1]["recover"]
     assert [s["stage"] for s in candidate_stages(Candidate(6, 0, 0, "none"), "B", None, 6, 2.0, 32)] == ["evaluate"]
     # a --teacher teaches a layer selection of the base model, never of itself; at full depth the base learns
     taught = candidate_stages(Candidate(6, 0, 0, "none"), "B", "T", 6, 2.0, 32)
-    assert taught[0]["teacher"] == "T" and taught[0]["student"] == {"from": "B"}
-    assert candidate_stages(Candidate(2, 0, 0, "none"), "B", "T", 6, 2.0, 32)[0]["student"] == {"from": "B",
+    assert taught[0]["teacher"] == "T" and taught[0]["student"] == {"from": "current"}
+    assert candidate_stages(Candidate(2, 0, 0, "none"), "B", "T", 6, 2.0, 32)[0]["student"] == {"from": "current",
                                                                                               "layers": 2}
     lowrank = candidate_stages(Candidate(6, 0, 0.5, "dynamic_int8", lowrank=0.9), "B", None, 6, 2.0, 32)
     assert [s["stage"] for s in lowrank] == ["prune", "lowrank", "quantize", "evaluate"]

@@ -33,6 +33,11 @@ class Student:
     source: str  # where it came from, for the report
 
 
+# `student: {from: current}`: the run's own model (with `layers`, a selection of it). A recipe that reproduces a
+# search's choice says so instead of naming the search's base directory, so that it runs on other data.
+CURRENT = "current"
+
+
 def select_layers(model: nn.Module, layers: list[int] | int) -> nn.Module:
     """A copy of `model` keeping only encoder (or decoder) layers `layers` (in that order; a count: see
     `layer_indices`), same width.
@@ -90,7 +95,11 @@ def student_blueprint(spec: StudentSpec, *, current_config, current_tokenizer, t
         if spec.layers is not None:
             raise SlimtuneError(f"student: 'layers' and 'arch: {spec.arch}' cannot be combined")
         return spec.arch, None, None
-    if spec.from_:
+    if spec.from_ == CURRENT:
+        config, tokenizer = current_config, current_tokenizer
+        if spec.layers is None:
+            return "current", config, tokenizer
+    elif spec.from_:
         path = resolve_model_path(spec.from_)
         config, tokenizer = AutoConfig.from_pretrained(path, local_files_only=True), load_tokenizer(path)
     elif spec.layers is not None:
@@ -115,14 +124,16 @@ def build_student(spec: StudentSpec, *, current: nn.Module, current_tokenizer, t
         return _word_student(spec, teacher_model, teacher_tokenizer, id2label, texts, teacher_path)
     load = load or (lambda path: load_for_classification(path, id2label))
     if spec.layers is not None:
-        if spec.from_:
+        if spec.from_ == CURRENT:
+            base, tokenizer, source = current, current_tokenizer, "the run's model"
+        elif spec.from_:
             source_path = resolve_model_path(spec.from_)
             base, tokenizer, source = load(source_path), load_tokenizer(source_path), spec.from_
         else:
             base, tokenizer, source = teacher_model, teacher_tokenizer, "teacher"
         kept = layer_indices(spec.layers, anatomy(base).num_layers)
         return Student(select_layers(base, kept), tokenizer, "layers", f"{source} layers {kept}")
-    if spec.from_:
+    if spec.from_ and spec.from_ != CURRENT:
         path = resolve_model_path(spec.from_)
         return Student(load(path), load_tokenizer(path), "model", spec.from_)
     return Student(current, current_tokenizer, "current", "the run's model")

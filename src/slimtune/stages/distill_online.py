@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from slimtune.distill.online import check_shared_vocabulary, load_online_teachers, row_distill_loss
-from slimtune.distill.students import Student, build_student, student_blueprint
+from slimtune.distill.students import CURRENT, Student, build_student, student_blueprint
 from slimtune.distill.teachers import Teacher
 from slimtune.errors import SlimtuneError
 from slimtune.models import load_tokenizer, read_config, resolve_model_path
@@ -73,7 +73,7 @@ def validate_online(run: Run, cfg) -> None:
         path = resolve_model_path(spec.path)
         _check_task(run, spec.path, path, "teacher")
         teachers.append((spec.path, load_tokenizer(path), AutoConfig.from_pretrained(path, local_files_only=True)))
-    if cfg.student.from_:
+    if cfg.student.from_ and cfg.student.from_ != CURRENT:
         _check_task(run, cfg.student.from_, resolve_model_path(cfg.student.from_), "student")
     first = resolve_model_path(cfg.teachers()[0].path)
     _, config, tokenizer = student_blueprint(cfg.student, current_config=run.model.config,
