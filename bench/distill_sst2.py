@@ -26,7 +26,7 @@ import argparse
 import os
 from pathlib import Path
 
-from common import HERE, data_file, machine_line, measure, report
+from common import HERE, add_common_args, data_file, machine_line, measure, report
 
 MAX_LEN = 64
 # n-gram sampling only: each copy is a random contiguous span of the sentence's words
@@ -88,11 +88,7 @@ def main() -> None:
                     help="EDA copies per example for the BiLSTM transfer set (2 did not help it with fixed vectors)")
     ap.add_argument("--minilm-copies", type=int, default=2, help="EDA copies per example for the 3-layer MiniLM")
     ap.add_argument("--train-limit", type=int, default=None)
-    ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--train-only", action="store_true", help="train missing runs, measure nothing")
-    ap.add_argument("--out-md", type=Path, default=None)
-    ap.add_argument("--out-json", type=Path, default=None)
+    add_common_args(ap)
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     teacher = str(Path(args.teacher).resolve())

@@ -25,7 +25,7 @@ import os
 from pathlib import Path
 
 import yaml
-from common import HERE, machine_line, measure, report
+from common import HERE, add_common_args, machine_line, measure, report
 
 TREC = HERE.parents[1] / "shared" / "data" / "trec"
 TEACHER_RECIPE = HERE / "recipes" / "teacher_mpnet_sst2.yaml"
@@ -64,11 +64,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--search", type=Path, default=Path("runs/search"), help="the SST-2 search (bench/search_sst2.py)")
     ap.add_argument("--runs", type=Path, default=Path("runs/trec"))
-    ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--train-only", action="store_true", help="train what is missing, measure nothing")
-    ap.add_argument("--out-md", type=Path, default=None)
-    ap.add_argument("--out-json", type=Path, default=None)
+    add_common_args(ap)
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
