@@ -6,7 +6,8 @@ dense fp32 and the llama.cpp peer, side by side in one run.
 Every slimtune row is one `slimtune run` of the causal-lm task: calibration (and recovery) on
 WikiText-2 *valid*, never the evaluated text; perplexity on the first `--eval-tokens` tokens of
 WikiText-2 *test* in 512-token windows (`--eval-tokens 0`: the whole file; `--full-file` adds a column
-scoring each row's saved model on the whole file). Rows already run
+scoring each row's saved model on the whole file; `ROW@seedN` is ROW with every stage's seed set to N, for the
+spread of a row near its target). Rows already run
 (RUNS/NAME/metrics.json) are read back, not re-run. Speed and memory are measured afterwards, one
 fresh process per row (so each peak RSS is that row's alone), for all rows one after another: batch-1
 prefill of a 128-token prompt and greedy decode of 32 tokens with the KV cache, 2 threads.

@@ -45,8 +45,11 @@ WORD_FORMAT = "word-classifier"
 # Files that hold pickles: opening them can run arbitrary code, so slimtune never does.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 JSON_SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "generation_config.json")
-SAFETENSORS_DTYPES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2, "U16": 2,
-                      "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "C64": 8, "I64": 8, "U64": 8, "F64": 8}
+# bits per element of every dtype safetensors (0.8) reads; F4 and F6 are packed, and a tensor of them must end on
+# a byte boundary (safetensors refuses it otherwise)
+SAFETENSORS_DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F8_E4M3FNUZ": 8,
+                          "F8_E5M2FNUZ": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "I16": 16, "U16": 16, "F16": 16,
+                          "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "C64": 64, "I64": 64, "U64": 64, "F64": 64}
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
 CONVERT_HINT = ("convert it once where you trust its origin: load it with transformers and "
                 "`model.save_pretrained(DIR, safe_serialization=True)`")
@@ -294,9 +297,13 @@ def read_safetensors_header(file: Path) -> dict[str, tuple[str, tuple[int, ...]]
                 raise ValueError(f"data_offsets {[start, end]!r}")
         except (KeyError, TypeError, ValueError) as e:
             raise SlimtuneError(f"{file}: damaged safetensors header (tensor '{name}': {_one_line(e)})") from None
-        if dtype not in SAFETENSORS_DTYPES:
+        if dtype not in SAFETENSORS_DTYPE_BITS:
             raise SlimtuneError(f"{file}: tensor '{name}' has unknown dtype {dtype!r}")
-        need = math.prod(shape) * SAFETENSORS_DTYPES[dtype]
+        bits = math.prod(shape) * SAFETENSORS_DTYPE_BITS[dtype]
+        need = bits // 8
+        if bits % 8:
+            raise SlimtuneError(f"{file}: damaged safetensors header (tensor '{name}': {dtype} {shape} does not end "
+                                "on a byte boundary)")
         if end - start != need:
             raise SlimtuneError(f"{file}: damaged safetensors header (tensor '{name}': {dtype} {shape} needs "
                                 f"{need} bytes, its offsets span {end - start})")
