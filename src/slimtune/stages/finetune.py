@@ -27,7 +27,7 @@ class FinetuneConfig(LoopConfig):
     stage: Literal["finetune"]
     method: Literal["full", "freeze", "head", "lora", "iterative"] = "full"
     freeze_layers: int = Field(3, ge=0, description="method=freeze: first N encoder layers frozen")
-    freeze_embeddings: bool = True
+    freeze_embeddings: bool = Field(True, description="method=freeze: the embeddings frozen too")
     lora: LoraConfig = LoraConfig()
     iterative: IterativeConfig = IterativeConfig()
 
