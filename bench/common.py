@@ -46,6 +46,16 @@ def run_missing(start: str, runs_dir: Path, runs: dict[str, list[dict]], max_len
         slimtune.run(recipe, out, overwrite=True, progress=False)
 
 
+def run_once(recipe: dict, out: Path) -> Path:
+    """`slimtune.run` a recipe into OUT unless that run already finished (OUT/metrics.json exists)."""
+    import slimtune
+
+    if not (out / "metrics.json").is_file():
+        print(f"-> {out}", flush=True)
+        slimtune.run(recipe, out, overwrite=True, progress=False)
+    return out
+
+
 def export_onnx_cached(model_dir: Path, out: Path, quantize: str | None = None, optimize: bool = True) -> Path:
     """`slimtune export` of a model dir (reused when OUT/export.json exists); returns OUT."""
     from slimtune.export import export_onnx

@@ -46,11 +46,13 @@ from slimtune.search_pruning import CandidateStopped, HopelessPruner
 from slimtune.stages.base import console
 from slimtune.studies import local_storage, open_storage, open_study
 from slimtune.tasks import task_of_model
+from slimtune.vocabulary import kept_token_ids
 
 SPEED = {"latency_runs": 30, "throughput_batches": 4}
 QUANT = ("none", "dynamic_int8", "static_int8")
 FRACTIONS = (0.0, 0.25, 0.5)
 ENERGIES = (0.0, 0.9)  # low-rank factors keeping 90% of each layer's squared singular values, or none
+VOCABS = (False, True)  # the vocabulary trimmed to the train split's tokens (stage: vocabulary), or kept whole
 STUDENTS = ("transformer", "bilstm")  # bilstm: a word-level student with its measured-best defaults
 
 
@@ -62,6 +64,7 @@ class Candidate:
     quant: str
     lowrank: float = 0.0  # energy kept by truncated SVD of the encoder's Linears (0: none)
     student: str = "transformer"
+    vocab: bool = False  # the vocabulary trimmed to the train split's tokens
 
     @classmethod
     def word(cls) -> Candidate:
@@ -72,11 +75,15 @@ class Candidate:
         """The candidate an Optuna trial's parameters describe."""
         if params.get("student") == "bilstm":
             return cls.word()
-        return cls(params["layers"], params["heads"], params["ffn"], params["quant"], params.get("lowrank", 0.0))
+        return cls(params["layers"], params["heads"], params["ffn"], params["quant"], params.get("lowrank", 0.0),
+                   vocab=bool(params.get("vocab", False)))
 
     @property
     def key(self) -> str:
-        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+        fields = asdict(self)
+        if not self.vocab:  # the keys of candidates from before the vocabulary dimension stay as they were
+            del fields["vocab"]
+        return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
 
     def label(self, base_layers: int) -> str:
         if self.student == "bilstm":
@@ -85,6 +92,7 @@ class Candidate:
         parts += [f"heads -{self.heads:.0%}"] if self.heads else []
         parts += [f"ffn -{self.ffn:.0%}"] if self.ffn else []
         parts += [f"low-rank {self.lowrank:.0%} energy"] if self.lowrank else []
+        parts += ["vocabulary trimmed"] if self.vocab else []
         return ", ".join(parts + [self.quant if self.quant != "none" else "fp32"])
 
 
@@ -116,6 +124,8 @@ def candidate_stages(c: Candidate, base: str, teacher: str | None, base_layers: 
     if c.lowrank:
         stages.append({"stage": "lowrank", "energy": c.lowrank,
                        "recover": {"epochs": max(epochs / 2, 0.5), "lr": 5e-5, "batch_size": batch_size}})
+    if c.vocab:
+        stages.append({"stage": "vocabulary"})
     if c.quant != "none":
         stages.append({"stage": "quantize", "method": c.quant, "calibration_batches": 8,
                        "calibration_batch_size": 16})
@@ -143,7 +153,8 @@ def search(recipe_path: str | Path, out: str | Path, budget: Budget, *, trials: 
     base_layers, floor_mb = _depth_and_floor(base_model)
     if budget.max_size_mb < floor_mb:
         raise SlimtuneError(f"--max-size-mb {budget.max_size_mb:g}: no candidate can be that small: the word-"
-                            f"embedding table alone is {floor_mb:.1f} MB in int8 (every student keeps it)")
+                            "embedding table alone, trimmed to its specials and single characters, is "
+                            f"{floor_mb:.2f} MB in int8")
     if teacher is not None:  # absolute: the candidates' and best_recipe.yaml's paths must not depend on the cwd
         teacher = str(Path(resolve_model_path(teacher)).resolve())
         _check_teacher(Path(teacher), recipe.data)
@@ -189,7 +200,8 @@ def search(recipe_path: str | Path, out: str | Path, budget: Budget, *, trials: 
         else:
             c = Candidate(trial.suggest_categorical("layers", depths), trial.suggest_categorical("heads", FRACTIONS),
                           trial.suggest_categorical("ffn", FRACTIONS), trial.suggest_categorical("quant", QUANT),
-                          trial.suggest_categorical("lowrank", ENERGIES))
+                          trial.suggest_categorical("lowrank", ENERGIES),
+                          vocab=trial.suggest_categorical("vocab", VOCABS))
         trial.set_user_attr("key", c.key)
         progress.running(c.label(base_layers))
         r = measure(c)
@@ -239,12 +251,16 @@ def _check_budget(budget: Budget) -> None:
 
 def _depth_and_floor(model_dir: Path) -> tuple[int, float]:
     """The model's layer count, and the smallest size any candidate can have: its word-embedding table in
-    int8 (students keep the teacher's vocabulary)."""
+    int8, trimmed to what every trim keeps (the specials and the single characters)."""
     config = read_config(model_dir)
     layers = config.get("num_hidden_layers") or config.get("n_layers")
     if not layers:
         raise SlimtuneError(f"{model_dir}/config.json: no num_hidden_layers; search needs a transformer encoder")
-    return int(layers), config.get("vocab_size", 0) * config.get("hidden_size", 0) / 1e6
+    try:
+        rows = len(kept_token_ids(load_tokenizer(model_dir), []))
+    except SlimtuneError:  # a tokenizer that cannot be trimmed: every transformer student keeps all of it
+        rows = config.get("vocab_size", 0)
+    return int(layers), rows * config.get("hidden_size", 0) / 1e6
 
 
 def _check_teacher(teacher: Path, data: DataConfig) -> None:

@@ -1,6 +1,7 @@
 """`slimtune search` on a tiny random BERT: candidates measured on a selection split carved from train, the
 chosen one reported on the eval split, the study resumed from its directory, bad budgets refused up front."""
 
+import hashlib
 import json
 
 import pytest
@@ -87,8 +88,8 @@ def test_an_impossible_budget_lists_the_closest_candidates(searched, recipe_file
 @pytest.mark.parametrize("args, message", [
     (["--max-size-mb", "0"], "--max-size-mb 0: a budget must be a positive number"),
     (["--max-latency-ms", "-1"], "--max-latency-ms -1: a budget must be a positive number"),
-    (["--max-size-mb", "0.5"], "--max-size-mb 0.5: no candidate can be that small: the word-embedding table "
-                               "alone is 1.0 MB in int8 (every student keeps it)"),
+    (["--max-size-mb", "0.05"], "--max-size-mb 0.05: no candidate can be that small: the word-embedding table "
+                                "alone, trimmed to its specials and single characters, is 0.06 MB in int8"),
 ])
 def test_bad_budgets_are_refused_before_any_training(recipe_file, tmp_path, args, message):
     base = {"--max-size-mb": "50", "--max-latency-ms": "100", "--max-drop": "1"}
@@ -130,6 +131,15 @@ def test_candidate_stages_and_the_pareto_front():
     assert word[0] == {"stage": "distill", "teacher": "T", "student": {"arch": "bilstm"}}  # its own defaults
     assert Candidate.of({"student": "bilstm", "layers": 3}) == Candidate.word()
     assert Candidate.of({"layers": 3, "heads": 0.0, "ffn": 0.25, "quant": "none"}).lowrank == 0.0  # older studies
+    # the vocabulary trim comes last before int8 (its table is then quantized); older keys stay as they were
+    trimmed = Candidate(3, 0.0, 0.0, "static_int8", vocab=True)
+    assert [s["stage"] for s in candidate_stages(trimmed, "B", None, 6, 2.0, 32)] == [
+        "distill", "vocabulary", "quantize", "evaluate"]
+    assert trimmed.label(6) == "3 layers, vocabulary trimmed, static_int8"
+    assert Candidate.of({"layers": 3, "heads": 0.0, "ffn": 0.0, "quant": "static_int8", "vocab": True}) == trimmed
+    old = {"layers": 3, "heads": 0.0, "ffn": 0.0, "quant": "static_int8", "lowrank": 0.0, "student": "transformer"}
+    assert Candidate(**old).key == hashlib.sha1(json.dumps(old, sort_keys=True).encode()).hexdigest()[:10]
+    assert trimmed.key != Candidate(**old).key
     rows = [{"metric": 0.9, "latency_ms": 2, "size_mb": 10}, {"metric": 0.8, "latency_ms": 1, "size_mb": 5},
             {"metric": 0.8, "latency_ms": 3, "size_mb": 20}]
     assert pareto_front(rows) == rows[:2]

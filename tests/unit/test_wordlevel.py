@@ -7,17 +7,12 @@ import slimtune
 from slimtune.batching import collate, encode
 from slimtune.config import LoopConfig
 from slimtune.distill.wordlevel import build_word_student, init_embeddings_from_teacher
-from slimtune.distill.wordvectors import (
-    common_words,
-    contextual_word_vectors,
-    principal_components,
-    read_word_list,
-    teacher_whole_words,
-)
+from slimtune.distill.wordvectors import contextual_word_vectors, principal_components, teacher_whole_words
 from slimtune.errors import SlimtuneError
 from slimtune.models import load_tokenizer, save_hf_model
 from slimtune.predict import Predictor
 from slimtune.train import LoopSettings, TrainContext, cross_entropy_loss, train
+from slimtune.wordlists import common_words, read_word_list
 from slimtune.wordmodels import UNK_ID, WordBiLSTMClassifier, WordCNNClassifier, WordTokenizer
 
 ID2LABEL = {0: "neg", 1: "pos"}

@@ -20,9 +20,9 @@ from slimtune.assets import slimtune_home
 from slimtune.config import StudentSpec
 from slimtune.distill.teachers import content_hash
 from slimtune.distill.wordlevel import build_word_student
-from slimtune.distill.wordvectors import common_words, read_word_list
 from slimtune.errors import SlimtuneError
 from slimtune.models import load_for_classification, load_tokenizer, resolve_model_path
+from slimtune.wordlists import extra_word_list, is_chinese
 
 
 @dataclass
@@ -143,30 +143,17 @@ def _word_student(spec: StudentSpec, teacher_model, teacher_tokenizer, id2label,
     label2id = {name: i for i, name in id2label.items()}
     # Chinese has no spaces between words: the vocabulary is built from jieba words (segmenting text that
     # data.segment_chinese already segmented is harmless: it only splits at the spaces it finds).
-    chinese = any(_is_cjk(ch) for text in texts[:2000] for ch in text)
+    chinese = is_chinese(texts)
     model, tokenizer = build_word_student(
         spec.arch, texts, id2label, label2id, hidden=spec.hidden, embed_dim=spec.embed_dim, chinese=chinese,
         max_vocab=spec.max_vocab, dropout=spec.dropout, teacher=teacher_model, teacher_tokenizer=teacher_tokenizer,
         init_from_teacher={True: "input", False: None}.get(spec.init_embeddings, spec.init_embeddings),
         embedding_layer=spec.embedding_layer, extend_vocab=spec.extend_vocab,
-        extra_words=_extra_word_list(spec, chinese), pca_dims=spec.pca_dims,
+        extra_words=extra_word_list(spec.extra_words, chinese), pca_dims=spec.pca_dims,
         # the teacher's weights are hashed only when its contextual vectors are read
         vector_cache=(slimtune_home() / "word-vectors", content_hash(teacher_path))
         if teacher_path and spec.init_embeddings == "contextual" else None)
     return Student(model, tokenizer, spec.arch, f"{spec.arch} (vocabulary of {len(tokenizer)} words)")
-
-
-def _extra_word_list(spec: StudentSpec, chinese: bool = False) -> list[str]:
-    """`student.extra_words` as words: a count of the language's most frequent words, or a file's lines."""
-    if spec.extra_words is None:
-        return []
-    if isinstance(spec.extra_words, int):
-        return common_words(spec.extra_words, chinese)
-    return read_word_list(spec.extra_words)
-
-
-def _is_cjk(ch: str) -> bool:
-    return "\u4e00" <= ch <= "\u9fff" or "\u3400" <= ch <= "\u4dbf"
 
 
 def encoder_shape(cfg) -> tuple[int, int, int] | None:

@@ -59,38 +59,6 @@ def teacher_whole_words(teacher_tokenizer) -> list[str]:
     return [w for w, ids in zip(candidates, pieces, strict=True) if len(ids) == 1]
 
 
-def common_words(n: int, chinese: bool = False) -> list[str]:
-    """The n most frequent words of English (or Chinese), from the wordfreq package: frequency lists
-    compiled from many corpora and shipped inside the package, so this works offline. A word student
-    whose vocabulary holds only its training texts' words meets [UNK] in 39% of SST-2's dev sentences;
-    with the 100,000 most frequent English words as well, in 11%."""
-    try:
-        from wordfreq import top_n_list
-    except ImportError:
-        raise SlimtuneError("student.extra_words: a word count needs the wordfreq package (pip install wordfreq); "
-                            "or give a file with one word per line") from None
-    return top_n_list("zh" if chinese else "en", n)  # the word tokenizer keeps only what it can produce
-
-
-def read_word_list(path: str | Path) -> list[str]:
-    """One word per line (blank lines skipped); a line with a space is refused, naming the line."""
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise SlimtuneError(f"{path}: cannot read the word list ({e.__class__.__name__}: {e})") from None
-    words = []
-    for n, line in enumerate(lines, start=1):
-        word = line.strip()
-        if any(c.isspace() for c in word):
-            raise SlimtuneError(f"{path}, line {n}: one word per line expected, got {word!r}")
-        if word:
-            words.append(word)
-    if not words:
-        raise SlimtuneError(f"{path}: the word list is empty")
-    return words
-
-
 def cached_word_vectors(words: Sequence[str], teacher: nn.Module, teacher_tokenizer, layer: int | None,
                         cache_dir: Path, teacher_hash: str) -> torch.Tensor:
     """`contextual_word_vectors`, computed once per teacher content hash, layer and word list and kept

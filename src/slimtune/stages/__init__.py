@@ -13,8 +13,9 @@ from slimtune.stages.finetune import Finetune
 from slimtune.stages.lowrank import Lowrank
 from slimtune.stages.prune import Prune
 from slimtune.stages.quantize import Quantize
+from slimtune.stages.vocabulary import Vocabulary
 
-STAGES: dict[str, type] = {cls.name: cls for cls in (Finetune, Distill, Prune, Quantize, Lowrank, Evaluate)}
+STAGES: dict[str, type] = {cls.name: cls for cls in (Finetune, Distill, Prune, Quantize, Lowrank, Vocabulary, Evaluate)}
 
 
 def build_stage(config) -> Stage:

@@ -25,7 +25,7 @@ from torch import nn
 
 from slimtune.adapt.lora import is_peft
 from slimtune.autotune import find_batch_size, find_lr
-from slimtune.batching import EncodedDataset, pad_id_of
+from slimtune.batching import EncodedDataset, encode, pad_id_of
 from slimtune.checkpoint import CheckpointStore, stage_start_snapshot
 from slimtune.config import LoopConfig, Preprocessing
 from slimtune.distributed import autocast, model_width, on_main, precision_for, to_device
@@ -91,6 +91,19 @@ class Run:
         choices): of `eval_ds`, by default the run's selection split, never the split it reports."""
         return self.task.eval_fn(self.data.select if eval_ds is None else eval_ds,
                                  self.pad_id if pad_id is None else pad_id)
+
+    def adopt_tokenizer(self, tokenizer, select: EncodedDataset | None = None) -> None:
+        """`tokenizer` becomes the run's and every split is re-encoded with it from its cleaned texts
+        (`select`: the selection split, already encoded with it)."""
+        reencode = lambda ds: encode(tokenizer, ds.texts, ds.labels, ds.pairs, self.max_length)  # noqa: E731
+        eval_ds = reencode(self.data.eval)
+        if self.data.selects_on_eval:
+            select = eval_ds
+        elif select is None:
+            select = reencode(self.data.select)
+        self.data = TaskData(train=reencode(self.data.train), eval=eval_ds, labels=self.data.labels,
+                             info=self.data.info, select=select)
+        self.tokenizer = tokenizer
 
     def primary_metric(self, model: nn.Module) -> float:
         """The task's primary metric of `model` on the eval split (stages report it before and after)."""

@@ -18,18 +18,17 @@ from pydantic import Field
 from slimtune.augment import EmbeddingSynonyms, augment_texts
 from slimtune.batching import EncodedDataset, encode, pad_id_of
 from slimtune.config import AugmentConfig, IntermediateConfig, LoopConfig, StudentSpec, TeacherSpec
-from slimtune.data import TaskData
 from slimtune.distill.losses import DistillModel, layer_mapping, make_distill_loss
 from slimtune.distill.students import Student, build_student, encoder_shape, student_blueprint
 from slimtune.distill.teachers import Teacher, cached_teacher_outputs, check_teacher, combine_teachers, load_teachers
 from slimtune.distill.word_defaults import word_student_updates
-from slimtune.distill.wordvectors import common_words, read_word_list
 from slimtune.errors import SlimtuneError
 from slimtune.evaluate import count_parameters
 from slimtune.models import load_tokenizer
 from slimtune.stages.base import Run, console
 from slimtune.stages.distill_online import online_option_problem, rebuild_online, run_online, validate_online
 from slimtune.train import seed_everything
+from slimtune.wordlists import common_words, read_word_list
 from slimtune.wordmodels import WORD_ARCHS, compact_table_
 
 
@@ -174,16 +173,8 @@ def setup_distill(run: Run, cfg: DistillConfig) -> DistillSetup:
 def _adopt_student(run: Run, setup: DistillSetup, select_ds: EncodedDataset | None = None) -> None:
     """The student (and its tokenizer) become the run's model; the data is re-encoded for it
     (`select_ds`: the selection split already encoded with the student's tokenizer)."""
-    tok = setup.student.tokenizer
-    reencode = lambda ds: encode(tok, ds.texts, ds.labels, ds.pairs, run.max_length)  # noqa: E731
-    eval_ds = reencode(run.data.eval)
-    if run.data.selects_on_eval:
-        select_ds = eval_ds
-    elif select_ds is None:
-        select_ds = reencode(run.data.select)
-    run.data = TaskData(train=reencode(run.data.train), eval=eval_ds, labels=run.data.labels, info=run.data.info,
-                        select=select_ds)
-    run.model, run.tokenizer = setup.student.model, tok
+    run.adopt_tokenizer(setup.student.tokenizer, select_ds)
+    run.model = setup.student.model
     for p in run.model.parameters():
         p.requires_grad_(True)
 
