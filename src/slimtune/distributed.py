@@ -26,6 +26,7 @@ Sharding rules (what makes N processes equal one):
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import sys
@@ -83,8 +84,17 @@ def init(device: str | None = "auto") -> torch.device:
             torch.cuda.set_device(dev)
         timeout = timedelta(seconds=float(os.environ.get("SLIMTUNE_DIST_TIMEOUT", DEFAULT_TIMEOUT_S)))
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timeout)
+        atexit.register(leave)
     _world = world if world.size > 1 else World()
     return dev
+
+
+def leave() -> None:
+    """Leave the process group (at exit, registered by `init`). Without it, gloo's threads are destroyed while
+    still running when the interpreter exits, and a run that succeeded ends in SIGABRT ("terminate called
+    without an active exception"). Processes that skip atexit (multiprocessing children) call it themselves."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def world() -> World:
