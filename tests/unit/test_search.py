@@ -217,7 +217,7 @@ def test_a_word_student_and_a_low_rank_candidate_are_measured_for_real(searched,
     summary = search(recipe_file, out, Budget(max_size_mb=50, max_latency_ms=1000, max_drop=50), trials=2,
                      epochs=0.5, seed=0, first=[{"student": "bilstm"},
                                                 {"student": "transformer", "layers": 2, "heads": 0.0, "ffn": 0.0,
-                                                 "quant": "none", "lowrank": 0.9}])
+                                                 "quant": "none", "lowrank": 0.9, "vocab": False}])
     by_label = {r["label"]: r for r in summary["all"]}
     word = by_label["word BiLSTM (distilled, int8 table)"]
     assert word["runtime"] == "torch fp32 (int8 word table)" and word["artifact"] == "model"  # no ONNX for it
