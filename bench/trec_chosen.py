@@ -42,7 +42,7 @@ TEACHER_RECIPE = HERE / "recipes" / "teacher_mpnet_sst2.yaml"
 SEARCH_RECIPE = HERE / "recipes" / "search_minilm_sst2.yaml"
 
 
-def trec_data(data: dict, dataset: str = "trec") -> dict:
+def dataset_data(data: dict, dataset: str = "trec") -> dict:
     """A recipe's data section with the dataset's files (TREC's by default) in place of SST-2's (every other
     field kept)."""
     train, reported, _ = DATASETS[dataset]
@@ -52,7 +52,7 @@ def trec_data(data: dict, dataset: str = "trec") -> dict:
 def chosen_recipe(search: Path, teacher: Path) -> dict:
     """SEARCH/best_recipe.yaml with TREC's data, the TREC teacher, and students from the run's own model."""
     recipe = yaml.safe_load((search / "best_recipe.yaml").read_text())
-    recipe["data"] = trec_data(recipe["data"])
+    recipe["data"] = dataset_data(recipe["data"])
     base = str((search / "base" / "model").resolve())
     for stage in recipe["stages"]:
         if stage["stage"] != "distill":
@@ -69,12 +69,14 @@ def candidate_recipe(params: dict, teacher: Path, epochs: float = 2.0, dataset: 
     the search recipe's fine-tune, then the candidate's stages as `slimtune search` builds them (its default
     --epochs 2), with TREC's data. For candidates no search directory holds, e.g. the chosen one with its
     vocabulary trimmed."""
+    from slimtune.models import read_config, resolve_model_path
     from slimtune.search import Candidate, candidate_stages
 
     recipe = yaml.safe_load(SEARCH_RECIPE.read_text())
-    recipe["data"] = trec_data(recipe["data"], dataset)
+    recipe["data"] = dataset_data(recipe["data"], dataset)
     finetune = next(s for s in recipe["stages"] if s["stage"] == "finetune")
-    stages = candidate_stages(Candidate.of(params), "base", str(teacher), 6, epochs, finetune.get("batch_size", 32))
+    depth = read_config(resolve_model_path(recipe["model"]))["num_hidden_layers"]
+    stages = candidate_stages(Candidate.of(params), "base", str(teacher), depth, epochs, finetune.get("batch_size", 32))
     recipe["stages"] = [finetune, *stages[:-1], {"stage": "evaluate"}]
     return recipe
 
@@ -97,7 +99,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     teacher_recipe = yaml.safe_load(TEACHER_RECIPE.read_text())
-    teacher_recipe["data"] = trec_data(teacher_recipe["data"], args.dataset)
+    teacher_recipe["data"] = dataset_data(teacher_recipe["data"], args.dataset)
     if args.teacher_epochs:
         teacher_recipe["stages"][0]["epochs"] = args.teacher_epochs
     teacher = run_once(teacher_recipe, args.runs / "teacher") / "model"

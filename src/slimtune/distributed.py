@@ -90,9 +90,9 @@ def init(device: str | None = "auto") -> torch.device:
 
 
 def leave() -> None:
-    """Leave the process group (at exit, registered by `init`). Without it, gloo's threads are destroyed while
-    still running when the interpreter exits, and a run that succeeded ends in SIGABRT ("terminate called
-    without an active exception"). Processes that skip atexit (multiprocessing children) call it themselves."""
+    """Leave the process group (at exit, registered by `init`), so that its threads are stopped before the
+    interpreter tears down. Processes that skip atexit (multiprocessing children) call it themselves. It does not
+    by itself stop the rare SIGABRT at exit seen in spawned test workers (tests/dist_workers.py)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
