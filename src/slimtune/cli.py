@@ -128,11 +128,14 @@ def eval_cmd(
     metrics JSON object on stdout."""
     from slimtune.batching import pad_id_of
     from slimtune.evaluate import count_parameters, dir_size_mb
-    from slimtune.models import load_model, load_tokenizer, preprocessing_of, resolve_model_path
+    from slimtune.graph_model import is_graph_dir, load_runnable, runnable_path
+    from slimtune.models import load_tokenizer, preprocessing_of
     from slimtune.tasks import task_of_model
 
-    path = resolve_model_path(model_dir)
-    model = load_model(path)
+    # an exported ONNX directory runs on ONNX Runtime: what ships is what gets scored and timed
+    graph = is_graph_dir(model_dir)
+    path = runnable_path(model_dir)
+    model = load_runnable(path, threads)
     tokenizer = load_tokenizer(path)
     task = task_of_model(model.config)
     pre = preprocessing_of(path)  # the saved record: the same text treatment as training, and as predict
@@ -140,8 +143,10 @@ def eval_cmd(
     ds = task.eval_dataset(data, tokenizer, model.config, pre, limit=max_tokens, stride=stride)
     outputs = {int(k): str(v) for k, v in (getattr(model.config, "id2label", None) or {}).items()}
     metrics = task.evaluate(model, ds, outputs, pad_id_of(tokenizer))
-    params, trainable = count_parameters(model)
-    metrics |= {"params": params, "trainable_params": trainable, "size_mb": dir_size_mb(path)}
+    if not graph:  # a graph's initializers are packed codes, not parameters
+        params, trainable = count_parameters(model)
+        metrics |= {"params": params, "trainable_params": trainable}
+    metrics |= {"size_mb": dir_size_mb(path)}
     if speed:
         metrics |= task.measure_speed(model, ds, pad_id_of(tokenizer), threads=threads)
     _print_final({"final": metrics}, title=str(data))

@@ -135,6 +135,8 @@ def tensors_size_mb(model: nn.Module) -> float:
 def torch_runtime(model: nn.Module) -> str:
     """What a torch speed figure of `model` measures: plain fp32, real packed weight kernels, or a float
     simulation of integer arithmetic (whose speed says nothing about the int8 artifact that ships)."""
+    if isinstance(getattr(model, "runtime", None), str):  # an exported graph (slimtune.graph_model) names its own
+        return model.runtime
     spec = getattr(getattr(model, "config", None), "slimtune_quantization", None) or {}
     layers = spec.get("layers") or {}
     if not layers:

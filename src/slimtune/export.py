@@ -43,6 +43,7 @@ from slimtune import onnx_graph, textprep
 from slimtune.batching import EncodedDataset, batch_indices, collate
 from slimtune.errors import SlimtuneError
 from slimtune.evaluate import batched_logits, cpu_description, predict_logits, time_forward
+from slimtune.graph_model import onnx_feed
 from slimtune.io import atomic_dir, atomic_write_text, check_output_path
 from slimtune.models import (
     load_model,
@@ -51,7 +52,7 @@ from slimtune.models import (
     read_config,
     resolve_model_path,
 )
-from slimtune.onnx_int8 import onnx_feed, quantization_scope, quantize_graph
+from slimtune.onnx_int8 import quantization_scope, quantize_graph
 from slimtune.onnx_nbits import perplexity_comparison, token_nlls_onnx, token_nlls_torch, write_nbits_graph
 from slimtune.parity import (
     DEFAULT_MAX_DROP_PT,

@@ -2,6 +2,9 @@
 
 transformers' `generate` does the decoding (KV cache, temperature / top-p / top-k sampling, greedy at
 temperature 0) and its `TextStreamer` prints each piece as soon as it decodes to whole characters. An
+exported ONNX directory (`slimtune export`, e.g. an int4 MatMulNBits decoder) decodes on ONNX Runtime:
+`generate` needs a torch model, so that loop is written here, with transformers' own logits warpers in
+`generate`'s order (temperature, top-k, top-p) and the same seeded `torch.multinomial` draw. An
 instruct model's prompt goes through its chat template (`--raw` sends the text as it is), and the
 model's saved preprocessing record cleans the prompt as its training text was cleaned.
 """
@@ -16,8 +19,9 @@ from typing import TextIO
 from slimtune.config import names_causal_lm
 from slimtune.data import preprocessor_for
 from slimtune.errors import SlimtuneError
+from slimtune.graph_model import GraphModel, load_runnable, runnable_path
 from slimtune.lmdata import prompt_text
-from slimtune.models import load_model, load_tokenizer, preprocessing_of, read_config, resolve_model_path
+from slimtune.models import load_tokenizer, preprocessing_of, read_config
 
 
 @dataclass(frozen=True)
@@ -32,12 +36,12 @@ class Sampling:
 class Generator:
     """A causal LM and its tokenizer, loaded once for any number of prompts."""
 
-    def __init__(self, model_dir: str | Path, raw: bool = False):
-        path = resolve_model_path(model_dir)
+    def __init__(self, model_dir: str | Path, raw: bool = False, threads: int | None = None):
+        path = runnable_path(model_dir)
         if not names_causal_lm(read_config(path)):
             raise SlimtuneError(f"{path}: not a causal language model (its config names no *ForCausalLM "
                                 "architecture); a classifier answers `slimtune predict`")
-        self.model = load_model(path)
+        self.model = load_runnable(path, threads)
         self.tokenizer = load_tokenizer(path)
         self.preprocess = preprocessor_for(preprocessing_of(path))
         self.templated = bool(getattr(self.tokenizer, "chat_template", None)) and not raw
@@ -64,6 +68,8 @@ class Generator:
         out = out or sys.stdout
         streamer = _Streamer(self.tokenizer, out)
         eos = self.tokenizer.eos_token_id
+        if isinstance(self.model, GraphModel):
+            return self.tokenizer.decode(self._graph_generate(ids, sampling, streamer, eos), skip_special_tokens=True)
         with torch.inference_mode():
             generated = self.model.generate(
                 ids, attention_mask=torch.ones_like(ids), max_new_tokens=sampling.max_new_tokens, do_sample=sample,
@@ -72,6 +78,39 @@ class Generator:
                 streamer=streamer, pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id
                 is not None else eos, eos_token_id=eos)
         return self.tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True)
+
+    def _graph_generate(self, ids, sampling: Sampling, streamer, eos: int | None) -> list[int]:
+        """`generate`'s loop on an exported graph: prefill, then one token per call with the graph's KV
+        cache; greedy at temperature 0, else sampled from the warped distribution."""
+        import torch
+        from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+        warpers = LogitsProcessorList()
+        if sampling.temperature > 0:
+            warpers.append(TemperatureLogitsWarper(sampling.temperature))
+            if sampling.top_k:
+                warpers.append(TopKLogitsWarper(sampling.top_k))
+            if sampling.top_p < 1:
+                warpers.append(TopPLogitsWarper(sampling.top_p))
+        streamer.put(ids)  # the prompt: skipped by the streamer, as generate() sends it
+        new: list[int] = []
+        cache, step = None, ids
+        with torch.inference_mode():
+            for _ in range(sampling.max_new_tokens):
+                out = self.model(input_ids=step, past_key_values=cache, use_cache=True)
+                cache, logits = out.past_key_values, out.logits[:, -1].float()
+                if sampling.temperature > 0:
+                    scores = warpers(torch.tensor([ids[0].tolist() + new]), logits)
+                    token = int(torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1)[0, 0])
+                else:
+                    token = int(logits.argmax(-1)[0])
+                new.append(token)
+                streamer.put(torch.tensor([token]))
+                if token == eos:
+                    break
+                step = torch.tensor([[token]])
+        streamer.end()
+        return new
 
 
 def _Streamer(tokenizer, out: TextIO):  # noqa: N802  (a class factory: TextStreamer loads transformers)

@@ -14,19 +14,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch import nn
 
 from slimtune import onnx_graph
 from slimtune.errors import SlimtuneError
-
-
-def onnx_feed(batch: dict[str, torch.Tensor], names: list[str]) -> dict[str, np.ndarray]:
-    """The graph inputs `names` as int64 arrays; single-text tasks carry no token types: segment 0
-    everywhere, as the tokenizer would give."""
-    ids = batch["input_ids"]
-    return {name: (batch[name] if name in batch else torch.zeros_like(ids)).numpy().astype(np.int64)
-            for name in names}
+from slimtune.graph_model import onnx_feed
 
 
 def quantization_scope(model: nn.Module, plain: nn.Module, graph: Path) -> dict:

@@ -9,16 +9,18 @@ from slimtune.batching import encode, logits_of, model_inputs, pad_id_of
 from slimtune.config import names_causal_lm
 from slimtune.data import preprocessor_for
 from slimtune.errors import SlimtuneError
-from slimtune.models import load_model, load_tokenizer, preprocessing_of, read_config, resolve_model_path
+from slimtune.graph_model import load_runnable, runnable_path
+from slimtune.models import load_tokenizer, preprocessing_of, read_config
 from slimtune.tasks import task_of_model
 
 
 class Predictor:
     def __init__(self, model_dir: str):
-        path = resolve_model_path(model_dir)
+        # an exported ONNX directory runs on ONNX Runtime (slimtune.graph_model), anything else on torch
+        path = runnable_path(model_dir)
         if names_causal_lm(read_config(path)):
             raise SlimtuneError(f"{path}: a causal language model; `slimtune generate` writes its text")
-        self.model = load_model(path)
+        self.model = load_runnable(path)
         self.tokenizer = load_tokenizer(path)
         self.task = task_of_model(self.model.config)
         self.preprocessing = preprocessing_of(path)

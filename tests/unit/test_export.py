@@ -221,6 +221,30 @@ def test_cli_export(classifier_dir, tmp_path):
     assert res.returncode == 2 and "only onnx" in res.stderr and not (tmp_path / "x").exists()
 
 
+def test_eval_and_predict_run_an_exported_int8_graph(classifier_dir, sst2_small, tmp_path):
+    """What ships is what gets scored: `slimtune eval/predict OUT` run the int8 graph on ONNX Runtime, with the
+    accuracy the export measured for it and the speed figures named after it."""
+    from helpers import slimtune
+
+    out = tmp_path / "onnx"
+    report = export_onnx(classifier_dir, out, quantize="dynamic", data=sst2_small[1], sample_size=100)
+    scored = slimtune("eval", out, "--data", sst2_small[1], "--threads", "1")
+    assert scored.returncode == 0, scored.stderr[-2000:]
+    metrics = json.loads(scored.stdout.strip().splitlines()[-1])
+    torch_metrics = json.loads(slimtune("eval", classifier_dir, "--data", sst2_small[1],
+                                        "--no-speed").stdout.strip().splitlines()[-1])
+    assert metrics["eval_examples"] == report["rows"] == 100  # the export scored the same 100 rows
+    assert metrics["runtime"] == "onnxruntime int8 (dynamic) graph"
+    assert metrics["accuracy"] == pytest.approx(report["onnx_accuracy"])
+    assert torch_metrics["accuracy"] == pytest.approx(report["torch_accuracy"])
+    assert metrics["size_mb"] < torch_metrics["size_mb"] and metrics["throughput_eps"] > 0
+    texts = ["a gripping , funny film", "dull"]
+    graph = [json.loads(line) for line in slimtune("predict", out, *texts).stdout.splitlines()]
+    plain = [json.loads(line) for line in slimtune("predict", classifier_dir, *texts).stdout.splitlines()]
+    assert [r["label"] for r in graph] == [r["label"] for r in plain] and len(graph) == 2
+    assert all(abs(a["score"] - b["score"]) < 0.05 for a, b in zip(graph, plain, strict=True))
+
+
 def test_static_reshapes_keep_dynamic_batch_and_sequence(classifier_dir, tmp_path):
     """The exported graph's reshape targets become constants (0 = keep this dimension) and the shape
     chains feeding them go; any batch size and sentence length still run, with the torch logits."""

@@ -170,6 +170,48 @@ def test_a_graph_that_generates_otherwise_is_refused_and_force_keeps_it(llama_di
     assert [p.name for p in work.iterdir()] == ["onnx"]
 
 
+def test_eval_and_generate_run_the_exported_graph_as_they_run_the_model(exported, llama_dir, text_files):
+    """`slimtune eval/generate OUT` on ONNX Runtime: the perplexity and the greedy text of torch, the speed
+    figures named after the graph."""
+    out = exported[0]
+    scores = [slimtune_cli("eval", d, "--data", text_files / "eval.txt", "--no-speed") for d in (llama_dir, out)]
+    assert all(p.returncode == 0 for p in scores), scores[1].stderr[-2000:]
+    torch_ppl, graph_ppl = (json.loads(p.stdout.strip().splitlines()[-1]) for p in scores)
+    assert graph_ppl["eval_tokens"] == torch_ppl["eval_tokens"] > 100
+    assert graph_ppl["perplexity"] == pytest.approx(torch_ppl["perplexity"], rel=1e-4)
+    assert "params" not in graph_ppl and graph_ppl["size_mb"] > 0
+    timed = slimtune_cli("eval", out, "--data", text_files / "eval.txt", "--max-tokens", "200", "--threads", "1")
+    speed = json.loads(timed.stdout.strip().splitlines()[-1])
+    assert speed["runtime"] == "onnxruntime fp32 graph" and speed["decode_tokens_per_s"] > 0
+
+    greedy = [slimtune_cli("generate", d, "the river", "the mill", "--max-new-tokens", "12", "--temperature", "0")
+              for d in (llama_dir, out)]
+    assert greedy[1].returncode == 0, greedy[1].stderr[-2000:]
+    assert greedy[1].stdout == greedy[0].stdout and len(greedy[0].stdout.strip().splitlines()) == 2
+    # sampling: the seed decides; top-k 1 leaves only the most likely token, whatever the temperature
+    sampled = slimtune_cli("generate", out, "-", "--max-new-tokens", "12", "--seed", "3", "--temperature", "1.5",
+                           "--top-p", "1", input="the river\nthe river\n")  # each prompt starts from the seed
+    lines = sampled.stdout.splitlines()
+    assert sampled.returncode == 0 and len(lines) == 2 and lines[0] == lines[1]
+    top1 = slimtune_cli("generate", out, "the river", "--max-new-tokens", "12", "--temperature", "1.5", "--top-k", "1")
+    assert top1.stdout.splitlines()[0] == greedy[0].stdout.splitlines()[0]
+    long = slimtune_cli("generate", out, "word " * 300, "--max-new-tokens", "8")
+    assert long.returncode == 2 and "exceeds the model's context of 256 tokens" in long.stderr
+
+
+def test_a_damaged_graph_is_one_line(exported, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(exported[0], broken)
+    (broken / "model.onnx").write_bytes((broken / "model.onnx").read_bytes()[:5000])
+    for command in (["eval", broken, "--data", broken / "config.json"], ["generate", broken, "hi"]):
+        proc = slimtune_cli(*command)
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+            f"error: {broken / 'model.onnx'}: onnxruntime cannot load it " + proc.stderr.split("load it ", 1)[1].strip()]
+    (broken / "config.json").unlink()
+    proc = slimtune_cli("generate", broken, "hi")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "config.json" in proc.stderr
+
+
 def test_bad_input_is_one_line_and_touches_nothing(tiny_llama_dir, tmp_path):
     out = tmp_path / "onnx"
     out.mkdir()

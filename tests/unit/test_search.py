@@ -3,13 +3,14 @@ chosen one reported on the eval split, the study resumed from its directory, bad
 
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 import yaml
 from helpers import slimtune as slimtune_cli
 
 from slimtune.errors import SlimtuneError
-from slimtune.recipe import load_recipe
+from slimtune.recipe import load_recipe, parse_recipe
 from slimtune.search import Budget, Candidate, candidate_stages, pareto_front, search
 
 
@@ -140,6 +141,19 @@ def test_candidate_stages_and_the_pareto_front():
     old = {"layers": 3, "heads": 0.0, "ffn": 0.0, "quant": "static_int8", "lowrank": 0.0, "student": "transformer"}
     assert Candidate(**old).key == hashlib.sha1(json.dumps(old, sort_keys=True).encode()).hexdigest()[:10]
     assert trimmed.key != Candidate(**old).key
+    # a phrase-level transfer set: the distillation's train sentences plus teacher-labelled random spans
+    spans = Candidate(6, 0.0, 0.0, "static_int8", vocab=True, transfer=10)
+    distill = candidate_stages(spans, "B", "T", 6, 2.0, 32)[0]
+    assert distill["transfer_augment"]["copies"] == 10 and distill["transfer_augment"]["p_span"] == 1.0
+    assert not any(distill["transfer_augment"][p] for p in ("p_synonym", "p_insert", "p_swap", "p_delete"))
+    assert distill["lr"] == 5e-5 and "transfer_augment" not in candidate_stages(trimmed, "B", "T", 6, 2.0, 32)[0]
+    assert spans.label(6) == "all layers, 10 teacher-labelled spans per sentence, vocabulary trimmed, static_int8"
+    assert Candidate.of({"layers": 6, "heads": 0.0, "ffn": 0.0, "quant": "static_int8", "vocab": True,
+                         "transfer": 10}) == spans
+    assert Candidate(**{**old, "vocab": True}).key == trimmed.key and spans.key != trimmed.key
+    stages = candidate_stages(spans, "B", "T", 6, 2.0, 32)  # what the search writes is a recipe the schema takes
+    assert parse_recipe({"task": "text-classification", "model": "B", "data": {"train": "t.jsonl"},
+                         "stages": stages}).stages[0].transfer_augment.copies == 10
     rows = [{"metric": 0.9, "latency_ms": 2, "size_mb": 10}, {"metric": 0.8, "latency_ms": 1, "size_mb": 5},
             {"metric": 0.8, "latency_ms": 3, "size_mb": 20}]
     assert pareto_front(rows) == rows[:2]
@@ -214,10 +228,11 @@ def test_a_word_student_and_a_low_rank_candidate_are_measured_for_real(searched,
     shutil.copytree(searched[0] / "base", out / "base")  # the fine-tuned base model and its split, reused
     for name in ("search_train.jsonl", "search_select.jsonl"):
         shutil.copy(searched[0] / name, out / name)
-    summary = search(recipe_file, out, Budget(max_size_mb=50, max_latency_ms=1000, max_drop=50), trials=2,
+    one = {"student": "transformer", "heads": 0.0, "ffn": 0.0, "quant": "none", "vocab": False}
+    summary = search(recipe_file, out, Budget(max_size_mb=50, max_latency_ms=1000, max_drop=50), trials=3,
                      epochs=0.5, seed=0, first=[{"student": "bilstm"},
-                                                {"student": "transformer", "layers": 2, "heads": 0.0, "ffn": 0.0,
-                                                 "quant": "none", "lowrank": 0.9, "vocab": False}])
+                                                {**one, "layers": 2, "lowrank": 0.9, "transfer": 0},
+                                                {**one, "layers": 1, "lowrank": 0.0, "transfer": 2}])
     by_label = {r["label"]: r for r in summary["all"]}
     word = by_label["word BiLSTM (distilled, int8 table)"]
     assert word["runtime"] == "torch fp32 (int8 word table)" and word["artifact"] == "model"  # no ONNX for it
@@ -226,3 +241,8 @@ def test_a_word_student_and_a_low_rank_candidate_are_measured_for_real(searched,
     lowrank = by_label["all layers, low-rank 90% energy, fp32"]
     run = json.loads((tmp_path / "out" / "trials" / Candidate(2, 0.0, 0.0, "none", 0.9).key / "metrics.json").read_text())
     assert [s["stage"] for s in run["stages"]] == ["lowrank", "evaluate"] and lowrank["metric"] == run["final"]["accuracy"]
+    # the 1-layer student distilled on the train rows plus 2 teacher-labelled spans of each
+    spans = by_label["1 layers, 2 teacher-labelled spans per sentence, fp32"]
+    distill = json.loads((Path(spans["dir"]) / "metrics.json").read_text())["stages"][0]
+    assert distill["stage"] == "distill" and distill["augmented_transfer_rows"] == 2 * (
+        distill["transfer_rows"] - distill["augmented_transfer_rows"]) > 0
