@@ -92,6 +92,8 @@ def main() -> None:
     ap.add_argument("--also", action="append", default=[], metavar="LABEL=RUN_DIR",
                     help="also measure another run's shipped model side by side (e.g. a chosen pipeline of an "
                          "earlier --runs directory)")
+    ap.add_argument("--epochs", type=float, default=2.0, help="with --candidate: the search's --epochs (its "
+                    "distillation and recovery epochs)")
     ap.add_argument("--dataset", choices=sorted(DATASETS), default="trec",
                     help="sst2: the same three models on SST-2 itself (with --candidate: no search directory needed)")
     add_common_args(ap)
@@ -104,7 +106,7 @@ def main() -> None:
         teacher_recipe["stages"][0]["epochs"] = args.teacher_epochs
     teacher = run_once(teacher_recipe, args.runs / "teacher") / "model"
     if args.candidate:
-        chosen = candidate_recipe(args.candidate, teacher, dataset=args.dataset)
+        chosen = candidate_recipe(args.candidate, teacher, epochs=args.epochs, dataset=args.dataset)
     elif args.dataset == "trec":
         chosen = chosen_recipe(args.search, teacher)
     else:

@@ -273,6 +273,22 @@ def test_generation_streams_server_sent_events(tiny_llama_dir, tmp_path):
     assert tokens.strip() == expected.strip()
 
 
+def test_an_exported_decoder_graph_is_served_on_onnxruntime(tiny_llama_dir, tmp_path):
+    from slimtune.generate import Generator, Sampling
+
+    exported = slimtune("export", tiny_llama_dir, "--out", tmp_path / "onnx", "--threads", "1")
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    with Server(tmp_path / "onnx") as s:
+        info = s.get("/v1/info").json()
+        assert info["kind"] == "generate" and info["runtime"] == "onnxruntime"
+        got = s.post("/v1/generate", {"prompt": "the river", "max_new_tokens": 12, "temperature": 0,
+                                      "stream": False}).json()["text"]
+        assert s.post("/v1/generate", {"prompt": "word " * 400, "max_new_tokens": 8}).status_code == 422
+    expected = Generator(tiny_llama_dir)("the river", Sampling(max_new_tokens=12, temperature=0),
+                                         out=open("/dev/null", "w"))  # noqa: SIM115
+    assert got == expected and expected.strip()  # the torch model's greedy text
+
+
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed (make test "
                     "installs it: apt-get install chromium)")
 def test_the_playground_page_in_headless_chromium(server, models, tmp_path):

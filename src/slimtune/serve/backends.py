@@ -1,9 +1,10 @@
 """What a served directory holds, behind one small interface.
 
 A `Backend` classifies texts (`kind == "classify"`) or generates text (`kind == "generate"`). Exported
-ONNX directories (model.onnx + tokenizer.json + preprocessing.json, as `slimtune export` writes them)
-run on onnxruntime + tokenizers + numpy, and this module imports no torch for them; any other directory
-(or alias) is a slimtune / HF model directory run with torch, imported only then.
+classifier ONNX directories (model.onnx + tokenizer.json + preprocessing.json, as `slimtune export` writes
+them) run on onnxruntime + tokenizers + numpy, and this module imports no torch for them; an exported
+decoder graph runs on onnxruntime inside `slimtune generate`'s Generator (torch samples the tokens); any
+other directory (or alias) is a slimtune / HF model directory run with torch, imported only then.
 """
 
 from __future__ import annotations
@@ -36,14 +37,28 @@ class Backend(Protocol):
 
 
 def load_backend(model_dir: str | Path, threads: int | None = None) -> Backend:
-    """The backend for MODEL_DIR: an exported ONNX directory on onnxruntime, anything else on torch.
+    """The backend for MODEL_DIR: an exported ONNX directory on onnxruntime (a decoder's through the
+    Generator), anything else on torch.
     A `current` symlink (what `slimtune learn` maintains) is resolved now, so a reload re-reads it."""
     path = Path(model_dir).expanduser()
-    if path.is_dir() and (path / "model.onnx").is_file():
+    if path.is_dir() and (path / "model.onnx").is_file() and not _decoder_graph(path):
         return OnnxClassifier(path.resolve(), threads)
+    # a decoder graph runs on ONNX Runtime too, inside `slimtune generate`'s Generator (its sampling is torch's)
     from slimtune.serve.torch_backend import load_torch_backend  # lazy: torch loads only for torch models
 
     return load_torch_backend(str(path.resolve()) if path.exists() else str(model_dir), threads)
+
+
+def _decoder_graph(path: Path) -> bool:
+    """An exported causal LM (its config names a *ForCausalLM); an unreadable config is the classifier
+    backend's to report."""
+    from slimtune.config import names_causal_lm
+
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and names_causal_lm(config)
 
 
 class OnnxClassifier:

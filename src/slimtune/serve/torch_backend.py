@@ -1,5 +1,6 @@
 """Model directories run with torch: the classifier through `slimtune predict`'s Predictor, the causal LM
-through `slimtune generate`'s Generator, so the server's answers are the CLI's."""
+through `slimtune generate`'s Generator, so the server's answers are the CLI's. An exported decoder graph
+goes through the same Generator, which runs it on ONNX Runtime."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import torch
 from slimtune.config import names_causal_lm
 from slimtune.errors import SlimtuneError
 from slimtune.generate import Generator, Sampling
-from slimtune.models import read_config, resolve_model_path
+from slimtune.graph_model import GraphModel, runnable_path
+from slimtune.models import read_config
 from slimtune.predict import Predictor
 from slimtune.serve.version import model_version
 
@@ -20,9 +22,9 @@ from slimtune.serve.version import model_version
 def load_torch_backend(model_dir: str, threads: int | None = None):
     if threads:
         torch.set_num_threads(threads)
-    path = resolve_model_path(model_dir)
+    path = runnable_path(model_dir)  # a model directory, or an exported decoder graph
     if names_causal_lm(read_config(path)):
-        return TorchGenerator(path)
+        return TorchGenerator(path, threads)
     return TorchClassifier(path)
 
 
@@ -61,8 +63,10 @@ class _Writer:
 class TorchGenerator:
     kind, runtime, labels, paired, max_batch = "generate", "torch", [], False, 1
 
-    def __init__(self, path: Path):
-        self.generator = Generator(path)
+    def __init__(self, path: Path, threads: int | None = None):
+        self.generator = Generator(path, threads=threads)
+        if isinstance(self.generator.model, GraphModel):
+            self.runtime = "onnxruntime"
         self.path, self.version = Path(path), model_version(Path(path))
         self.lock = threading.Lock()  # one generation at a time: the model's KV cache and torch's threads
 
