@@ -232,7 +232,7 @@ def test_a_word_student_and_a_low_rank_candidate_are_measured_for_real(searched,
     summary = search(recipe_file, out, Budget(max_size_mb=50, max_latency_ms=1000, max_drop=50), trials=3,
                      epochs=0.5, seed=0, first=[{"student": "bilstm"},
                                                 {**one, "layers": 2, "lowrank": 0.9, "transfer": 0},
-                                                {**one, "layers": 1, "lowrank": 0.0, "transfer": 2}])
+                                                {**one, "layers": 1, "lowrank": 0.0, "transfer": 10}])
     by_label = {r["label"]: r for r in summary["all"]}
     word = by_label["word BiLSTM (distilled, int8 table)"]
     assert word["runtime"] == "torch fp32 (int8 word table)" and word["artifact"] == "model"  # no ONNX for it
@@ -241,8 +241,8 @@ def test_a_word_student_and_a_low_rank_candidate_are_measured_for_real(searched,
     lowrank = by_label["all layers, low-rank 90% energy, fp32"]
     run = json.loads((tmp_path / "out" / "trials" / Candidate(2, 0.0, 0.0, "none", 0.9).key / "metrics.json").read_text())
     assert [s["stage"] for s in run["stages"]] == ["lowrank", "evaluate"] and lowrank["metric"] == run["final"]["accuracy"]
-    # the 1-layer student distilled on the train rows plus 2 teacher-labelled spans of each
-    spans = by_label["1 layers, 2 teacher-labelled spans per sentence, fp32"]
+    # the 1-layer student distilled on the train rows plus 10 teacher-labelled spans of each
+    spans = by_label["1 layers, 10 teacher-labelled spans per sentence, fp32"]
     distill = json.loads((Path(spans["dir"]) / "metrics.json").read_text())["stages"][0]
-    assert distill["stage"] == "distill" and distill["augmented_transfer_rows"] == 2 * (
+    assert distill["stage"] == "distill" and distill["augmented_transfer_rows"] == 10 * (
         distill["transfer_rows"] - distill["augmented_transfer_rows"]) > 0
