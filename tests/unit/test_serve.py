@@ -278,7 +278,7 @@ def test_an_exported_decoder_graph_is_served_on_onnxruntime(tiny_llama_dir, tmp_
 
     exported = slimtune("export", tiny_llama_dir, "--out", tmp_path / "onnx", "--threads", "1")
     assert exported.returncode == 0, exported.stderr[-2000:]
-    with Server(tmp_path / "onnx") as s:
+    with Server(tmp_path / "onnx", "--feedback", tmp_path / "f.sqlite") as s:  # not the default ./feedback.sqlite
         info = s.get("/v1/info").json()
         assert info["kind"] == "generate" and info["runtime"] == "onnxruntime"
         got = s.post("/v1/generate", {"prompt": "the river", "max_new_tokens": 12, "temperature": 0,
