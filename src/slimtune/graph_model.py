@@ -91,11 +91,12 @@ class GraphModel(nn.Module):
         if not self.decoder and "logits" not in {o.name for o in self.session.get_outputs()}:
             raise SlimtuneError(f"{path / GRAPH_FILE}: the graph has no `logits` output")
         # `slimtune export` writes what the quantizer did; the speed figures name it
-        report = path / "export.json"
-        try:
-            quantized = json.loads(report.read_text(encoding="utf-8")).get("quantize") if report.is_file() else None
+        try:  # a missing or hand-edited report only loses the label
+            report = json.loads((path / "export.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
-            quantized = None
+            report = {}
+        quantized = report.get("quantize") if isinstance(report, dict) else None
+        quantized = quantized if isinstance(quantized, str) else None
         kind = {"static": "int8 (static)", "dynamic": "int8 (dynamic)"}.get(quantized, quantized or "fp32")
         self.runtime = f"onnxruntime {kind} graph"
 
