@@ -42,8 +42,8 @@ from torch import nn
 from slimtune import onnx_graph, textprep
 from slimtune.batching import EncodedDataset, batch_indices, collate
 from slimtune.errors import SlimtuneError
-from slimtune.evaluate import batched_logits, cpu_description, predict_logits, time_forward
-from slimtune.graph_model import onnx_feed
+from slimtune.evaluate import cpu_description, predict_logits, time_forward
+from slimtune.graph_model import OnnxClassifier
 from slimtune.io import atomic_dir, atomic_write_text, check_output_path
 from slimtune.models import (
     load_model,
@@ -70,28 +70,6 @@ from slimtune.tasks.base import OnnxSignature
 
 FP32_TOLERANCE = 1e-4
 LM_PARITY_WINDOWS = 8  # a decoder's int8/int4 check: 8 eval windows (4,096 tokens at 512 a window)
-
-
-# ------------------------------------------------------------------------------- ONNX Runtime model
-class OnnxClassifier:
-    """An exported model run by ONNX Runtime: feeds what the graph declares, returns logits."""
-
-    def __init__(self, path: str | Path, threads: int | None = None):
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-        self.path = Path(path)
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        self.inputs = [i.name for i in self.session.get_inputs()]
-
-    def __call__(self, batch: dict[str, torch.Tensor]) -> np.ndarray:
-        return self.session.run(["logits"], onnx_feed(batch, self.inputs))[0]
-
-    def predict_logits(self, ds: EncodedDataset, pad_id: int, batch_size: int = 64) -> np.ndarray:
-        return batched_logits(self, ds, batch_size, pad_id)
 
 
 # ----------------------------------------------------------------------------------------- export

@@ -23,9 +23,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from slimtune.batching import EncodedDataset
 from slimtune.config import names_causal_lm
 from slimtune.errors import SlimtuneError
-from slimtune.onnx_decoder import OnnxDecoder
+from slimtune.evaluate import batched_logits
+from slimtune.models import load_model, resolve_model_path
+from slimtune.onnx_decoder import OnnxDecoder, open_session
 
 GRAPH_FILE = "model.onnx"
 
@@ -42,6 +45,21 @@ def onnx_feed(batch: dict[str, torch.Tensor], names: list[str]) -> dict[str, np.
     ids = batch["input_ids"]
     return {name: (batch[name] if name in batch else torch.zeros_like(ids)).numpy().astype(np.int64)
             for name in names}
+
+
+class OnnxClassifier:
+    """An exported model run by ONNX Runtime: feeds what the graph declares, returns logits."""
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        self.path = Path(path)
+        self.session = open_session(path, threads)
+        self.inputs = [i.name for i in self.session.get_inputs()]
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> np.ndarray:
+        return self.session.run(["logits"], onnx_feed(batch, self.inputs))[0]
+
+    def predict_logits(self, ds: EncodedDataset, pad_id: int, batch_size: int = 64) -> np.ndarray:
+        return batched_logits(self, ds, batch_size, pad_id)
 
 
 def _read_config(path: Path):
@@ -71,24 +89,13 @@ class GraphModel(nn.Module):
         raw, self.config = _read_config(path)
         self.path, self.decoder = path, names_causal_lm(raw)
         try:
-            if self.decoder:
-                self.graph = OnnxDecoder(path / GRAPH_FILE, threads)
-                self.session = self.graph.session
-            else:
-                import onnxruntime as ort  # lazy: a second to import
-
-                opts = ort.SessionOptions()
-                opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-                if threads:
-                    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-                self.session = ort.InferenceSession(str(path / GRAPH_FILE), opts, providers=["CPUExecutionProvider"])
+            self.graph = (OnnxDecoder if self.decoder else OnnxClassifier)(path / GRAPH_FILE, threads)
         except SlimtuneError:
             raise
         except Exception as e:  # onnxruntime raises its own exception types for damaged graphs
             raise SlimtuneError(f"{path / GRAPH_FILE}: onnxruntime cannot load it "
                                 f"({' '.join(str(e).split())[:200]})") from None
-        self.inputs = [i.name for i in self.session.get_inputs()]
-        if not self.decoder and "logits" not in {o.name for o in self.session.get_outputs()}:
+        if not self.decoder and "logits" not in {o.name for o in self.graph.session.get_outputs()}:
             raise SlimtuneError(f"{path / GRAPH_FILE}: the graph has no `logits` output")
         # `slimtune export` writes what the quantizer did; the speed figures name it
         try:  # a missing or hand-edited report only loses the label
@@ -108,8 +115,7 @@ class GraphModel(nn.Module):
                      else torch.ones_like(input_ids)}
             if token_type_ids is not None:
                 batch["token_type_ids"] = token_type_ids
-            return SimpleNamespace(logits=torch.from_numpy(self.session.run(["logits"],
-                                                                            onnx_feed(batch, self.inputs))[0]))
+            return SimpleNamespace(logits=torch.from_numpy(self.graph(batch)))
         past, length = past_key_values if past_key_values is not None else (self.graph.empty_past(len(input_ids)), 0)
         logits, presents = self.graph.step(input_ids.numpy(), past, length)
         cache = (presents, length + input_ids.shape[1]) if use_cache else None
@@ -118,16 +124,12 @@ class GraphModel(nn.Module):
 
 def runnable_path(name_or_path: str | Path) -> Path:
     """An exported directory as it is; anything else (an alias, a model directory) through the model gate."""
-    from slimtune.models import resolve_model_path
-
     return Path(name_or_path).expanduser() if is_graph_dir(name_or_path) else resolve_model_path(name_or_path)
 
 
 def load_runnable(path: str | Path, threads: int | None = None) -> nn.Module:
     """What a directory holds, ready to run: an exported graph on ONNX Runtime, else the torch model."""
-    from slimtune.models import load_model
-
     return GraphModel(path, threads) if is_graph_dir(path) else load_model(runnable_path(path))
 
 
-__all__ = ["GraphModel", "is_graph_dir", "load_runnable", "onnx_feed", "runnable_path"]
+__all__ = ["GraphModel", "OnnxClassifier", "is_graph_dir", "load_runnable", "onnx_feed", "runnable_path"]

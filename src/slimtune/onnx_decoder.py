@@ -147,6 +147,19 @@ def torch_greedy(model: nn.Module, prompt: list[int], max_new_tokens: int, eos_t
 
 
 # ----------------------------------------------------------------------------- ONNX Runtime side
+def open_session(path: str | Path, threads: int | None = None, spinning: bool = True):
+    """An ONNX Runtime CPU session with every graph optimization, `threads` intra-op threads (one inter-op)."""
+    import onnxruntime as ort  # lazy: onnxruntime costs a second to import
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    if not spinning:  # idle intra-op threads sleep: on cores shared with other work, spinning halved decode
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
 class OnnxDecoder:
     """An exported decoder graph run by ONNX Runtime (numpy + onnxruntime only): `step` is one call (a batch
     of equal-length rows: it sends an all-ones mask, no padding), `generate` the greedy loop of one prompt that
@@ -156,14 +169,8 @@ class OnnxDecoder:
         import onnxruntime as ort  # lazy: onnxruntime costs a second to import
 
         self.ort = ort
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-        if not spinning:  # idle intra-op threads sleep: on cores shared with other work, spinning halved decode
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.path = Path(path)
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.session = open_session(path, threads, spinning)
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.past_names = [n for n in inputs if n.startswith(PAST + ".")]
         if "input_ids" not in inputs or "attention_mask" not in inputs or not self.past_names:
@@ -244,4 +251,5 @@ def greedy_parity(model: nn.Module, graph: str | Path, prompts: list[list[int]],
             "prompts_differing": len(differences), "max_abs_logit_diff": worst}
 
 
-__all__ = ["KVCacheDecoder", "OnnxDecoder", "greedy_parity", "past_name", "present_name", "torch_greedy"]
+__all__ = ["KVCacheDecoder", "OnnxDecoder", "greedy_parity", "open_session", "past_name", "present_name",
+           "torch_greedy"]

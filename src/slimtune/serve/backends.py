@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
+from slimtune.config import names_causal_lm
 from slimtune.errors import SlimtuneError
 from slimtune.serve.version import model_version
 from slimtune.textprep import preprocessor_from_record
@@ -52,8 +53,6 @@ def load_backend(model_dir: str | Path, threads: int | None = None) -> Backend:
 def _decoder_graph(path: Path) -> bool:
     """An exported causal LM (its config names a *ForCausalLM); an unreadable config is the classifier
     backend's to report."""
-    from slimtune.config import names_causal_lm
-
     try:
         config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
