@@ -13,10 +13,14 @@ Every row distils a BiLSTM (256 units per direction) from the fine-tuned MPNet t
   bench-int8       the same, its table stored in int8 with one scale per row
   pca256-int8      the same, the vectors cut to their 256 principal components first
   defaults         `student: {arch: bilstm}` and nothing else: the measured-best recipe as filled in by
-                   slimtune (distill/word_defaults.py)
+                   slimtune (distill/word_defaults.py), with its phrase-level transfer set (each train
+                   sentence plus 10 random contiguous word spans of it, labelled by the teacher; 10 epochs)
+  defaults-no-spans  the same without the transfer set (`transfer_augment: null`): the defaults before it
+  spans-3-epochs   the transfer set, 3 epochs
   old-defaults     what that line trained before the defaults changed: input-embedding init, a trained
                    table, the texts' words, KL at alpha 0.5, lr 1e-4, 3 epochs
-  defaults-2k, old-defaults-2k   the same two on 2,000 rows (the small-data case)
+  defaults-2k, defaults-no-spans-2k, old-defaults-2k   the same on 2,000 rows (the small-data case)
+  NAME@seedN       row NAME with the distill stage's seed N (the spread over seeds)
 then measures every model and the teacher in this process with one thread count (accuracy, size on
 disk, batch-1 latency, batch-32 throughput; the speed rounds interleaved, medians reported).
 Target (issue 17): a word student <= 20 MB on disk at >= 95% of the teacher's accuracy and >= 20x its
@@ -38,6 +42,7 @@ BENCH_STAGE = {"soft_loss": "mse", "alpha": 1.0, "intermediate": {"loss": "mse",
                "epochs": 8, "lr": 1e-3, "batch_size": 64}
 OLD_STUDENT = {"arch": "bilstm", "hidden": 256, "init_embeddings": "input", "freeze_embeddings": False,
                "extend_vocab": False, "extra_words": None, "pca_dims": None, "table": "float32"}
+SPANS = {"copies": 10, "p_span": 1.0, "p_synonym": 0.0, "p_insert": 0.0, "p_swap": 0.0, "p_delete": 0.0, "seed": 0}
 OLD_STAGE = {"soft_loss": "kl", "alpha": 0.5, "intermediate": None, "epochs": 3, "lr": 1e-4, "batch_size": 32}
 
 
@@ -49,9 +54,13 @@ def rows(teacher: str) -> tuple[dict[str, list[dict]], dict[str, dict]]:
         "bench-int8": distill | BENCH_STAGE | {"student": BENCH_STUDENT | {"table": "int8"}},
         "pca256-int8": distill | BENCH_STAGE | {"student": BENCH_STUDENT | {"table": "int8", "pca_dims": 256}},
         "defaults": distill | {"student": {"arch": "bilstm"}},
+        # the defaults before the phrase-level transfer set joined them
+        "defaults-no-spans": distill | {"student": {"arch": "bilstm"}, "transfer_augment": None},
+        "spans-3-epochs": distill | {"student": {"arch": "bilstm"}, "epochs": 3, "transfer_augment": SPANS},
         "old-defaults": distill | OLD_STAGE | {"student": OLD_STUDENT},
     }
-    runs |= {"defaults-2k": runs["defaults"], "old-defaults-2k": runs["old-defaults"]}
+    runs |= {"defaults-2k": runs["defaults"], "defaults-no-spans-2k": runs["defaults-no-spans"],
+             "old-defaults-2k": runs["old-defaults"]}
     small = {n: {"train_limit": 2000} for n in runs if n.endswith("-2k")}
     return {name: [stage] for name, stage in runs.items()}, small
 
@@ -67,7 +76,13 @@ def main() -> None:
     teacher = str(Path(args.teacher).resolve())
     runs, data = rows(teacher)
     if args.rows:
-        runs = {n: s for n, s in runs.items() if n in args.rows.split(",")}
+        wanted = args.rows.split(",")
+        # NAME@seedN: row NAME with the distill stage's seed N (initialisation and batch order; the selection
+        # split and the transfer set stay, so the teacher's cached labels serve every seed)
+        runs |= {n: [runs[n.split("@seed")[0]][0] | {"seed": int(n.split("@seed")[1])}] for n in wanted
+                 if "@seed" in n and n.split("@seed")[0] in runs}
+        data |= {n: data[n.split("@seed")[0]] for n in wanted if n.split("@seed")[0] in data}
+        runs = {n: runs[n] for n in wanted if n in runs}
     run_missing("minilm", args.runs_dir, runs, MAX_LEN, data)
     if args.train_only:
         return

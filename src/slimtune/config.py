@@ -45,6 +45,12 @@ class AugmentConfig(Strict):
     min_similarity: float = Field(0.5, ge=-1, le=1, description="cosine floor for a synonym")
     seed: int = 0
 
+    @classmethod
+    def spans(cls, copies: int, seed: int = 0) -> AugmentConfig:
+        """n-gram sampling alone: `copies` random contiguous word spans of each text, the EDA operations off.
+        A distillation's phrase-level transfer set (a teacher labels every span)."""
+        return cls(copies=copies, p_span=1.0, p_synonym=0.0, p_insert=0.0, p_swap=0.0, p_delete=0.0, seed=seed)
+
 
 
 # The selection split: carved from the training data, it picks checkpoints (keep_best), stops early and

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import yaml
 
-from slimtune.config import DataConfig
+from slimtune.config import AugmentConfig, DataConfig
 from slimtune.data import label_map_of, split_rows
 from slimtune.errors import SlimtuneError
 from slimtune.export import export_onnx, measure_onnx_speed
@@ -124,9 +124,8 @@ def candidate_stages(c: Candidate, base: str, teacher: str | None, base_layers: 
                    "batch_size": batch_size, "lr": 1e-4}
         if c.transfer:  # n-gram sampling (Tang et al. 2019) stands in for a phrase-level train set such as
             # GLUE's 67k SST-2 phrases; 11x the rows, so a gentler lr (the 5e-5 it was measured with)
-            distill |= {"lr": 5e-5, "transfer_augment": {
-                "copies": c.transfer, "p_span": 1.0, "p_synonym": 0.0, "p_insert": 0.0, "p_swap": 0.0,
-                "p_delete": 0.0, "seed": 0}}
+            distill |= {"lr": 5e-5, "transfer_augment": AugmentConfig.spans(c.transfer).model_dump(
+                include={"copies", "p_span", "p_synonym", "p_insert", "p_swap", "p_delete", "seed"})}
         stages.append(distill)
     if c.heads or c.ffn:
         stages.append({"stage": "prune", "method": "structured", "heads": c.heads, "ffn": c.ffn,

@@ -14,7 +14,8 @@ from slimtune.distill.losses import layer_mapping, logit_mse_loss, soft_target_l
 from slimtune.distill.teachers import combine_teachers
 
 EVAL = {"stage": "evaluate", "speed": False}
-DISTILL = {"stage": "distill", "epochs": 1, "lr": 1e-3, "batch_size": 16}
+# transfer_augment: None keeps a word student's default transfer set (11x the rows) out of the tests of other things
+DISTILL = {"stage": "distill", "epochs": 1, "lr": 1e-3, "batch_size": 16, "transfer_augment": None}
 
 
 @pytest.fixture(autouse=True)
@@ -429,14 +430,26 @@ def _distill_config(**fields):
 
 
 def test_a_word_student_alone_gets_the_measured_recipe_and_the_recipe_keeps_its_own_choices():
-    from slimtune.distill.word_defaults import epochs_for, word_student_updates
+    from slimtune.config import AugmentConfig
+    from slimtune.distill.word_defaults import epochs_for, span_copies, word_student_updates
 
     mpnet = (12, 768)  # layers, hidden size
     stage, student, notes = word_student_updates(_distill_config(student={"arch": "bilstm"}), *mpnet, 6920)
     assert student == {"init_embeddings": "contextual", "freeze_embeddings": True, "extend_vocab": True,
-                       "extra_words": 50000, "pca_dims": 256, "table": "int8"} and not notes
-    assert stage == {"soft_loss": "mse", "alpha": 1.0, "lr": 1e-3, "batch_size": 64, "epochs": 8,
+                       "extra_words": 50000, "pca_dims": 256, "table": "int8"}
+    # the phrase-level transfer set: 10 teacher-labelled spans per sentence, and 10 epochs over it
+    assert stage == {"soft_loss": "mse", "alpha": 1.0, "lr": 1e-3, "batch_size": 64, "epochs": 10,
+                     "transfer_augment": AugmentConfig.spans(10),
                      "intermediate": {"loss": "mse", "mapping": [[1, 6]]}}
+    assert notes == ["the transfer set adds 10 random word spans of each train text, labelled by the teacher "
+                     "(76,120 rows, labelled once and cached; transfer_augment: null turns it off)"]
+    # spans until the set is ~70k rows: fewer for a large train set, none past it; the epochs follow its size
+    assert [span_copies(n) for n in (300, 6920, 30000, 69999, 100000)] == [10, 10, 2, 1, 0]
+    stage, _, notes = word_student_updates(_distill_config(student={"arch": "bilstm"}), *mpnet, 100000)
+    assert "transfer_augment" not in stage and stage["epochs"] == 8 and not notes
+    stage, _, notes = word_student_updates(_distill_config(student={"arch": "bilstm"}, transfer_augment=None),
+                                           *mpnet, 6920)
+    assert "transfer_augment" not in stage and stage["epochs"] == 8 and not notes  # turned off: as before
     # fewer rows, more epochs (the same number of optimizer steps), within [8, 40]
     assert epochs_for(2000, 64) == 26 and epochs_for(300, 64) == 40 and epochs_for(100000, 64) == 8
     cfg = _distill_config(student={"arch": "cnn", "table": "float32", "extra_words": None}, epochs=2, alpha=0.3)
@@ -455,16 +468,19 @@ def test_a_teacher_without_contextual_vectors_is_said_so():
     from slimtune.distill.word_defaults import word_student_updates
 
     stage, student, notes = word_student_updates(_distill_config(student={"arch": "bilstm"}), 0, 32, 300)
-    assert notes == ["the teacher has no hidden layers, so it gives no contextual word vectors: the word table "
-                     "starts from its input embeddings and trains (no extra words, no PCA)"]
+    assert notes[0] == ("the teacher has no hidden layers, so it gives no contextual word vectors: the word table "
+                        "starts from its input embeddings and trains (no extra words, no PCA)")
     assert student == {"init_embeddings": "input", "freeze_embeddings": False} and "intermediate" not in stage
 
 
 def test_the_defaults_a_word_student_ran_with_are_recorded(tmp_path, teacher_dir, sst2_small):
-    stage = DISTILL | {"teacher": str(teacher_dir), "student": {"arch": "bilstm", "hidden": 8, "extra_words": None},
-                       "epochs": 1}
+    stage = {k: v for k, v in DISTILL.items() if k != "transfer_augment"} | {
+        "teacher": str(teacher_dir), "student": {"arch": "bilstm", "hidden": 8, "extra_words": None}, "epochs": 1}
     m = slimtune.run(recipe(teacher_dir, sst2_small, stage), tmp_path / "o", progress=False)
     record = m["stages"][0]
+    # the phrase-level transfer set: 10 spans of each of the 270 train rows (30 held back to select on)
+    assert record["word_student_defaults"]["transfer_augment"]["copies"] == 10
+    assert record["transfer_rows"] == 270 * 11 and record["augmented_transfer_rows"] == 2700
     assert record["word_student_defaults"]["student"] == {"init_embeddings": "contextual", "freeze_embeddings": True,
                                                           "extend_vocab": True, "table": "int8"}
     assert record["word_student_defaults"]["intermediate"]["mapping"] == [[1, 1]]  # the tiny teacher's middle

@@ -223,7 +223,7 @@ def _with_word_defaults(run: Run, cfg: DistillConfig) -> tuple[DistillConfig, di
     if "intermediate" in stage:
         stage["intermediate"] = IntermediateConfig(**stage["intermediate"])
     resolved = cfg.model_copy(update=stage | {"student": cfg.student.model_copy(update=student)})
-    applied = {k: v.model_dump(mode="json") if k == "intermediate" else v for k, v in stage.items()}
+    applied = {k: v.model_dump(mode="json") if hasattr(v, "model_dump") else v for k, v in stage.items()}
     return resolved, applied | ({"student": student} if student else {})
 
 
