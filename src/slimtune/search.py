@@ -124,6 +124,7 @@ def candidate_stages(c: Candidate, base: str, teacher: str | None, base_layers: 
                    "batch_size": batch_size, "lr": 1e-4}
         if c.transfer:  # n-gram sampling (Tang et al. 2019) stands in for a phrase-level train set such as
             # GLUE's 67k SST-2 phrases; 11x the rows, so a gentler lr (the 5e-5 it was measured with)
+            # (the keys candidates have always written, so earlier searches' recipes read the same)
             distill |= {"lr": 5e-5, "transfer_augment": AugmentConfig.spans(c.transfer).model_dump(
                 include={"copies", "p_span", "p_synonym", "p_insert", "p_swap", "p_delete", "seed"})}
         stages.append(distill)
