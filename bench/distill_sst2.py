@@ -28,9 +28,11 @@ from pathlib import Path
 
 from common import HERE, add_common_args, data_file, machine_line, measure, report
 
+from slimtune.config import AugmentConfig
+
 MAX_LEN = 64
 # n-gram sampling only: each copy is a random contiguous span of the sentence's words
-SPANS = {"copies": 10, "p_synonym": 0, "p_insert": 0, "p_swap": 0, "p_delete": 0, "p_span": 1.0, "seed": 0}
+SPANS = AugmentConfig.spans(10).model_dump()
 
 
 def student_runs(teacher: str, bilstm_copies: int, minilm_copies: int = 2) -> dict[str, dict]:

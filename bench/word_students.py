@@ -35,6 +35,8 @@ from pathlib import Path
 
 from common import HERE, add_common_args, machine_line, measure, report, run_missing
 
+from slimtune.config import AugmentConfig
+
 MAX_LEN = 64
 BENCH_STUDENT = {"arch": "bilstm", "hidden": 256, "init_embeddings": "contextual", "freeze_embeddings": True,
                  "extend_vocab": True, "extra_words": 100000, "pca_dims": None, "table": "float32"}
@@ -42,7 +44,7 @@ BENCH_STAGE = {"soft_loss": "mse", "alpha": 1.0, "intermediate": {"loss": "mse",
                "epochs": 8, "lr": 1e-3, "batch_size": 64}
 OLD_STUDENT = {"arch": "bilstm", "hidden": 256, "init_embeddings": "input", "freeze_embeddings": False,
                "extend_vocab": False, "extra_words": None, "pca_dims": None, "table": "float32"}
-SPANS = {"copies": 10, "p_span": 1.0, "p_synonym": 0.0, "p_insert": 0.0, "p_swap": 0.0, "p_delete": 0.0, "seed": 0}
+SPANS = AugmentConfig.spans(10).model_dump()  # 10 word spans per sentence, the EDA operations off
 OLD_STAGE = {"soft_loss": "kl", "alpha": 0.5, "intermediate": None, "epochs": 3, "lr": 1e-4, "batch_size": 32}
 
 
@@ -77,11 +79,14 @@ def main() -> None:
     runs, data = rows(teacher)
     if args.rows:
         wanted = args.rows.split(",")
-        # NAME@seedN: row NAME with the distill stage's seed N (initialisation and batch order; the selection
-        # split and the transfer set stay, so the teacher's cached labels serve every seed)
-        runs |= {n: [runs[n.split("@seed")[0]][0] | {"seed": int(n.split("@seed")[1])}] for n in wanted
-                 if "@seed" in n and n.split("@seed")[0] in runs}
-        data |= {n: data[n.split("@seed")[0]] for n in wanted if n.split("@seed")[0] in data}
+        for name in wanted:
+            # NAME@seedN: row NAME with the distill stage's seed N (initialisation and batch order; the selection
+            # split and the transfer set stay, so the teacher's cached labels serve every seed)
+            base, _, seed = name.partition("@seed")
+            if seed and base in runs:
+                runs[name] = [runs[base][0] | {"seed": int(seed)}]
+                if base in data:
+                    data[name] = data[base]
         runs = {n: runs[n] for n in wanted if n in runs}
     run_missing("minilm", args.runs_dir, runs, MAX_LEN, data)
     if args.train_only:

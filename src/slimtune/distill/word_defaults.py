@@ -70,9 +70,9 @@ def word_student_updates(cfg, teacher_layers: int, teacher_width: int, rows: int
     if "table" in student and not student.get("freeze_embeddings", spec.freeze_embeddings):
         student.pop("table")  # a trained table stays float unless asked
     stage = {k: v for k, v in STAGE.items() if k not in cfg.model_fields_set}
-    copies = cfg.transfer_augment.copies if cfg.transfer_augment is not None else 0
-    if "transfer_augment" not in cfg.model_fields_set and span_copies(rows):
-        copies = span_copies(rows)
+    if "transfer_augment" in cfg.model_fields_set:  # the recipe's own set, or none (null)
+        copies = cfg.transfer_augment.copies if cfg.transfer_augment is not None else 0
+    elif copies := span_copies(rows):
         stage["transfer_augment"] = AugmentConfig.spans(copies)
         notes.append(f"the transfer set adds {copies} random word spans of each train text, labelled by the "
                      f"teacher ({rows * (1 + copies):,} rows, labelled once and cached; transfer_augment: null "
