@@ -14,7 +14,9 @@ Every row distils a BiLSTM (256 units per direction) from the fine-tuned MPNet t
   pca256-int8      the same, the vectors cut to their 256 principal components first
   defaults         `student: {arch: bilstm}` and nothing else: the measured-best recipe as filled in by
                    slimtune (distill/word_defaults.py), with its phrase-level transfer set (each train
-                   sentence plus 10 random contiguous word spans of it, labelled by the teacher; 10 epochs)
+                   sentence plus 10 random contiguous word spans of it, labelled by the teacher; 10 epochs;
+                   its LSTM on torch's int8 kernels at inference)
+  defaults-float-lstm  the same with a float LSTM (`lstm: float32`): the defaults before the int8 LSTM
   defaults-no-spans  the same without the transfer set (`transfer_augment: null`): the defaults before it
   spans-3-epochs   the transfer set, 3 epochs
   old-defaults     what that line trained before the defaults changed: input-embedding init, a trained
@@ -56,6 +58,7 @@ def rows(teacher: str) -> tuple[dict[str, list[dict]], dict[str, dict]]:
         "bench-int8": distill | BENCH_STAGE | {"student": BENCH_STUDENT | {"table": "int8"}},
         "pca256-int8": distill | BENCH_STAGE | {"student": BENCH_STUDENT | {"table": "int8", "pca_dims": 256}},
         "defaults": distill | {"student": {"arch": "bilstm"}},
+        "defaults-float-lstm": distill | {"student": {"arch": "bilstm", "lstm": "float32"}},
         # the defaults before the phrase-level transfer set joined them
         "defaults-no-spans": distill | {"student": {"arch": "bilstm"}, "transfer_augment": None},
         "spans-3-epochs": distill | {"student": {"arch": "bilstm"}, "epochs": 3, "transfer_augment": SPANS},
@@ -99,8 +102,8 @@ def main() -> None:
     measured = measure(models, args.threads, args.rounds)
     t = measured["teacher (MPNet)"]
     lines = [machine_line(args.threads, args.rounds, f"SST-2 dev (872), max_length {MAX_LEN}"), "",
-             "| model | train rows | dev accuracy | % of teacher | vocabulary | table | size MB | ms (b=1) "
-             "| ex/s (b=32) | b=32 vs teacher |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| model | train rows | dev accuracy | % of teacher | vocabulary | table | LSTM | size MB | ms (b=1) "
+             "| ex/s (b=32) | b=32 vs teacher |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     checks = []
     for name, r in measured.items():
         stage = {}
@@ -110,9 +113,11 @@ def main() -> None:
             vocab = len(json.loads((args.runs_dir / name / "model" / "word_vocab.json").read_text())["words"])
             config = json.loads((args.runs_dir / name / "model" / "config.json").read_text())
             table = f"{vocab} x {config['embed_dim']} {config.get('table', 'float32')}"
+            lstm = config.get("lstm", "float32")
         r["train_rows"] = stage.get("transfer_rows", 6920)
         lines.append(f"| {name} | {r['train_rows']} | {r['accuracy']:.4f} | {100 * r['accuracy'] / t['accuracy']:.1f} "
-                     f"| {vocab if name in runs else ''} | {table if name in runs else ''} | {r['size_mb']:.1f} "
+                     f"| {vocab if name in runs else ''} | {table if name in runs else ''} "
+                     f"| {lstm if name in runs else ''} | {r['size_mb']:.1f} "
                      f"| {r['latency_ms_b1']:.2f} | {r['throughput_eps']:.0f} "
                      f"| {r['throughput_eps'] / t['throughput_eps']:.1f}x |")
         if name in runs and not name.startswith("old"):

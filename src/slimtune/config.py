@@ -253,6 +253,10 @@ class StudentSpec(Strict):
     table: Literal["float32", "float16", "int8"] = Field(
         "float32", description="word students: how the word-vector table is stored once trained (int8: one "
                                "scale per row; a frozen table is stored so from the start)")
+    lstm: Literal["float32", "int8"] = Field(
+        "float32", description="word BiLSTM: int8 = eval, predict and serve run torch's dynamic-int8 LSTM kernels "
+                               "(int8 weights, one scale per matrix; the weights are saved in float and training "
+                               "stays float)")
 
     @field_validator("extra_words")
     @classmethod

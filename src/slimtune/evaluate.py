@@ -140,8 +140,10 @@ def torch_runtime(model: nn.Module) -> str:
     spec = getattr(getattr(model, "config", None), "slimtune_quantization", None) or {}
     layers = spec.get("layers") or {}
     if not layers:
-        table = getattr(getattr(model, "config", None), "table", "float32")  # a word student's vector table
-        return "torch fp32" if table == "float32" else f"torch fp32 ({table} word table)"
+        config = getattr(model, "config", None)  # a word student's vector table and LSTM kernels
+        table, lstm = getattr(config, "table", "float32"), getattr(config, "lstm", "float32")
+        parts = [f"{table} word table"] * (table != "float32") + ["int8 LSTM kernels"] * (lstm == "int8")
+        return f"torch fp32 ({', '.join(parts)})" if parts else "torch fp32"
     kernels = {getattr(m, "kernel", None) for m in model.modules()} - {None}
     if kernels and kernels <= {"int8_pack", "int4_pack"}:
         return f"torch ({'/'.join(sorted(k.split('_')[0] for k in kernels))} packed weight kernels)"

@@ -316,13 +316,14 @@ def recipe_to_yaml(recipe: Recipe) -> str:
 
 
 def _resolved(node: Any) -> Any:
-    """JSON-able values of a config tree. A None is left out only where None is the default, so a key the
-    user set to null (grad_clip: null) stays null when parsed again."""
+    """JSON-able values of a config tree. A None is left out only where None is the default and the recipe
+    did not set it, so a key the user set to null (grad_clip: null, transfer_augment: null: a default turned
+    off) stays null when parsed again."""
     if isinstance(node, BaseModel):
         out = {}
         for name, info in type(node).model_fields.items():
             value = getattr(node, name)
-            if value is None and info.default is None:
+            if value is None and info.default is None and name not in node.model_fields_set:
                 continue
             out[info.alias or name] = _resolved(value)
         return out

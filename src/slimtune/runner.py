@@ -4,7 +4,7 @@ The run directory is the contract later stages and tools rely on:
   OUT/model/        HF directory (config.json with the task, its outputs and the preprocessing record,
                     model.safetensors, tokenizer, README.md card)
   OUT/metrics.json  {"final": {...}, "stages": [...]} — written last: its presence means "finished"
-  OUT/recipe.yaml   the resolved recipe        OUT/report.md   a human-readable report
+  OUT/recipe.yaml   the recipe as it ran       OUT/report.md   a human-readable report
   OUT/tb/           TensorBoard scalars        OUT/checkpoints/  atomic checkpoints (for --resume; removed
                                                                  when the run finishes, unless kept)
 Inputs (recipe, model, data, output path) are all validated before OUT is touched, so bad input never
@@ -221,7 +221,11 @@ def _execute(recipe: Recipe, run: Run, stages: list[Stage], out: Path, store: Ch
         if run.tb is not None:
             run.tb.close()
     # rank 0 writes OUT (its final measurement, if any, unsharded) and every rank returns its metrics
-    return distributed.on_main(lambda: _write_outputs(recipe, run, out, store, run.progress.done, keep_checkpoints))
+    # the recipe as it ran: each stage's config after `validate`, which fills in what the recipe left to the
+    # stage (a word student's measured-best defaults), so that OUT/recipe.yaml reproduces this run and the
+    # report and model card show what trained (the user's own recipe stays in OUT/checkpoints/, for resumes)
+    ran = recipe.model_copy(update={"stages": [stage.config for stage in stages]})
+    return distributed.on_main(lambda: _write_outputs(ran, run, out, store, run.progress.done, keep_checkpoints))
 
 
 def _write_outputs(recipe: Recipe, run: Run, out: Path, store: CheckpointStore, stage_metrics: list[dict],

@@ -90,7 +90,7 @@ class Candidate:
 
     def label(self, base_layers: int) -> str:
         if self.student == "bilstm":
-            return "word BiLSTM (distilled, int8 table)"
+            return "word BiLSTM (distilled, int8 table and LSTM)"
         parts = [f"{self.layers} layers" if self.layers != base_layers else "all layers"]
         parts += [f"heads -{self.heads:.0%}"] if self.heads else []
         parts += [f"ffn -{self.ffn:.0%}"] if self.ffn else []

@@ -365,6 +365,14 @@ def test_a_table_storage_on_a_transformer_student_is_refused(tmp_path, teacher_d
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("student", [{"layers": [0], "lstm": "int8"}, {"arch": "cnn", "lstm": "int8"}])
+def test_an_int8_lstm_without_an_lstm_is_refused(tmp_path, teacher_dir, sst2_small, student):
+    stage = DISTILL | {"teacher": str(teacher_dir), "student": student}
+    with pytest.raises(slimtune.SlimtuneError, match="student.lstm int8: only a word BiLSTM"):
+        slimtune.run(recipe(teacher_dir, sst2_small, stage), tmp_path / "o", progress=False)
+    assert not (tmp_path / "o").exists()
+
+
 def test_bilstm_learns_the_teachers_pooled_state_through_a_projection(tmp_path, teacher_dir, sst2_small):
     """A BiLSTM's hidden states are its word vectors (0) and its outputs (1): its mean-pooled outputs learn the
     teacher's mean-pooled layer (standardised per dimension) through a learned projection."""
@@ -436,7 +444,7 @@ def test_a_word_student_alone_gets_the_measured_recipe_and_the_recipe_keeps_its_
     mpnet = (12, 768)  # layers, hidden size
     stage, student, notes = word_student_updates(_distill_config(student={"arch": "bilstm"}), *mpnet, 6920)
     assert student == {"init_embeddings": "contextual", "freeze_embeddings": True, "extend_vocab": True,
-                       "extra_words": 50000, "pca_dims": 256, "table": "int8"}
+                       "extra_words": 50000, "pca_dims": 256, "table": "int8", "lstm": "int8"}
     # the phrase-level transfer set: 10 teacher-labelled spans per sentence, and 10 epochs over it
     assert stage == {"soft_loss": "mse", "alpha": 1.0, "lr": 1e-3, "batch_size": 64, "epochs": 10,
                      "transfer_augment": AugmentConfig.spans(10),
@@ -455,11 +463,12 @@ def test_a_word_student_alone_gets_the_measured_recipe_and_the_recipe_keeps_its_
     cfg = _distill_config(student={"arch": "cnn", "table": "float32", "extra_words": None}, epochs=2, alpha=0.3)
     stage, student, _ = word_student_updates(cfg, *mpnet, 6920)
     assert "table" not in student and "extra_words" not in student and student["pca_dims"] == 256
+    assert "lstm" not in student  # a CNN has no LSTM
     assert "epochs" not in stage and "alpha" not in stage and "intermediate" not in stage  # a CNN has no states
     # input embeddings asked for: nothing that works on contextual vectors is filled in
     cfg = _distill_config(student={"arch": "bilstm", "init_embeddings": "input", "freeze_embeddings": False})
     _, student, _ = word_student_updates(cfg, *mpnet, 6920)
-    assert student == {}
+    assert student == {"lstm": "int8"}
     # a teacher no wider than the PCA: no PCA
     assert "pca_dims" not in word_student_updates(_distill_config(student={"arch": "bilstm"}), 2, 32, 300)[1]
 
@@ -470,7 +479,8 @@ def test_a_teacher_without_contextual_vectors_is_said_so():
     stage, student, notes = word_student_updates(_distill_config(student={"arch": "bilstm"}), 0, 32, 300)
     assert notes[0] == ("the teacher has no hidden layers, so it gives no contextual word vectors: the word table "
                         "starts from its input embeddings and trains (no extra words, no PCA)")
-    assert student == {"init_embeddings": "input", "freeze_embeddings": False} and "intermediate" not in stage
+    assert student == {"init_embeddings": "input", "freeze_embeddings": False, "lstm": "int8"}
+    assert "intermediate" not in stage
 
 
 def test_the_defaults_a_word_student_ran_with_are_recorded(tmp_path, teacher_dir, sst2_small):
@@ -482,7 +492,22 @@ def test_the_defaults_a_word_student_ran_with_are_recorded(tmp_path, teacher_dir
     assert record["word_student_defaults"]["transfer_augment"]["copies"] == 10
     assert record["transfer_rows"] == 270 * 11 and record["augmented_transfer_rows"] == 2700
     assert record["word_student_defaults"]["student"] == {"init_embeddings": "contextual", "freeze_embeddings": True,
-                                                          "extend_vocab": True, "table": "int8"}
+                                                          "extend_vocab": True, "table": "int8", "lstm": "int8"}
     assert record["word_student_defaults"]["intermediate"]["mapping"] == [[1, 1]]  # the tiny teacher's middle
     assert record["soft_loss"] == "mse" and record["alpha"] == 1.0 and record["table"] == "int8"
+    # the int8 LSTM it ships with, and what it cost on the selection rows against the float one
+    assert record["lstm"] == "int8" and {"select_accuracy_float_lstm", "select_accuracy_int8_lstm"} <= set(record)
+    saved = json.loads((tmp_path / "o" / "model" / "config.json").read_text())
+    assert saved["lstm"] == "int8" and m["final"]["runtime"] == "torch fp32 (int8 word table, int8 LSTM kernels)"
+    # OUT/recipe.yaml is the recipe as it ran (what the report shows): parsed again, it leaves nothing to fill in
+    import yaml
+
+    from slimtune.distill.word_defaults import word_student_updates
+    from slimtune.recipe import parse_recipe
+
+    ran = parse_recipe(yaml.safe_load((tmp_path / "o" / "recipe.yaml").read_text())).stages[0]
+    assert ran.soft_loss == "mse" and ran.lr == 1e-3 and ran.transfer_augment.copies == 10
+    assert ran.student.init_embeddings == "contextual" and ran.student.lstm == "int8"
+    assert word_student_updates(ran, 2, 32, 270)[:2] == ({}, {})
+    assert "soft_loss: mse" in (tmp_path / "o" / "report.md").read_text()
     assert record["intermediate"]["mapping"] == [[1, 1]]

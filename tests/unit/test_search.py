@@ -60,7 +60,7 @@ def test_every_candidate_names_the_runtime_it_ships_on(searched):
         if r["candidate"]["quant"] != "none":
             assert r["runtime"] == "onnxruntime CPU (int8 graph)" and r["artifact"] == "onnx/model.onnx"
         elif r["candidate"]["student"] == "bilstm":  # a word student: torch, its table stored in int8
-            assert r["runtime"] == "torch fp32 (int8 word table)" and r["artifact"] == "model"
+            assert r["runtime"] == "torch fp32 (int8 word table, int8 LSTM kernels)" and r["artifact"] == "model"
         else:  # a float model ships on whichever of torch and ONNX Runtime is faster for it
             assert r["runtime"] in ("torch fp32", "onnxruntime CPU (fp32 graph)")
             assert ("onnx_latency_ms" in r) != ("torch_latency_ms" in r)
@@ -234,8 +234,8 @@ def test_a_word_student_and_a_low_rank_candidate_are_measured_for_real(searched,
                                                 {**one, "layers": 2, "lowrank": 0.9, "transfer": 0},
                                                 {**one, "layers": 1, "lowrank": 0.0, "transfer": 10}])
     by_label = {r["label"]: r for r in summary["all"]}
-    word = by_label["word BiLSTM (distilled, int8 table)"]
-    assert word["runtime"] == "torch fp32 (int8 word table)" and word["artifact"] == "model"  # no ONNX for it
+    word = by_label["word BiLSTM (distilled, int8 table and LSTM)"]
+    assert word["runtime"] == "torch fp32 (int8 word table, int8 LSTM kernels)" and word["artifact"] == "model"  # no ONNX for it
     run = json.loads((out / "trials" / Candidate.word().key / "metrics.json").read_text())
     assert run["stages"][0]["word_student_defaults"]["student"]["table"] == "int8"
     lowrank = by_label["all layers, low-rank 90% energy, fp32"]

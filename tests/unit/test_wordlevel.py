@@ -13,7 +13,7 @@ from slimtune.models import load_tokenizer, save_hf_model
 from slimtune.predict import Predictor
 from slimtune.train import LoopSettings, TrainContext, cross_entropy_loss, train
 from slimtune.wordlists import common_words, read_word_list
-from slimtune.wordmodels import UNK_ID, WordBiLSTMClassifier, WordCNNClassifier, WordTokenizer
+from slimtune.wordmodels import UNK_ID, WordBiLSTMClassifier, WordCNNClassifier, WordTokenizer, word_config
 
 ID2LABEL = {0: "neg", 1: "pos"}
 POS = ["good movie", "great film , good acting", "a fine and great story", "good fun", "great !", "fine good work"]
@@ -98,6 +98,60 @@ def test_save_load_round_trip_and_predictor(arch, tmp_path):
     out = Predictor(str(tmp_path / "m"))(["Good movie!", ""])
     assert [set(r["probabilities"]) for r in out] == [{"neg", "pos"}] * 2
     assert all(r["label"] in ("neg", "pos") for r in out)
+
+
+def test_an_int8_lstm_runs_in_eval_mode_follows_the_weights_and_saves_float(tmp_path):
+    from torch.ao.nn.quantized.dynamic import LSTM as DynamicInt8LSTM
+
+    model, tok = student("bilstm", dropout=0.0)
+    ds = encode(tok, TEXTS, LABELS)
+    batch = collate(ds, list(range(len(ds))), with_labels=False)
+    model.eval()
+    with torch.no_grad():
+        float_logits = model(**batch).logits
+    model.config.lstm = "int8"
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    assert isinstance(model.inference_lstm(), DynamicInt8LSTM)
+    assert torch.equal(torch.rand(3), expected)  # making it left the training's random state alone
+    with torch.inference_mode():
+        int8_logits = model(**batch).logits
+        for i in range(3):  # padding never enters (packed sequences); each step's activation scale is the
+            # batch's, as in any dynamic int8 (ONNX Runtime's too), so a text alone moves by rounding only
+            torch.testing.assert_close(model(**collate(ds, [i], with_labels=False)).logits[0], int8_logits[i],
+                                       atol=0.01, rtol=0)
+    assert not torch.equal(int8_logits, float_logits)  # int8 kernels did run ...
+    torch.testing.assert_close(int8_logits, float_logits, atol=0.05, rtol=0)  # ... close to the float LSTM
+    # training runs the float LSTM (gradients reach its weights); the int8 copy follows the changed weights,
+    # also after a step of the fused AdamW the loop uses, which bumps no tensor version
+    def int8_weight():
+        return model.inference_lstm()._weight_bias()["weight"]["weight_ih_l0"].dequantize()
+
+    before = int8_weight()
+    model.train()
+    cross_entropy_loss(model, collate(ds, [0, 1], with_labels=True)).backward()
+    assert model.lstm.weight_ih_l0.grad is not None
+    version = model.lstm.weight_ih_l0._version
+    torch.optim.AdamW(model.parameters(), lr=0.1, fused=True).step()
+    assert model.lstm.weight_ih_l0._version == version
+    model.eval()
+    after = int8_weight()
+    assert not torch.equal(before, after) and model.inference_lstm() is model.inference_lstm()
+    torch.testing.assert_close(after, model.lstm.weight_ih_l0.detach(), atol=after.abs().max().item() / 100, rtol=0)
+    with torch.no_grad():  # an in-place edit in eval mode
+        model.lstm.weight_ih_l0.mul_(2)
+    torch.testing.assert_close(int8_weight(), 2 * after, atol=after.abs().max().item() / 50, rtol=0)
+    model.load_state_dict({k: v / 2 if k == "lstm.weight_ih_l0" else v for k, v in model.state_dict().items()})
+    torch.testing.assert_close(int8_weight(), after, atol=after.abs().max().item() / 50, rtol=0)
+    # saved: float weights and the setting; loaded: the same int8 outputs
+    save_hf_model(model, tok, tmp_path / "m", {"clean": True, "lowercase": True, "max_length": 32})
+    loaded = slimtune.load_model(tmp_path / "m")
+    assert loaded.config.lstm == "int8" and isinstance(loaded.inference_lstm(), DynamicInt8LSTM)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, atol=0, rtol=0)
+    with pytest.raises(SlimtuneError, match="int8 for a bilstm"):
+        word_config("cnn", 10, ID2LABEL, lstm="int8")
 
 
 @pytest.mark.parametrize("arch", ARCHS)

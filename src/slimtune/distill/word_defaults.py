@@ -9,7 +9,8 @@ KL on 2,000 rows, a BiLSTM scored 0.577 against its teacher's 0.775, near chance
 reads each word's contextual vector from the teacher (Model2Vec-style), keeps the table fixed (and
 int8), gives vectors to words the texts lack, and learns the teacher's logits by MSE (Tang et al. 2019)
 plus its mean-pooled middle layer, on a transfer set of teacher-labelled word spans of the train texts, for
-enough optimizer steps whatever the data size.
+enough optimizer steps whatever the data size. A BiLSTM then runs its LSTM on int8 kernels at inference
+(2.1x the batch-32 throughput at 0.1 pt lower on SST-2).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from slimtune.config import AugmentConfig
 
 # student fields (StudentSpec) and stage fields (the distill stage's config), each used where unset
 STUDENT = {"init_embeddings": "contextual", "freeze_embeddings": True, "extend_vocab": True,
-           "extra_words": 50000, "pca_dims": 256, "table": "int8"}
+           "extra_words": 50000, "pca_dims": 256, "table": "int8", "lstm": "int8"}
 STAGE = {"soft_loss": "mse", "alpha": 1.0, "lr": 1e-3, "batch_size": 64}
 CONTEXTUAL_ONLY = ("extend_vocab", "extra_words", "pca_dims")  # they work on the teacher's vectors
 TARGET_STEPS = 800  # optimizer steps: 8 epochs of SST-2's 6,920 rows at batch 64, where the bench peaked
@@ -69,6 +70,8 @@ def word_student_updates(cfg, teacher_layers: int, teacher_width: int, rows: int
                      "'slimtune[words]'); dev words outside the vocabulary become [UNK]")
     if "table" in student and not student.get("freeze_embeddings", spec.freeze_embeddings):
         student.pop("table")  # a trained table stays float unless asked
+    if spec.arch != "bilstm":
+        student.pop("lstm", None)
     stage = {k: v for k, v in STAGE.items() if k not in cfg.model_fields_set}
     if "transfer_augment" in cfg.model_fields_set:  # the recipe's own set, or none (null)
         copies = cfg.transfer_augment.copies if cfg.transfer_augment is not None else 0

@@ -141,6 +141,9 @@ def validate_distill(run: Run, cfg: DistillConfig) -> None:
     if cfg.student.table != "float32" and cfg.student.arch is None:
         raise SlimtuneError(f"student.table {cfg.student.table}: only a word student (student.arch) has a word-"
                             "vector table to store small; a transformer is made smaller with stage: quantize")
+    if cfg.student.lstm != "float32" and cfg.student.arch != "bilstm":
+        raise SlimtuneError(f"student.lstm {cfg.student.lstm}: only a word BiLSTM (student.arch: bilstm) has an "
+                            "LSTM to run in int8")
     extra = cfg.student.extra_words
     if cfg.student.arch is not None and extra is not None:  # refused before the run's output exists:
         if isinstance(extra, int):
@@ -158,6 +161,8 @@ def setup_distill(run: Run, cfg: DistillConfig) -> DistillSetup:
                             teacher_model=first.model, teacher_tokenizer=first.tokenizer,
                             id2label=run.data.id2label, texts=texts, teacher_path=first.path)
     student.model.requires_grad_(True)  # a layer selection copies the (frozen) teacher
+    if student.kind == "bilstm":  # eval mode runs this kernel from the start: checkpoints are chosen on it
+        student.model.config.lstm = cfg.student.lstm
     if cfg.student.freeze_embeddings:  # the teacher-initialised vectors stay as they are while training
         student.model.get_input_embeddings().requires_grad_(False)
         if student.kind in WORD_ARCHS:  # and are stored as they will ship, so training sees what ships
@@ -273,6 +278,7 @@ def run_distill(run: Run, cfg: DistillConfig) -> dict:
     res = run.fit(model, cfg, lr=lr, batch_size=bs, loss_fn=loss_fn, make_batch=make_batch, train_ds=train_ds,
                   eval_ds=select_ds, pad_id=pad)
     table = _store_word_table(run, student, cfg.student.table, select_ds, pad) if student.kind in WORD_ARCHS else {}
+    table |= _int8_lstm_record(run, student, select_ds, pad)
     params, trainable = count_parameters(student.model)  # a compact table's codes count as its weights
     _adopt_student(run, setup, select_ds)
     return {"stage": "distill", "student": student.kind, "student_source": student.source,
@@ -302,6 +308,21 @@ def _store_word_table(run: Run, student: Student, storage: str, select_ds: Encod
     record["table_mb"] = round(sum(b.numel() * b.element_size() for b in [*table.buffers(), *table.parameters()])
                                / 1e6, 3)
     return record
+
+
+def _int8_lstm_record(run: Run, student: Student, select_ds: EncodedDataset, pad: int) -> dict:
+    """What the int8 LSTM costs: the selection-split metric with it and with the float LSTM it is made from."""
+    config = student.model.config
+    if getattr(config, "lstm", "float32") != "int8":
+        return {}
+    metric, measure = run.task.primary.name, run.task.eval_fn(select_ds, pad)
+    int8 = measure(student.model)[metric]
+    config.lstm = "float32"
+    try:
+        float32 = measure(student.model)[metric]
+    finally:
+        config.lstm = "int8"
+    return {"lstm": "int8", f"select_{metric}_float_lstm": float32, f"select_{metric}_int8_lstm": int8}
 
 
 def _state_widths(model) -> list[int]:
