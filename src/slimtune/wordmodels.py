@@ -256,10 +256,10 @@ class _WordClassifierParts:
 
 def int8_lstm(lstm: nn.LSTM) -> nn.Module:
     """`lstm` on torch's dynamic-int8 LSTM kernels (int8 weights, one symmetric scale per matrix; each step's
-    activations quantized on the fly): 2.1x a float LSTM's batch-32 throughput for the SST-2 BiLSTM student
-    at 0.1 pt lower accuracy (docs/benchmarks.md). ONNX Runtime has no packed-sequence LSTM to ship instead;
-    these kernels live in torch.ao, whose creation functions warn that they are moving to torchao, which
-    has no LSTM: the warning is silenced, and torch is pinned."""
+    activations quantized on the fly): 2.3x a float LSTM's batch-32 throughput for the SST-2 BiLSTM student
+    at 0.1 pt lower mean accuracy over 3 seeds (docs/benchmarks.md). ONNX Runtime has no packed-sequence
+    LSTM to ship instead; these kernels live in torch.ao, whose creation functions warn that they are moving
+    to torchao, which has no LSTM: the warning is silenced, and torch is pinned."""
     from torch.ao.nn.quantized.dynamic import LSTM as DynamicInt8LSTM
     from torch.ao.quantization import default_dynamic_qconfig
 
