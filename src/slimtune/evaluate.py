@@ -142,7 +142,11 @@ def torch_runtime(model: nn.Module) -> str:
     if not layers:
         config = getattr(model, "config", None)  # a word student's vector table and LSTM kernels
         table, lstm = getattr(config, "table", "float32"), getattr(config, "lstm", "float32")
-        parts = [f"{table} word table"] * (table != "float32") + ["int8 LSTM kernels"] * (lstm == "int8")
+        parts = []
+        if table != "float32":
+            parts.append(f"{table} word table")
+        if lstm == "int8":
+            parts.append("int8 LSTM kernels")
         return f"torch fp32 ({', '.join(parts)})" if parts else "torch fp32"
     kernels = {getattr(m, "kernel", None) for m in model.modules()} - {None}
     if kernels and kernels <= {"int8_pack", "int4_pack"}:

@@ -277,8 +277,9 @@ def run_distill(run: Run, cfg: DistillConfig) -> dict:
     lr, bs = run.resolve_auto(cfg, model, loss_fn, train_ds=train_ds, make_batch=make_batch)
     res = run.fit(model, cfg, lr=lr, batch_size=bs, loss_fn=loss_fn, make_batch=make_batch, train_ds=train_ds,
                   eval_ds=select_ds, pad_id=pad)
-    table = _store_word_table(run, student, cfg.student.table, select_ds, pad) if student.kind in WORD_ARCHS else {}
-    table |= _int8_lstm_record(run, student, select_ds, pad)
+    word_record = _store_word_table(run, student, cfg.student.table, select_ds, pad) \
+        if student.kind in WORD_ARCHS else {}
+    word_record |= _int8_lstm_record(run, student, select_ds, pad)
     params, trainable = count_parameters(student.model)  # a compact table's codes count as its weights
     _adopt_student(run, setup, select_ds)
     return {"stage": "distill", "student": student.kind, "student_source": student.source,
@@ -288,7 +289,7 @@ def run_distill(run: Run, cfg: DistillConfig) -> dict:
             "intermediate": {"mapping": [list(p) for p in setup.mapping], "granularity": setup.granularity,
                              "loss": cfg.intermediate.loss} if cfg.intermediate else None,
             "transfer_rows": len(setup.texts), "augmented_transfer_rows": len(setup.texts) - sum(setup.labelled),
-            "trainable_params": trainable, "trainable_pct": round(100 * trainable / params, 3), **table,
+            "trainable_params": trainable, "trainable_pct": round(100 * trainable / params, 3), **word_record,
             **res.summary()}
 
 
